@@ -1,0 +1,1 @@
+"""ChuanhuStyleChat: a streaming chat app on Gradio."""

@@ -1,0 +1,201 @@
+"""Typed configuration: ``config.yaml`` (optional), environment variables, CLI flags.
+
+Precedence, lowest first: built-in defaults < the YAML file < environment
+variables (secrets, and ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` as a Space
+sets them) < command-line flags. Any problem raises :class:`ConfigError`, whose
+message names the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .models import ModelConfig, validate_entry
+
+DEFAULT_CONFIG_FILE = "config.yaml"
+LANGUAGES = ("auto", "en_US", "zh_CN", "zh_TW", "ja_JP")
+
+
+class ConfigError(Exception):
+    """A configuration problem: ``file: key: problem``."""
+
+    def __init__(self, file: str, key: str, problem: str):
+        self.file, self.key, self.problem = file, key, problem
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {problem}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 for every one.")
+    port: int = Field(7860, ge=1, le=65535)
+    share: bool = Field(False, description="Create a public gradio.live link.")
+    concurrency: int = Field(128, ge=1, description="Replies that may stream at the same time.")
+
+
+class UIConfig(_Section):
+    update_interval_ms: int = Field(40, ge=5, le=2000, description="Least time between chatbot updates.")
+    system_prompt: str = Field("You are a helpful assistant.", description="Default system prompt.")
+    default_model: str = Field("", description="Display name of the model selected at start.")
+
+
+class OpenAISection(_Section):
+    api_key: SecretStr | None = Field(None, description="OpenAI key; OPENAI_API_KEY overrides.")
+    base_url: str = Field("https://api.openai.com/v1")
+    models: list[str] = Field(default_factory=lambda: ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini"])
+    context_size: int = Field(128000, ge=256)
+
+
+def _default_models() -> list[dict[str, Any]]:
+    return [{"provider": "embedded", "name": "SmolLM2-135M (embedded)"}]
+
+
+class AppConfig(_Section):
+    language: str = Field("auto", description="UI language; auto follows the browser.")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    ui: UIConfig = Field(default_factory=UIConfig)
+    openai: OpenAISection = Field(default_factory=OpenAISection)
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        if value not in LANGUAGES:
+            raise ValueError(f"must be one of {', '.join(LANGUAGES)}")
+        return value
+
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = _location(loc)
+    if prefix:
+        key = f"{prefix}.{key}" if key else prefix
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key (misspelt?)"
+    return key, message
+
+
+def _resolve_model_entry(raw: Any, index: int, env: Mapping[str, str], file: str) -> ModelConfig:
+    key = f"models[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(file, key, "must be a mapping with at least 'provider' and 'name'")
+    entry = dict(raw)
+    env_name = entry.pop("api_key_env", None)
+    if env_name and env.get(env_name):
+        entry["api_key"] = env[env_name]
+    try:
+        return validate_entry(entry)
+    except KeyError as exc:
+        raise ConfigError(file, f"{key}.provider", exc.args[0]) from None
+    except ValidationError as exc:
+        sub, message = _first_error(exc, key)
+        raise ConfigError(file, sub, message) from None
+
+
+def build_config(
+    data: Mapping[str, Any] | None,
+    *,
+    file: str = "(defaults)",
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AppConfig:
+    """Validate raw config data, apply environment and CLI overrides."""
+    env = os.environ if env is None else env
+    data = dict(data or {})
+    raw_models = data.pop("models", None)
+    if raw_models is None:
+        raw_models = _default_models()
+    if not isinstance(raw_models, list):
+        raise ConfigError(file, "models", "must be a list")
+
+    server = dict(data.get("server") or {})
+    if env.get("GRADIO_SERVER_NAME"):
+        server.setdefault("host", env["GRADIO_SERVER_NAME"])
+    if env.get("GRADIO_SERVER_PORT"):
+        server.setdefault("port", env["GRADIO_SERVER_PORT"])
+    server.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    data["server"] = server
+
+    openai_section = dict(data.get("openai") or {})
+    if env.get("OPENAI_API_KEY"):
+        openai_section["api_key"] = env["OPENAI_API_KEY"]
+    data["openai"] = openai_section
+
+    try:
+        config = AppConfig.model_validate(data)
+    except ValidationError as exc:
+        key, message = _first_error(exc)
+        raise ConfigError(file, key, message) from None
+
+    models = [_resolve_model_entry(raw, i, env, file) for i, raw in enumerate(raw_models)]
+    if config.openai.api_key and config.openai.api_key.get_secret_value():
+        models += [
+            validate_entry(
+                {
+                    "provider": "openai",
+                    "name": name,
+                    "model": name,
+                    "base_url": config.openai.base_url,
+                    "api_key": config.openai.api_key,
+                    "context_size": config.openai.context_size,
+                }
+            )
+            for name in config.openai.models
+        ]
+    seen: set[str] = set()
+    for i, model in enumerate(models):
+        if model.name in seen:
+            raise ConfigError(file, f"models[{i}].name", f"duplicate model name {model.name!r}")
+        seen.add(model.name)
+    if not models:
+        raise ConfigError(file, "models", "no model is configured (add one, or an OpenAI key)")
+    config.models = models
+    if config.ui.default_model and config.ui.default_model not in seen:
+        raise ConfigError(file, "ui.default_model", f"{config.ui.default_model!r} is not a configured model name")
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AppConfig:
+    """Load ``path`` (or ``config.yaml`` if present, else defaults)."""
+    explicit = path is not None
+    file = Path(path) if explicit else Path(DEFAULT_CONFIG_FILE)
+    if not file.exists():
+        if explicit:
+            raise ConfigError(str(file), "", "file not found")
+        return build_config(None, env=env, overrides=overrides)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(file), where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(file), "", f"cannot be read: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(str(file), "", "must be a YAML mapping at the top level")
+    return build_config(data, file=str(file), env=env, overrides=overrides)

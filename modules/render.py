@@ -1,0 +1,120 @@
+"""Rendering session state for the page: chatbot messages, marks, errors, the status line.
+
+Pure functions of a :class:`Conversation` and a language, so that they can be
+tested without a browser and reused by the ``/chat`` API.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from . import tokens
+from .conversation import Conversation, Turn
+from .i18n import Translator
+from .models import errors
+from .streaming import Reply
+
+MAX_DETAIL = 300
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """Remove secret values (API keys) from a message meant for people."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: Iterable[str] = ()) -> str:
+    """A short, clear sentence for a failure; upstream detail only where it helps."""
+    kind = error.kind
+    values: dict[str, Any] = {"status": error.status or "?"}
+    if isinstance(error, errors.RateLimitError) and error.retry_after:
+        kind, values["seconds"] = "rate_limit_retry", f"{error.retry_after:g}"
+    message = t.text(lang, f"error.{kind}", **values)
+    # Upstream's own words help for these; for the rest our sentence says it all.
+    if kind in ("bad_request", "model_load", "unknown", "server", "content_filter") and error.detail:
+        detail = scrub(error.detail, secrets)
+        if len(detail) > MAX_DETAIL:
+            detail = detail[:MAX_DETAIL] + "…"
+        if detail not in message:
+            message = f"{message.rstrip('.')}: {detail}"
+    return message
+
+
+def _sources(outputs: dict[str, Any], label: str) -> str:
+    lines = []
+    for key, value in outputs.items():
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            text = str(item)
+            lines.append(f"- <{text}>" if text.startswith(("http://", "https://")) else f"- {key}: {text}")
+    return f"\n\n**{label}**\n" + "\n".join(lines) if lines else ""
+
+
+def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The chatbot messages for one reply: a "thinking" block, then the answer."""
+    out: list[dict[str, Any]] = []
+    if reply.reasoning:
+        thinking = reply.active and not reply.text
+        out.append(
+            {
+                "role": "assistant",
+                "content": reply.reasoning,
+                "metadata": {
+                    "title": t.text(lang, "mark.thinking" if thinking else "mark.thought"),
+                    "status": "pending" if thinking else "done",
+                },
+            }
+        )
+    content = reply.text
+    if reply.outputs:
+        content += _sources(reply.outputs, t.text(lang, "mark.sources"))
+    if reply.status == "stopped":
+        content += "\n\n*" + t.text(lang, "mark.stopped") + "*"
+    elif reply.status == "interrupted" and reply.error is not None:
+        message = error_message(t, lang, reply.error, secrets)
+        content += "\n\n*" + t.text(lang, "mark.interrupted", message=message) + "*"
+    elif reply.status == "error" and reply.error is not None:
+        content = t.text(lang, "error.prefix", message=error_message(t, lang, reply.error, secrets))
+    elif reply.status == "done" and reply.finish_reason == "length":
+        content += "\n\n*" + t.text(lang, "mark.length") + "*"
+    if content or not out:
+        out.append({"role": "assistant", "content": content})
+    return out
+
+
+def turn_messages(turn: Turn, t: Translator, lang: str, secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"role": "user", "content": turn.user}]
+    if turn.reply is not None:
+        out += reply_messages(turn.reply, t, lang, secrets)
+    return out
+
+
+def chatbot(conversation: Conversation, t: Translator, lang: str, secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    for turn in conversation.turns:
+        messages += turn_messages(turn, t, lang, secrets)
+    return messages
+
+
+def status_line(reply: Reply, t: Translator, lang: str, prompt_messages: list[dict[str, str]] | None = None) -> str:
+    """"model · tokens in 12 · out 40 · first token 0.21 s · 35.2 tokens/s"."""
+    na = t.text(lang, "status.na")
+    if reply.usage is not None and reply.usage.exact:
+        prompt, completion = str(reply.usage.prompt_tokens), str(reply.usage.completion_tokens)
+    else:
+        counted, exact = tokens.count_messages(prompt_messages or [], reply.model) if prompt_messages else (0, False)
+        prompt = (str(counted) if exact else f"≈{counted}") if prompt_messages else na
+        completion = f"≈{reply.deltas}"
+    ttft = reply.time_to_first_token
+    tps = reply.tokens_per_second
+    return t.text(
+        lang,
+        "status.line",
+        model=reply.model,
+        prompt=prompt,
+        completion=completion,
+        ttft=f"{ttft:.2f} s" if ttft is not None else na,
+        tps=t.text(lang, "status.tps", value=f"{tps:.1f}") if tps is not None else na,
+    )

@@ -1,0 +1,144 @@
+"""The streaming layer between adapters and the UI.
+
+``stream_reply`` runs an adapter in a reader task that folds deltas into a
+:class:`Reply`, and yields that reply to its consumer (the Gradio handler) at
+most once per ``interval`` however fast tokens come: the first token at once,
+then on a fixed timer while anything changed. It measures time to first token
+and tokens per second, and it owns cancellation: when the consumer stops
+(Stop, a closed tab, an error) the reader is cancelled, which leaves the
+adapter's ``async with`` and closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+from .models import ChatModel, Delta, GenerationOptions, Message, Usage
+from .models import errors
+
+log = logging.getLogger(__name__)
+
+Status = Literal["waiting", "streaming", "done", "stopped", "interrupted", "error"]
+
+
+@dataclass(slots=True)
+class Reply:
+    """An assistant reply as it grows, with its measurements."""
+
+    model: str = ""
+    text: str = ""
+    reasoning: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    status: Status = "waiting"
+    error: errors.ModelError | None = None
+    deltas: int = 0  # content deltas received: a token count when usage is absent
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("waiting", "streaming")
+
+    def apply(self, delta: Delta) -> None:
+        if delta.text or delta.reasoning:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+                self.status = "streaming"
+            if delta.text:
+                self.text += delta.text
+                self.deltas += 1
+            if delta.reasoning:
+                self.reasoning += delta.reasoning
+        if delta.usage is not None:
+            self.usage = delta.usage
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        if delta.outputs:
+            self.outputs.update(delta.outputs)
+
+    def fail(self, error: errors.ModelError) -> None:
+        self.error = error
+        # Text already shown stays; it is then an interrupted reply, not a failed one.
+        self.status = "interrupted" if (self.text or self.reasoning) else "error"
+
+    def stop(self) -> None:
+        if self.active:
+            self.status = "stopped"
+            self.finished_at = self.finished_at or time.monotonic()
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens if self.usage else self.deltas
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.first_token_at is None or self.finished_at is None:
+            return None
+        elapsed = self.finished_at - self.first_token_at
+        tokens = self.completion_tokens
+        return tokens / elapsed if elapsed > 0 and tokens > 1 else None
+
+
+async def _read(model: ChatModel, messages: list[Message], options: GenerationOptions, reply: Reply,
+                changed: asyncio.Event) -> None:
+    try:
+        async with aclosing(model.stream(messages, options)) as deltas:
+            async for delta in deltas:
+                reply.apply(delta)
+                changed.set()
+        reply.status = "done"
+    except errors.ModelError as exc:
+        reply.fail(exc)
+    except Exception as exc:  # an adapter bug must not lose the reply either
+        log.exception("model %r failed", model.name)
+        reply.fail(errors.ModelError(type(exc).__name__))
+    finally:
+        reply.finished_at = time.monotonic()
+        changed.set()
+
+
+async def stream_reply(
+    model: ChatModel,
+    messages: list[Message],
+    options: GenerationOptions,
+    *,
+    interval: float = 0.04,
+    reply: Reply | None = None,
+) -> AsyncIterator[Reply]:
+    """Yield ``reply`` as it grows, at most once per ``interval`` seconds.
+
+    The same object is yielded each time (read it, don't keep snapshots). The
+    last one yielded has a final status. Closing this generator early stops the
+    model and marks the reply "stopped".
+    """
+    reply = reply if reply is not None else Reply(model=model.name)
+    changed = asyncio.Event()
+    reader = asyncio.create_task(_read(model, messages, options, reply, changed))
+    try:
+        while True:
+            await changed.wait()
+            changed.clear()
+            yield reply
+            if reader.done():
+                return
+            # Fixed timer: let deltas pile up for one interval, but finish at once.
+            await asyncio.wait((reader,), timeout=interval)
+    finally:
+        if not reader.done():
+            reply.stop()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader

@@ -1,0 +1,251 @@
+"""The chat page (``gr.Blocks``) and the ``/chat`` API, wired to the streaming layer.
+
+Layout and event wiring live in ``build``; each handler is a small method.
+Per-session state is one :class:`Conversation` in ``gr.State``; the app object
+holds only what every session shares (config, adapters, translations).
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+import gradio as gr
+from pydantic import ValidationError
+
+from . import models as registry
+from . import render
+from .config import AppConfig
+from .conversation import Conversation
+from .i18n import Translator
+from .models import ChatModel, GenerationOptions, Message
+from .streaming import Reply, stream_reply
+
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "\\[", "right": "\\]", "display": True},
+]
+
+CSS = """
+#chatbot { flex-grow: 1; }
+#status-line { font-size: 0.85em; opacity: 0.8; min-height: 1.5em; }
+"""
+
+
+class ChatApp:
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self.t = Translator(config.language)
+        self.models: dict[str, ChatModel] = {m.name: registry.create(m) for m in config.models}
+        self.interval = config.ui.update_interval_ms / 1000
+        self.default_model = config.ui.default_model or next(iter(self.models))
+        self.demo: gr.Blocks | None = None
+
+    # -- helpers ------------------------------------------------------------------------
+    def _model(self, name: str | None, lang: str) -> ChatModel:
+        model = self.models.get(name or self.default_model)
+        if model is None:
+            raise gr.Error(self.t.text(lang, "error.unknown_model", model=name))
+        return model
+
+    def _secrets(self) -> list[str]:
+        return [s for m in self.models.values() for s in m.secrets()]
+
+    def _chatbot(self, conversation: Conversation, lang: str) -> list[dict[str, Any]]:
+        return render.chatbot(conversation, self.t, lang, self._secrets())
+
+    def _options(self, lang: str, temperature: float, top_p: float, max_tokens: float, stop: str,
+                 presence: float, frequency: float, seed: float) -> GenerationOptions:
+        """UI values to options; a control left at its neutral value is not sent."""
+        try:
+            return GenerationOptions(
+                temperature=None if temperature == 1.0 else temperature,
+                top_p=None if top_p >= 1.0 else top_p,
+                max_tokens=int(max_tokens) if max_tokens and max_tokens > 0 else None,
+                stop=[s for s in (stop or "").splitlines() if s.strip()],
+                presence_penalty=presence or None,
+                frequency_penalty=frequency or None,
+                seed=int(seed) if seed is not None and seed >= 0 else None,
+            )
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = ".".join(str(p) for p in err["loc"])
+            raise gr.Error(self.t.text(lang, "error.invalid_option", name=name, problem=err["msg"])) from None
+
+    async def _generate(self, conversation: Conversation, model: ChatModel, messages: list[Message],
+                        options: GenerationOptions) -> AsyncIterator[Reply]:
+        turn = conversation.pending
+        assert turn is not None
+        turn.reply = Reply(model=model.name)
+        async with aclosing(stream_reply(model, messages, options, interval=self.interval, reply=turn.reply)) as replies:
+            async for reply in replies:
+                yield reply
+
+    # -- event handlers -----------------------------------------------------------------
+    def _add_message(self, text: str, conversation: Conversation, request: gr.Request):
+        """Keep the user's words first; only then clear the box and start the reply."""
+        lang = self.t.language_for(request)
+        if text.strip() and conversation.streaming is None:
+            conversation.add_user(text)
+            return "", self._chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True)
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+    async def _respond(self, conversation: Conversation, model_name: str, system_prompt: str,
+                       temperature: float, top_p: float, max_tokens: float, stop: str,
+                       presence: float, frequency: float, seed: float, request: gr.Request):
+        lang = self.t.language_for(request)
+        if conversation.pending is None:  # nothing to answer (empty input, or already streaming)
+            return
+        model = self._model(model_name, lang)
+        options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
+        messages = conversation.messages(system_prompt)
+        generating = self.t.text(lang, "status.generating")
+        reply = None
+        async for reply in self._generate(conversation, model, messages, options):
+            yield self._chatbot(conversation, lang), generating
+        if reply is not None:
+            status = render.status_line(reply, self.t, lang, [m.as_dict() for m in messages])
+            yield self._chatbot(conversation, lang), status
+
+    def _stop(self, conversation: Conversation, request: gr.Request):
+        """Mark the streaming reply stopped; ``cancels=`` closes the upstream."""
+        lang = self.t.language_for(request)
+        reply = conversation.streaming
+        if reply is not None:
+            reply.stop()
+        return self._chatbot(conversation, lang), gr.Button(visible=True), gr.Button(visible=False)
+
+    def _done(self):
+        return gr.Button(visible=True), gr.Button(visible=False)
+
+    def _regenerate(self, conversation: Conversation, request: gr.Request):
+        lang = self.t.language_for(request)
+        if conversation.forget_last_reply() is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return self._chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True)
+
+    def _delete_last(self, conversation: Conversation, request: gr.Request):
+        conversation.delete_last_round()
+        return self._chatbot(conversation, self.t.language_for(request))
+
+    def _new_chat(self, conversation: Conversation, request: gr.Request):
+        if conversation.streaming is None:
+            conversation.clear()
+        return self._chatbot(conversation, self.t.language_for(request)), self.t.text(
+            self.t.language_for(request), "status.ready"
+        )
+
+    async def chat_api(self, message: str, model: str = "", system_prompt: str = "",
+                       request: gr.Request = None) -> AsyncIterator[str]:  # type: ignore[assignment]
+        """Chat without the page: one message in, the reply's text streamed out.
+
+        ``model`` is a display name from the dropdown (empty: the default).
+        """
+        lang = self.t.language_for(request)
+        chat_model = self._model(model, lang)
+        conversation = Conversation()
+        conversation.add_user(message)
+        messages = conversation.messages(system_prompt or self.config.ui.system_prompt)
+        reply = None
+        async for reply in self._generate(conversation, chat_model, messages, GenerationOptions()):
+            if reply.text:
+                yield reply.text
+        if reply is not None and reply.error is not None:
+            raise gr.Error(render.error_message(self.t, lang, reply.error, chat_model.secrets()))
+
+    # -- layout and wiring --------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        t = self.t.label
+        limit = self.config.server.concurrency
+        with gr.Blocks(title="ChuanhuStyleChat") as demo:
+            conversation = gr.State(Conversation())
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=4):
+                    chatbot = gr.Chatbot(
+                        label=t("chat.label"),
+                        elem_id="chatbot",
+                        height="68vh",
+                        latex_delimiters=LATEX,
+                        buttons=["copy", "copy_all"],
+                        feedback_options=None,
+                    )
+                    with gr.Row():
+                        textbox = gr.Textbox(
+                            show_label=False,
+                            placeholder=t("chat.placeholder"),
+                            lines=2,
+                            max_lines=12,
+                            scale=6,
+                            elem_id="user-input",
+                            autofocus=True,
+                        )
+                        send = gr.Button(t("button.send"), variant="primary", scale=1, elem_id="send-btn")
+                        stop = gr.Button(t("button.stop"), variant="stop", scale=1, visible=False, elem_id="stop-btn")
+                    status = gr.Markdown(self.t.text("en_US", "status.ready") if self.t.language == "auto"
+                                         else self.t.text(self.t.language, "status.ready"), elem_id="status-line")
+                    with gr.Row():
+                        regenerate = gr.Button(t("button.regenerate"), size="sm", elem_id="regenerate-btn")
+                        delete_last = gr.Button(t("button.delete_last"), size="sm", elem_id="delete-last-btn")
+                        new_chat = gr.Button(t("button.new_chat"), size="sm", elem_id="new-chat-btn")
+                with gr.Column(scale=2, min_width=260):
+                    model = gr.Dropdown(list(self.models), value=self.default_model, label=t("label.model"),
+                                        elem_id="model-dropdown")
+                    system_prompt = gr.Textbox(self.config.ui.system_prompt, label=t("label.system_prompt"), lines=4)
+                    with gr.Accordion(t("label.parameters"), open=False):
+                        temperature = gr.Slider(0, 2, value=1.0, step=0.05, label=t("label.temperature"))
+                        top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label=t("label.top_p"))
+                        max_tokens = gr.Number(0, minimum=0, precision=0, label=t("label.max_tokens"))
+                        stop_seqs = gr.Textbox("", lines=2, label=t("label.stop_sequences"))
+                        presence = gr.Slider(-2, 2, value=0, step=0.1, label=t("label.presence_penalty"))
+                        frequency = gr.Slider(-2, 2, value=0, step=0.1, label=t("label.frequency_penalty"))
+                        seed = gr.Number(-1, precision=0, label=t("label.seed"))
+
+            respond_args = dict(
+                fn=self._respond,
+                inputs=[conversation, model, system_prompt, temperature, top_p, max_tokens, stop_seqs,
+                        presence, frequency, seed],
+                outputs=[chatbot, status],
+                concurrency_limit=limit,
+                concurrency_id="generate",
+                show_progress="hidden",
+                api_visibility="private",
+            )
+            add_args = dict(fn=self._add_message, inputs=[textbox, conversation],
+                            outputs=[textbox, chatbot, send, stop], queue=False, api_visibility="private")
+            done_args = dict(fn=self._done, outputs=[send, stop], queue=False, api_visibility="private")
+
+            streams = []
+            for trigger in (textbox.submit, send.click):
+                event = trigger(**add_args).then(**respond_args)
+                streams.append(event)
+                event.then(**done_args)
+            regen = regenerate.click(self._regenerate, [conversation], [chatbot, send, stop], queue=False,
+                                     api_visibility="private").then(**respond_args)
+            streams.append(regen)
+            regen.then(**done_args)
+            stop.click(self._stop, [conversation], [chatbot, send, stop], cancels=streams, queue=False,
+                       api_visibility="private")
+            delete_last.click(self._delete_last, [conversation], [chatbot], queue=False, api_visibility="private")
+            new_chat.click(self._new_chat, [conversation], [chatbot, status], queue=False, api_visibility="private")
+
+            gr.api(self.chat_api, api_name="chat", concurrency_limit=limit, concurrency_id="generate")
+        self.demo = demo
+        return demo
+
+    def launch(self, **kwargs: Any):
+        demo = self.demo or self.build()
+        server = self.config.server
+        demo.queue(default_concurrency_limit=server.concurrency)
+        return demo.launch(
+            server_name=server.host,
+            server_port=server.port,
+            share=server.share,
+            max_threads=server.concurrency + 16,
+            i18n=self.t.gradio_i18n,
+            css=CSS,
+            theme=gr.themes.Soft(),
+            footer_links=["api", "gradio"],
+            **kwargs,
+        )

@@ -1,0 +1,228 @@
+"""A fake OpenAI-compatible server: a real HTTP server on 127.0.0.1.
+
+It speaks the wire format of ``../shared/PROTOCOLS.md`` §2 (and §3's Azure
+paths and ``api-key`` header): ``data: {chunk}`` events and ``data: [DONE]``,
+an optional usage chunk, reasoning deltas, error statuses with the OpenAI
+error body and ``Retry-After``, delays, and a connection cut mid-stream. It
+records every request and when a client went away before the end.
+
+Script its replies with ``enqueue()`` (first in, first out); with an empty
+script it answers "Hello from the fake server."
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Script:
+    tokens: list[str] = field(default_factory=lambda: ["Hello", " from", " the", " fake", " server", "."])
+    reasoning: list[str] = field(default_factory=list)
+    usage: dict[str, int] | None = None  # sent when the client asks with include_usage
+    status: int = 200
+    error: dict[str, Any] | None = None  # body for status >= 400
+    retry_after: str | None = None
+    delay: float = 0.0  # seconds between chunks
+    first_delay: float = 0.0  # seconds before the first content chunk
+    cut_after: int | None = None  # drop the connection after this many content chunks
+    finish_reason: str = "stop"
+    done: bool = True  # send data: [DONE]
+    prompt_filter_chunk: bool = False  # Azure: a first chunk with empty choices
+    fragment: int | None = None  # split the byte stream into pieces of this size
+
+
+@dataclass
+class Seen:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class FakeOpenAIServer:
+    def __init__(self, *, api_key: str | None = None, azure_deployments: dict[str, str] | None = None):
+        """``api_key``: required Bearer key (or Azure ``api-key``); ``azure_deployments``:
+        deployment name -> required api-version, which switches on the Azure paths."""
+        self.api_key = api_key
+        self.azure = azure_deployments or {}
+        self.script: deque[Script] = deque()
+        self.requests: list[Seen] = []
+        self.disconnected = threading.Event()
+        self.disconnected_at: float | None = None
+        self.completed = threading.Event()
+        self.chunks_sent = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # -- scripting ------------------------------------------------------------------------
+    def enqueue(self, *tokens: str, **kwargs: Any) -> Script:
+        script = Script(tokens=list(tokens), **kwargs) if tokens else Script(**kwargs)
+        self.script.append(script)
+        return script
+
+    def reset_events(self) -> None:
+        self.disconnected.clear()
+        self.completed.clear()
+        self.disconnected_at = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def endpoint(self) -> str:
+        """Azure endpoint (no path)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- the HTTP side ---------------------------------------------------------------------
+    def _auth_ok(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        if self.azure:
+            return request.headers.get("api-key") == self.api_key
+        return request.headers.get("authorization") == f"Bearer {self.api_key}"
+
+    @staticmethod
+    def _error(status: int, message: str, code: str | None = None, type_: str = "invalid_request_error",
+               headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(Seen(request.url.path, dict(request.query_params), dict(request.headers), body))
+        if self.azure:
+            deployment = request.path_params.get("deployment")
+            if deployment not in self.azure:
+                return self._error(404, "The API deployment for this resource does not exist.", "DeploymentNotFound")
+            if request.query_params.get("api-version") != self.azure[deployment]:
+                return self._error(404, "Resource not found", "404")
+        if not self._auth_ok(request):
+            return self._error(401, "Incorrect API key provided.", "invalid_api_key")
+        script = self.script.popleft() if self.script else Script()
+        if script.status >= 400:
+            headers = {"Retry-After": script.retry_after} if script.retry_after else None
+            err = script.error or {"message": f"fake error {script.status}", "code": None}
+            return self._error(script.status, err.get("message", ""), err.get("code"), headers=headers)
+        model = body.get("model") or request.path_params.get("deployment", "fake")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if not body.get("stream"):
+            return JSONResponse(self._whole(script, model))
+        return StreamingResponse(self._events(script, model, include_usage), media_type="text/event-stream")
+
+    def _whole(self, script: Script, model: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(script.tokens)}
+        if script.reasoning:
+            message["reasoning_content"] = "".join(script.reasoning)
+        out = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+               "choices": [{"index": 0, "message": message, "finish_reason": script.finish_reason}]}
+        if script.usage:
+            out["usage"] = {**script.usage, "total_tokens": sum(script.usage.values())}
+        return out
+
+    @staticmethod
+    def _chunk(model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    async def _events(self, script: Script, model: str, include_usage: bool):
+        pieces: list[bytes] = []
+        try:
+            if script.prompt_filter_chunk:
+                pieces.append(b'data: {"id":"","object":"","created":0,"model":"","choices":[],'
+                              b'"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}\n\n')
+            pieces.append(self._chunk(model, {"role": "assistant", "content": ""}))
+            async for piece in self._send(pieces, script):
+                yield piece
+            if script.first_delay:
+                await asyncio.sleep(script.first_delay)
+            sent = 0
+            for text in script.reasoning:
+                async for piece in self._send([self._chunk(model, {"reasoning_content": text})], script):
+                    yield piece
+                await asyncio.sleep(script.delay)
+            for text in script.tokens:
+                if script.cut_after is not None and sent >= script.cut_after:
+                    raise ConnectionAbortedError("fake server cuts the connection")
+                async for piece in self._send([self._chunk(model, {"content": text})], script):
+                    yield piece
+                sent += 1
+                self.chunks_sent += 1
+                await asyncio.sleep(script.delay)
+            tail = [self._chunk(model, {}, script.finish_reason)]
+            if include_usage and script.usage:
+                usage = {**script.usage, "total_tokens": sum(script.usage.values())}
+                tail.append(b"data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                                    "created": 0, "model": model, "choices": [],
+                                                    "usage": usage}).encode() + b"\n\n")
+            if script.done:
+                tail.append(b"data: [DONE]\n\n")
+            async for piece in self._send(tail, script):
+                yield piece
+            self.completed.set()
+        except asyncio.CancelledError:
+            self.disconnected_at = time.monotonic()
+            self.disconnected.set()
+            raise
+
+    @staticmethod
+    async def _send(pieces: list[bytes], script: Script):
+        data = b"".join(pieces)
+        if not script.fragment:
+            yield data
+            return
+        for i in range(0, len(data), script.fragment):
+            yield data[i:i + script.fragment]
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/models", self._models),
+            Route("/openai/deployments/{deployment}/chat/completions", self._chat, methods=["POST"]),
+        ]
+        return Starlette(routes=routes)
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> "FakeOpenAIServer":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(512)  # connections queue from here on: no need to wait for the loop
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
