@@ -130,9 +130,9 @@ def build_config(
 
     server = dict(data.get("server") or {})
     if env.get("GRADIO_SERVER_NAME"):
-        server.setdefault("host", env["GRADIO_SERVER_NAME"])
+        server["host"] = env["GRADIO_SERVER_NAME"]
     if env.get("GRADIO_SERVER_PORT"):
-        server.setdefault("port", env["GRADIO_SERVER_PORT"])
+        server["port"] = env["GRADIO_SERVER_PORT"]
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
     data["server"] = server
 

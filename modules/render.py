@@ -12,17 +12,10 @@ from . import tokens
 from .conversation import Conversation, Turn
 from .i18n import Translator
 from .models import errors
+from .models.base import scrub
 from .streaming import Reply
 
 MAX_DETAIL = 300
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Remove secret values (API keys) from a message meant for people."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: Iterable[str] = ()) -> str:
@@ -34,7 +27,7 @@ def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: I
     message = t.text(lang, f"error.{kind}", **values)
     # Upstream's own words help for these; for the rest our sentence says it all.
     if kind in ("bad_request", "model_load", "unknown", "server", "content_filter") and error.detail:
-        detail = scrub(error.detail, secrets)
+        detail = scrub(error.detail, tuple(secrets))
         if len(detail) > MAX_DETAIL:
             detail = detail[:MAX_DETAIL] + "…"
         if detail not in message:

@@ -95,6 +95,14 @@ class ModelConfig(BaseModel):
     context_size: int = Field(8192, ge=256, description="Context window in tokens.")
 
 
+def scrub(text: str, secrets: list[str] | tuple[str, ...]) -> str:
+    """``text`` with every secret value (API keys) replaced by ``***``."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
 class ChatModel(abc.ABC):
     """A configured model. Subclasses set ``Config`` and implement ``stream``."""
 

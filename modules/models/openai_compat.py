@@ -17,7 +17,7 @@ import openai
 from pydantic import Field, SecretStr
 
 from . import errors, register
-from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
+from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage, scrub
 from .sse import iter_events
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class OpenAIModelConfig(ModelConfig):
         return self.model or self.name
 
 
-def _status_error(exc: openai.APIStatusError) -> errors.ModelError:
+def _status_error(exc: openai.APIStatusError, secrets: list[str]) -> errors.ModelError:
     retry_after = exc.response.headers.get("retry-after")
     try:
         seconds = float(retry_after) if retry_after else None
@@ -51,7 +51,7 @@ def _status_error(exc: openai.APIStatusError) -> errors.ModelError:
     inner = body.get("error", body) if isinstance(body, dict) else {}
     code = inner.get("code") if isinstance(inner, dict) else None
     message = inner.get("message") if isinstance(inner, dict) else None
-    detail = str(message or exc.message)
+    detail = scrub(str(message or exc.message), secrets)  # a gateway may echo the key
     if code == "content_filter":
         return errors.ContentFilterError(detail, status=exc.status_code)
     return errors.for_status(exc.status_code, detail, retry_after=seconds)
@@ -109,7 +109,7 @@ class OpenAIChatModel(ChatModel):
                 async for delta in self._read(response.http_response):
                     yield delta
         except openai.APIStatusError as exc:
-            raise _status_error(exc) from exc
+            raise _status_error(exc, self.secrets()) from exc
         except openai.APITimeoutError as exc:
             raise errors.TimeoutError("the server did not answer in time") from exc
         except openai.APIConnectionError as exc:
