@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from . import tokens
 from .conversation import Conversation, Turn
 from .i18n import Translator
 from .models import errors
@@ -31,7 +30,7 @@ def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: I
         if len(detail) > MAX_DETAIL:
             detail = detail[:MAX_DETAIL] + "…"
         if detail not in message:
-            message = f"{message.rstrip('.')}: {detail}"
+            message = t.text(lang, "error.detail", message=message, detail=detail)
     return message
 
 
@@ -91,14 +90,17 @@ def chatbot(conversation: Conversation, t: Translator, lang: str, secrets: Itera
     return messages
 
 
-def status_line(reply: Reply, t: Translator, lang: str, prompt_messages: list[dict[str, str]] | None = None) -> str:
-    """"model · tokens in 12 · out 40 · first token 0.21 s · 35.2 tokens/s"."""
+def status_line(reply: Reply, t: Translator, lang: str) -> str:
+    """"Generating…" while the reply streams; then
+    "model · tokens in 12 · out 40 · first token 0.21 s · 35.2 tokens/s"."""
+    if reply.active:
+        return t.text(lang, "status.generating")
     na = t.text(lang, "status.na")
     if reply.usage is not None and reply.usage.exact:
         prompt, completion = str(reply.usage.prompt_tokens), str(reply.usage.completion_tokens)
     else:
-        counted, exact = tokens.count_messages(prompt_messages or [], reply.model) if prompt_messages else (0, False)
-        prompt = (str(counted) if exact else f"≈{counted}") if prompt_messages else na
+        estimate = reply.prompt_estimate
+        prompt = na if estimate is None else (str(estimate[0]) if estimate[1] else f"≈{estimate[0]}")
         completion = f"≈{reply.deltas}"
     ttft = reply.time_to_first_token
     tps = reply.tokens_per_second

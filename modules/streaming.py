@@ -40,6 +40,7 @@ class Reply:
     status: Status = "waiting"
     error: errors.ModelError | None = None
     deltas: int = 0  # content deltas received: a token count when usage is absent
+    prompt_estimate: tuple[int, bool] | None = None  # (tokens, exact) counted here, for servers without usage
     started_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -89,7 +90,8 @@ class Reply:
             return None
         elapsed = self.finished_at - self.first_token_at
         tokens = self.completion_tokens
-        return tokens / elapsed if elapsed > 0 and tokens > 1 else None
+        # The first token starts the clock; a burst too short to time gives no rate.
+        return (tokens - 1) / elapsed if elapsed >= 0.05 and tokens > 1 else None
 
 
 async def _read(model: ChatModel, messages: list[Message], options: GenerationOptions, reply: Reply,

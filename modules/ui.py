@@ -14,7 +14,7 @@ import gradio as gr
 from pydantic import ValidationError
 
 from . import models as registry
-from . import render
+from . import render, tokens
 from .config import AppConfig
 from .conversation import Conversation
 from .i18n import Translator
@@ -80,7 +80,8 @@ class ChatApp:
                         options: GenerationOptions) -> AsyncIterator[Reply]:
         turn = conversation.pending
         assert turn is not None
-        turn.reply = Reply(model=model.name)
+        prompt = tokens.count_messages([m.as_dict() for m in messages], model.model_id)
+        turn.reply = Reply(model=model.name, prompt_estimate=prompt)
         async with aclosing(stream_reply(model, messages, options, interval=self.interval, reply=turn.reply)) as replies:
             async for reply in replies:
                 yield reply
@@ -103,24 +104,21 @@ class ChatApp:
         model = self._model(model_name, lang)
         options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
         messages = conversation.messages(system_prompt)
-        generating = self.t.text(lang, "status.generating")
-        reply = None
         async for reply in self._generate(conversation, model, messages, options):
-            yield self._chatbot(conversation, lang), generating
-        if reply is not None:
-            status = render.status_line(reply, self.t, lang, [m.as_dict() for m in messages])
-            yield self._chatbot(conversation, lang), status
+            yield self._chatbot(conversation, lang), render.status_line(reply, self.t, lang)
 
     def _stop(self, conversation: Conversation, request: gr.Request):
         """Mark the streaming reply stopped; ``cancels=`` closes the upstream."""
-        lang = self.t.language_for(request)
         reply = conversation.streaming
         if reply is not None:
             reply.stop()
-        return self._chatbot(conversation, lang), gr.Button(visible=True), gr.Button(visible=False)
+        return (*self._done(conversation, request), self._chatbot(conversation, self.t.language_for(request)))
 
-    def _done(self):
-        return gr.Button(visible=True), gr.Button(visible=False)
+    def _done(self, conversation: Conversation, request: gr.Request):
+        """After a reply (finished, failed or stopped): Send back, the final status line."""
+        reply = conversation.turns[-1].reply if conversation.turns else None
+        status = gr.skip() if reply is None else render.status_line(reply, self.t, self.t.language_for(request))
+        return gr.Button(visible=True), gr.Button(visible=False), status
 
     def _regenerate(self, conversation: Conversation, request: gr.Request):
         lang = self.t.language_for(request)
@@ -178,7 +176,7 @@ class ChatApp:
                         textbox = gr.Textbox(
                             show_label=False,
                             placeholder=t("chat.placeholder"),
-                            lines=2,
+                            lines=1,  # Enter sends, Shift+Enter adds a line; grows to 12
                             max_lines=12,
                             scale=6,
                             elem_id="user-input",
@@ -219,7 +217,8 @@ class ChatApp:
             add_args = dict(fn=self._add_message, inputs=[textbox, conversation],
                             outputs=[textbox, chatbot, send, stop], queue=False, api_name="add_message",
                             api_visibility="undocumented")
-            done_args = dict(fn=self._done, outputs=[send, stop], queue=False, api_visibility="private")
+            done_args = dict(fn=self._done, inputs=[conversation], outputs=[send, stop, status], queue=False,
+                             api_visibility="private")
 
             streams = []
             for trigger in (textbox.submit, send.click):
@@ -230,7 +229,7 @@ class ChatApp:
                                      api_visibility="private").then(**respond_args)
             streams.append(regen)
             regen.then(**done_args)
-            stop.click(self._stop, [conversation], [chatbot, send, stop], cancels=streams, queue=False,
+            stop.click(self._stop, [conversation], [send, stop, status, chatbot], cancels=streams, queue=False,
                        api_visibility="private")
             delete_last.click(self._delete_last, [conversation], [chatbot], queue=False, api_visibility="private")
             new_chat.click(self._new_chat, [conversation], [chatbot, status], queue=False, api_visibility="private")

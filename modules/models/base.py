@@ -116,6 +116,11 @@ class ChatModel(abc.ABC):
         return self.config.name
 
     @property
+    def model_id(self) -> str:
+        """The model's id upstream (what picks a tokenizer); the display name by default."""
+        return self.name
+
+    @property
     def context_size(self) -> int:
         return self.config.context_size
 

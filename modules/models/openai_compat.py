@@ -68,6 +68,10 @@ class OpenAIChatModel(ChatModel):
         super().__init__(config)
         self._client: openai.AsyncOpenAI | None = None
 
+    @property
+    def model_id(self) -> str:
+        return self.config.upstream_model
+
     # -- the parts a subclass (Azure) changes -------------------------------------------
     def _make_client(self) -> openai.AsyncOpenAI:
         cfg = self.config
