@@ -43,6 +43,7 @@ class ServerConfig(_Section):
 
 class UIConfig(_Section):
     update_interval_ms: int = Field(40, ge=5, le=2000, description="Least time between chatbot updates.")
+    max_updates_per_second: float = Field(400, gt=0, description="Chat updates per second, all replies together.")
     system_prompt: str = Field("You are a helpful assistant.", description="Default system prompt.")
     default_model: str = Field("", description="Display name of the model selected at start.")
 

@@ -2,11 +2,15 @@
 
 ``stream_reply`` runs an adapter in a reader task that folds deltas into a
 :class:`Reply`, and yields that reply to its consumer (the Gradio handler) at
-most once per ``interval`` however fast tokens come: the first token at once,
-then on a fixed timer while anything changed. It measures time to first token
-and tokens per second, and it owns cancellation: when the consumer stops
-(Stop, a closed tab, an error) the reader is cancelled, which leaves the
-adapter's ``async with`` and closes the upstream connection.
+most once per interval however fast tokens come: the first token at once,
+then on a fixed timer while anything changed. A :class:`Pacer` shared by all
+sessions sets the interval: the configured one (40 ms), stretched when so
+many replies stream at once that their updates would exceed the app's budget
+of UI updates per second (each update costs Gradio a fixed amount of CPU).
+It measures time to first token and tokens per second, and it owns
+cancellation: when the consumer stops (Stop, a closed tab, an error) the
+reader is cancelled, which leaves the adapter's ``async with`` and closes the
+upstream connection.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from contextlib import aclosing
+import math
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Iterator, Literal
 
 from .models import ChatModel, Delta, GenerationOptions, Message, Usage
 from .models import errors
@@ -94,6 +99,30 @@ class Reply:
         return (tokens - 1) / elapsed if elapsed >= 0.05 and tokens > 1 else None
 
 
+class Pacer:
+    """Spreads a budget of UI updates per second over the replies streaming now.
+
+    One per app, shared by every session (like a connection pool); it only
+    counts streams. All users are served by one event loop, so no lock.
+    """
+
+    def __init__(self, interval: float = 0.04, updates_per_second: float = math.inf):
+        self.base = interval
+        self.budget = updates_per_second
+        self.active = 0
+
+    def interval(self) -> float:
+        return max(self.base, self.active / self.budget)
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
 async def _read(model: ChatModel, messages: list[Message], options: GenerationOptions, reply: Reply,
                 changed: asyncio.Event) -> None:
     try:
@@ -117,27 +146,31 @@ async def stream_reply(
     messages: list[Message],
     options: GenerationOptions,
     *,
-    interval: float = 0.04,
+    pacer: Pacer | None = None,
     reply: Reply | None = None,
 ) -> AsyncIterator[Reply]:
-    """Yield ``reply`` as it grows, at most once per ``interval`` seconds.
+    """Yield ``reply`` as it grows, at most once per ``pacer.interval()``.
 
     The same object is yielded each time (read it, don't keep snapshots). The
     last one yielded has a final status. Closing this generator early stops the
     model and marks the reply "stopped".
     """
+    pacer = pacer if pacer is not None else Pacer()
     reply = reply if reply is not None else Reply(model=model.name)
     changed = asyncio.Event()
     reader = asyncio.create_task(_read(model, messages, options, reply, changed))
     try:
-        while True:
-            await changed.wait()
-            changed.clear()
-            yield reply
-            if reader.done():
-                return
-            # Fixed timer: let deltas pile up for one interval, but finish at once.
-            await asyncio.wait((reader,), timeout=interval)
+        with pacer.streaming():
+            while True:
+                await changed.wait()
+                changed.clear()
+                yield reply
+                # The reader may have finished while the consumer held the last update:
+                # then `changed` is set again and the final state is yielded once more.
+                if reader.done() and not changed.is_set():
+                    return
+                # Fixed timer: let deltas pile up for one interval, but finish at once.
+                await asyncio.wait((reader,), timeout=pacer.interval())
     finally:
         if not reader.done():
             reply.stop()

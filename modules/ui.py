@@ -7,6 +7,9 @@ holds only what every session shares (config, adapters, translations).
 
 from __future__ import annotations
 
+import gc
+import importlib.util
+import sys
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
@@ -19,7 +22,7 @@ from .config import AppConfig
 from .conversation import Conversation
 from .i18n import Translator
 from .models import ChatModel, GenerationOptions, Message
-from .streaming import Reply, stream_reply
+from .streaming import Pacer, Reply, stream_reply
 
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
@@ -39,7 +42,7 @@ class ChatApp:
         self.config = config
         self.t = Translator(config.language)
         self.models: dict[str, ChatModel] = {m.name: registry.create(m) for m in config.models}
-        self.interval = config.ui.update_interval_ms / 1000
+        self.pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
         self.default_model = config.ui.default_model or next(
             (name for name, model in self.models.items() if model.available()), next(iter(self.models))
         )
@@ -82,18 +85,22 @@ class ChatApp:
         assert turn is not None
         prompt = tokens.count_messages([m.as_dict() for m in messages], model.model_id)
         turn.reply = Reply(model=model.name, prompt_estimate=prompt)
-        async with aclosing(stream_reply(model, messages, options, interval=self.interval, reply=turn.reply)) as replies:
+        async with aclosing(stream_reply(model, messages, options, pacer=self.pacer, reply=turn.reply)) as replies:
             async for reply in replies:
                 yield reply
 
     # -- event handlers -----------------------------------------------------------------
-    def _add_message(self, text: str, conversation: Conversation, request: gr.Request):
+    def _generating(self, conversation: Conversation, lang: str):
+        """Outputs (chatbot, send, stop, status) for a reply about to stream."""
+        return (self._chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True),
+                self.t.text(lang, "status.generating"))
+
+    async def _add_message(self, text: str, conversation: Conversation, request: gr.Request):
         """Keep the user's words first; only then clear the box and start the reply."""
-        lang = self.t.language_for(request)
         if text.strip() and conversation.streaming is None:
             conversation.add_user(text)
-            return "", self._chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True)
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return "", *self._generating(conversation, self.t.language_for(request))
+        return (gr.skip(),) * 5
 
     async def _respond(self, conversation: Conversation, model_name: str, system_prompt: str,
                        temperature: float, top_p: float, max_tokens: float, stop: str,
@@ -104,33 +111,32 @@ class ChatApp:
         model = self._model(model_name, lang)
         options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
         messages = conversation.messages(system_prompt)
-        async for reply in self._generate(conversation, model, messages, options):
-            yield self._chatbot(conversation, lang), render.status_line(reply, self.t, lang)
+        async for _ in self._generate(conversation, model, messages, options):
+            yield self._chatbot(conversation, lang)  # only the chatbot: every output costs per update
 
-    def _stop(self, conversation: Conversation, request: gr.Request):
+    async def _stop(self, conversation: Conversation, request: gr.Request):
         """Mark the streaming reply stopped; ``cancels=`` closes the upstream."""
         reply = conversation.streaming
         if reply is not None:
             reply.stop()
-        return (*self._done(conversation, request), self._chatbot(conversation, self.t.language_for(request)))
+        return (*await self._done(conversation, request), self._chatbot(conversation, self.t.language_for(request)))
 
-    def _done(self, conversation: Conversation, request: gr.Request):
+    async def _done(self, conversation: Conversation, request: gr.Request):
         """After a reply (finished, failed or stopped): Send back, the final status line."""
         reply = conversation.turns[-1].reply if conversation.turns else None
         status = gr.skip() if reply is None else render.status_line(reply, self.t, self.t.language_for(request))
         return gr.Button(visible=True), gr.Button(visible=False), status
 
-    def _regenerate(self, conversation: Conversation, request: gr.Request):
-        lang = self.t.language_for(request)
+    async def _regenerate(self, conversation: Conversation, request: gr.Request):
         if conversation.forget_last_reply() is None:
-            return gr.skip(), gr.skip(), gr.skip()
-        return self._chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True)
+            return (gr.skip(),) * 4
+        return self._generating(conversation, self.t.language_for(request))
 
-    def _delete_last(self, conversation: Conversation, request: gr.Request):
+    async def _delete_last(self, conversation: Conversation, request: gr.Request):
         conversation.delete_last_round()
         return self._chatbot(conversation, self.t.language_for(request))
 
-    def _new_chat(self, conversation: Conversation, request: gr.Request):
+    async def _new_chat(self, conversation: Conversation, request: gr.Request):
         if conversation.streaming is None:
             conversation.clear()
         return self._chatbot(conversation, self.t.language_for(request)), self.t.text(
@@ -162,6 +168,7 @@ class ChatApp:
         limit = self.config.server.concurrency
         with gr.Blocks(title="ChuanhuStyleChat") as demo:
             conversation = gr.State(Conversation())
+            gr.Markdown("## 🐯 ChuanhuStyleChat", elem_id="app-title")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=4):
                     chatbot = gr.Chatbot(
@@ -207,7 +214,7 @@ class ChatApp:
                 fn=self._respond,
                 inputs=[conversation, model, system_prompt, temperature, top_p, max_tokens, stop_seqs,
                         presence, frequency, seed],
-                outputs=[chatbot, status],
+                outputs=[chatbot],
                 concurrency_limit=limit,
                 concurrency_id="generate",
                 show_progress="hidden",
@@ -215,7 +222,7 @@ class ChatApp:
                 api_visibility="undocumented",  # the page's path; callable, for the benchmark
             )
             add_args = dict(fn=self._add_message, inputs=[textbox, conversation],
-                            outputs=[textbox, chatbot, send, stop], queue=False, api_name="add_message",
+                            outputs=[textbox, chatbot, send, stop, status], queue=False, api_name="add_message",
                             api_visibility="undocumented")
             done_args = dict(fn=self._done, inputs=[conversation], outputs=[send, stop, status], queue=False,
                              api_visibility="private")
@@ -225,14 +232,15 @@ class ChatApp:
                 event = trigger(**add_args).then(**respond_args)
                 streams.append(event)
                 event.then(**done_args)
-            regen = regenerate.click(self._regenerate, [conversation], [chatbot, send, stop], queue=False,
+            regen = regenerate.click(self._regenerate, [conversation], [chatbot, send, stop, status], queue=False,
                                      api_visibility="private").then(**respond_args)
             streams.append(regen)
             regen.then(**done_args)
             stop.click(self._stop, [conversation], [send, stop, status, chatbot], cancels=streams, queue=False,
                        api_visibility="private")
             delete_last.click(self._delete_last, [conversation], [chatbot], queue=False, api_visibility="private")
-            new_chat.click(self._new_chat, [conversation], [chatbot, status], queue=False, api_visibility="private")
+            for clear in (new_chat.click, chatbot.clear):  # the chatbot's own trash icon starts over too
+                clear(self._new_chat, [conversation], [chatbot, status], queue=False, api_visibility="private")
 
             gr.api(self.chat_api, api_name="chat", concurrency_limit=limit, concurrency_id="generate")
         self.demo = demo
@@ -240,6 +248,7 @@ class ChatApp:
 
     def launch(self, **kwargs: Any):
         demo = self.demo or self.build()
+        _tune_process()
         server = self.config.server
         demo.queue(default_concurrency_limit=server.concurrency)
         return demo.launch(
@@ -253,3 +262,20 @@ class ChatApp:
             footer_links=["api", "gradio"],
             **kwargs,
         )
+
+
+def _tune_process() -> None:
+    """Start-up tuning of the process that serves many streams (never per request).
+
+    - Gradio tries ``import matplotlib`` twice per streamed update to save and
+      restore its backend; when matplotlib is not installed each failing import
+      searches sys.path (4-10% of the CPU under load). A ``None`` entry in
+      ``sys.modules`` is Python's own way to make that import fail at once.
+    - The app's long-lived objects (Gradio, pydantic, the adapters) are moved
+      out of the garbage collector's reach, so that a burst of new chats does
+      not trigger full collections that stall every stream for ~250 ms.
+    """
+    if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
+        sys.modules["matplotlib"] = None  # type: ignore[assignment]
+    gc.collect()
+    gc.freeze()

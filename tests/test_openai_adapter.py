@@ -272,29 +272,15 @@ TRICKY = ["你好", "，世界", "。", " 🎉🚀", " 👩‍👩‍👧 family
           " data: not a field", " \\u00e9", " end"]
 
 
-class RawUTF8Server(FakeOpenAIServer):
-    """The fake server, but writing non-ASCII text as raw UTF-8 (as OpenAI, vLLM and
-    llama.cpp's server do) instead of ``\\uXXXX`` escapes. Only then does a
-    fragmented byte stream split characters across reads."""
-
-    @staticmethod
-    def _chunk(model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
+def test_the_fake_server_sends_raw_utf8():
+    # Guards the premise of the fragment test: multi-byte characters on the wire (as
+    # OpenAI, vLLM and llama.cpp's server send them), so that fragments split characters.
+    assert "你好".encode() in FakeOpenAIServer._chunk("m", {"content": "你好"})
 
 
-def test_raw_utf8_server_really_sends_raw_utf8():
-    # Guards the premise of the fragment test: multi-byte characters on the wire.
-    assert "你好".encode() in RawUTF8Server._chunk("m", {"content": "你好"})
-    assert "你好".encode() not in FakeOpenAIServer._chunk("m", {"content": "你好"})
-
-
-@pytest.mark.parametrize("wire", ["raw-utf8", "ascii-escaped"])
 @pytest.mark.parametrize("fragment", [None, 1, 3, 7])
-async def test_fragmented_byte_stream_gives_identical_text(wire, fragment):
-    server_class = RawUTF8Server if wire == "raw-utf8" else FakeOpenAIServer
-    with server_class(api_key=FAKE_KEY) as server:
+async def test_fragmented_byte_stream_gives_identical_text(fragment):
+    with FakeOpenAIServer(api_key=FAKE_KEY) as server:
         server.enqueue(*TRICKY, reasoning=["想一想", " 🤔"], usage={"prompt_tokens": 5, "completion_tokens": 10},
                        fragment=fragment)
         model = create(validate_entry(fake_model_entry(server)))

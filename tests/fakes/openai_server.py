@@ -7,14 +7,21 @@ error body and ``Retry-After``, delays, and a connection cut mid-stream. It
 records every request and when a client went away before the end.
 
 Script its replies with ``enqueue()`` (first in, first out); with an empty
-script it answers "Hello from the fake server."
+script it answers ``default_script`` if given, else "Hello from the fake server."
+
+It also runs on its own, for benchmarks (every request gets N paced tokens)::
+
+    python -m tests.fakes.openai_server --port 8001 --tokens 500 --rate 50 --usage
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import random
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -43,6 +50,7 @@ class Script:
     done: bool = True  # send data: [DONE]
     prompt_filter_chunk: bool = False  # Azure: a first chunk with empty choices
     fragment: int | None = None  # split the byte stream into pieces of this size
+    pace: bool = False  # keep ``delay`` on a fixed schedule (token i at i * delay), so slow sends don't stretch it
 
 
 @dataclass
@@ -54,11 +62,14 @@ class Seen:
 
 
 class FakeOpenAIServer:
-    def __init__(self, *, api_key: str | None = None, azure_deployments: dict[str, str] | None = None):
+    def __init__(self, *, api_key: str | None = None, azure_deployments: dict[str, str] | None = None,
+                 default_script: Script | None = None):
         """``api_key``: required Bearer key (or Azure ``api-key``); ``azure_deployments``:
-        deployment name -> required api-version, which switches on the Azure paths."""
+        deployment name -> required api-version, which switches on the Azure paths;
+        ``default_script``: the reply when nothing is enqueued (it is reused, never consumed)."""
         self.api_key = api_key
         self.azure = azure_deployments or {}
+        self.default_script = default_script
         self.script: deque[Script] = deque()
         self.requests: list[Seen] = []
         self.disconnected = threading.Event()
@@ -114,7 +125,7 @@ class FakeOpenAIServer:
                 return self._error(404, "Resource not found", "404")
         if not self._auth_ok(request):
             return self._error(401, "Incorrect API key provided.", "invalid_api_key")
-        script = self.script.popleft() if self.script else Script()
+        script = self.script.popleft() if self.script else (self.default_script or Script())
         if script.status >= 400:
             headers = {"Retry-After": script.retry_after} if script.retry_after else None
             err = script.error or {"message": f"fake error {script.status}", "code": None}
@@ -139,7 +150,7 @@ class FakeOpenAIServer:
     def _chunk(model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
     async def _events(self, script: Script, model: str, include_usage: bool):
         pieces: list[bytes] = []
@@ -153,6 +164,7 @@ class FakeOpenAIServer:
             if script.first_delay:
                 await asyncio.sleep(script.first_delay)
             sent = 0
+            paced_from = time.monotonic()
             for text in script.reasoning:
                 async for piece in self._send([self._chunk(model, {"reasoning_content": text})], script):
                     yield piece
@@ -164,7 +176,11 @@ class FakeOpenAIServer:
                     yield piece
                 sent += 1
                 self.chunks_sent += 1
-                await asyncio.sleep(script.delay)
+                if script.pace:
+                    await asyncio.sleep(max(0.0, paced_from + (len(script.reasoning) + sent) * script.delay
+                                            - time.monotonic()))
+                else:
+                    await asyncio.sleep(script.delay)
             tail = [self._chunk(model, {}, script.finish_reason)]
             if include_usage and script.usage:
                 usage = {**script.usage, "total_tokens": sum(script.usage.values())}
@@ -226,3 +242,66 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+# -- stand-alone (benchmarks) -----------------------------------------------------------------
+WORDS = (
+    "the of and to in is that for it as with was on be by this are or from at an which have not but they "
+    "you can all more one their will has would there been what about when so if into its model reply "
+    "stream server token latency update browser network request message answer question example simple "
+    "however because between through during without another following important different possible "
+    "python function value result system process memory thread buffer context window output input chat "
+    "people should could first second number small large often every before after under while where"
+).split()
+
+
+def words(count: int, seed: int = 0) -> list[str]:
+    """``count`` tokens of English-looking text (about 5-6 characters each, with a leading space),
+    with commas, full stops and now and then a new paragraph."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    sentence = 0
+    for i in range(count):
+        word = rng.choice(WORDS)
+        if sentence == 0:
+            word = word.capitalize()
+        sentence += 1
+        token = word if i == 0 or out[-1].endswith("\n") else " " + word
+        if sentence >= rng.randint(8, 18):
+            token += "."
+            sentence = 0
+            if rng.random() < 0.25:
+                token += "\n\n"
+        elif rng.random() < 0.08:
+            token += ","
+        out.append(token)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="openai_server", description="Serve every chat request with N paced tokens.")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one; printed)")
+    parser.add_argument("--tokens", type=int, default=500, help="content tokens per reply")
+    parser.add_argument("--rate", type=float, default=50.0, help="tokens per second (0: as fast as possible)")
+    parser.add_argument("--usage", action="store_true", help="send a usage chunk when the client asks")
+    parser.add_argument("--api-key", default=None, help="required Bearer key (default: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated text")
+    args = parser.parse_args(argv)
+
+    script = Script(tokens=words(args.tokens, args.seed), delay=1.0 / args.rate if args.rate > 0 else 0.0,
+                    pace=True, usage={"prompt_tokens": 24, "completion_tokens": args.tokens} if args.usage else None)
+    server = FakeOpenAIServer(api_key=args.api_key, default_script=script)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(1024)
+    server.port = sock.getsockname()[1]
+    print(f"fake OpenAI server on {server.base_url} ({args.tokens} tokens at {args.rate:g}/s)", flush=True)
+    config = uvicorn.Config(server.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1,
+                            access_log=False, backlog=1024)
+    uvicorn.Server(config).run(sockets=[sock])  # until SIGINT/SIGTERM
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
