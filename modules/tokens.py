@@ -54,6 +54,12 @@ def encoding(name: str) -> tiktoken.Encoding:
         return tiktoken.get_encoding(name)
 
 
+def preload() -> None:
+    """Load every encoding now (about 0.4 s), so that no chat waits for it."""
+    for name in _ENCODINGS:
+        encoding(name)
+
+
 def encoding_for_model(model: str) -> tuple[tiktoken.Encoding, bool]:
     """The encoding for ``model`` and whether counts with it are exact."""
     try:
