@@ -169,3 +169,60 @@ def test_shift_enter_starts_a_new_line(chat_page):
     expect(last_bot(page)).to_contain_text("Hello from the fake server.")
     assert len(fake.requests) == 1
     assert fake.requests[0].body["messages"][-1]["content"] == "line one\nline two"
+
+
+def test_closing_the_tab_stops_the_upstream(chat_page):
+    fake, page = chat_page
+    fake.enqueue(*TOKENS, delay=DELAY)
+    send(page, "Tell me a long story", "enter")
+    page.wait_for_function(RECORD_GROWTH, arg=2, polling="raf", timeout=TIMEOUT_MS)
+    assert not fake.completed.is_set()
+    page.close()
+    assert fake.disconnected.wait(timeout=10), "the upstream kept generating after the tab was closed"
+    assert not fake.completed.is_set()
+
+
+def test_regenerate_delete_and_new_chat(chat_page):
+    fake, page = chat_page
+    fake.enqueue("First answer.")
+    send(page, "Question one", "enter")
+    expect(last_bot(page)).to_contain_text("First answer.")
+    expect(page.locator("#send-btn")).to_be_visible()
+
+    fake.enqueue("Second answer.")
+    page.locator("#regenerate-btn").click()
+    expect(last_bot(page)).to_contain_text("Second answer.")
+    expect(page.locator(BOTS)).to_have_count(1)
+    # regenerate asked the same question again, without the old answer
+    assert [m["role"] for m in fake.requests[-1].body["messages"]] == ["system", "user"]
+    assert fake.requests[-1].body["messages"][-1]["content"] == "Question one"
+
+    fake.enqueue("Third answer.")
+    send(page, "Question two", "enter")
+    expect(last_bot(page)).to_contain_text("Third answer.")
+    expect(page.locator(USERS)).to_have_count(2)
+    assert fake.requests[-1].body["messages"][-2]["content"] == "Second answer."
+
+    page.locator("#delete-last-btn").click()
+    expect(page.locator(USERS)).to_have_count(1)
+    expect(last_bot(page)).to_contain_text("Second answer.")
+
+    page.locator("#new-chat-btn").click()
+    expect(page.locator(USERS)).to_have_count(0)
+    fake.enqueue("Fresh.")
+    send(page, "Hello again", "enter")
+    expect(last_bot(page)).to_contain_text("Fresh.")
+    assert [m["content"] for m in fake.requests[-1].body["messages"] if m["role"] != "system"] == ["Hello again"]
+
+
+def test_reasoning_shows_in_a_thinking_block_apart_from_the_answer(chat_page):
+    fake, page = chat_page
+    fake.enqueue("The answer", " is 4.", reasoning=["Two plus", " two is four."])
+    send(page, "2+2?", "enter")
+    expect(last_bot(page)).to_contain_text("The answer is 4.")
+    chat = page.locator("#chatbot")
+    expect(chat).to_contain_text(LOCALE["mark.thought"])
+    # the reasoning is in its own (collapsible) message, not in the answer
+    assert "Two plus" not in last_bot(page).inner_text()
+    chat.get_by_text(LOCALE["mark.thought"]).first.click()
+    expect(chat).to_contain_text("Two plus two is four.")
