@@ -52,7 +52,7 @@ class Conversation:
         for turn in self.turns:
             messages.append(Message("user", turn.user))
             if turn.reply is not None and turn.reply.text:
-                messages.append(Message("assistant", turn.reply.text))
+                messages.append(Message("assistant", turn.reply.text, dict(turn.reply.outputs) or None))
         return messages
 
     def forget_last_reply(self) -> Turn | None:

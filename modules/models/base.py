@@ -26,10 +26,16 @@ Role = Literal["system", "user", "assistant"]
 
 @dataclass(slots=True)
 class Message:
-    """One message as sent to a model."""
+    """One message as sent to a model.
+
+    ``outputs``: for an earlier assistant reply, the non-streamed fields it
+    came with (e.g. sources), for adapters whose history carries them
+    (Promptflow's ``chat_history``); others ignore it.
+    """
 
     role: Role
     content: str
+    outputs: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}

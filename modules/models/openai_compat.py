@@ -23,12 +23,9 @@ from .sse import iter_events
 log = logging.getLogger(__name__)
 
 
-class OpenAIModelConfig(ModelConfig):
-    """A model behind the OpenAI chat-completions API or a compatible server."""
+class HTTPModelConfig(ModelConfig):
+    """What every model reached through the openai SDK has (OpenAI, Azure)."""
 
-    provider: Literal["openai"] = "openai"
-    model: str = Field("", description="Model id sent upstream; defaults to the display name.")
-    base_url: str = Field("https://api.openai.com/v1", description="API base URL, up to /v1.")
     api_key: SecretStr | None = Field(None, description="API key; None for servers without auth.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
     max_retries: int = Field(2, ge=0, le=10, description="SDK retries before the first token.")
@@ -36,9 +33,28 @@ class OpenAIModelConfig(ModelConfig):
     idle_timeout: float = Field(120.0, gt=0, description="Seconds to wait for the next chunk.")
     stream_usage: bool = Field(True, description="Ask for a usage chunk (stream_options).")
 
+
+class OpenAIModelConfig(HTTPModelConfig):
+    """A model behind the OpenAI chat-completions API or a compatible server."""
+
+    provider: Literal["openai"] = "openai"
+    model: str = Field("", description="Model id sent upstream; defaults to the display name.")
+    base_url: str = Field("https://api.openai.com/v1", description="API base URL, up to /v1.")
+
     @property
     def upstream_model(self) -> str:
         return self.model or self.name
+
+
+def map_openai_error(exc: openai.OpenAIError, secrets: list[str]) -> errors.ModelError:
+    """The ModelError for an exception of the openai SDK (also raised through LangChain)."""
+    if isinstance(exc, openai.APIStatusError):
+        return _status_error(exc, secrets)
+    if isinstance(exc, openai.APITimeoutError):
+        return errors.TimeoutError("the server did not answer in time")
+    if isinstance(exc, openai.APIConnectionError):
+        return errors.UnreachableError(scrub(str(exc.__cause__ or exc), secrets))
+    return errors.ModelError(scrub(str(exc), secrets))
 
 
 def _status_error(exc: openai.APIStatusError, secrets: list[str]) -> errors.ModelError:
@@ -89,7 +105,7 @@ class OpenAIChatModel(ChatModel):
 
     def _request_body(self, messages: list[Message], options: GenerationOptions) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.config.upstream_model,
+            "model": self.model_id,
             "messages": [m.as_dict() for m in messages],
             "stream": True,
             **options.openai_params(),
@@ -112,12 +128,8 @@ class OpenAIChatModel(ChatModel):
             async with request as response:  # closes the connection on Stop, error or end
                 async for delta in self._read(response.http_response):
                     yield delta
-        except openai.APIStatusError as exc:
-            raise _status_error(exc, self.secrets()) from exc
-        except openai.APITimeoutError as exc:
-            raise errors.TimeoutError("the server did not answer in time") from exc
-        except openai.APIConnectionError as exc:
-            raise errors.UnreachableError(str(exc.__cause__ or exc)) from exc
+        except openai.OpenAIError as exc:
+            raise map_openai_error(exc, self.secrets()) from exc
 
     async def _read(self, response: Any) -> AsyncIterator[Delta]:
         finished = False
