@@ -34,7 +34,7 @@ __all__ = [
 _REGISTRY: dict[str, type[ChatModel]] = {}
 
 # Built-in provider modules; each registers itself on import.
-_BUILTIN = ("openai_compat", "azure", "langchain_runnable", "embedded")
+_BUILTIN = ("openai_compat", "azure", "langchain_runnable", "promptflow", "embedded")
 
 M = TypeVar("M", bound=type[ChatModel])
 

@@ -1,0 +1,264 @@
+"""Promptflow endpoints: a flow served by ``pf flow serve`` or deployed as an Azure ML online endpoint.
+
+The wire protocol is ``../shared/PROTOCOLS.md`` §4. One ``POST`` per reply,
+with one key per flow input::
+
+    {"question": "<the user's last message>",
+     "chat_history": [{"inputs": {"question": "..."},
+                       "outputs": {"answer": "<whole answer>", "url": [...]}}, ...]}
+
+The request asks for a stream (``Accept: text/event-stream, application/json``)
+and the answer's ``Content-Type`` decides how it is read: SSE from a flow whose
+chat output is streamed (each event ``{"answer": "<delta>"}``, the flow's
+non-streamed outputs all in one first event), or one JSON object from a flow
+that does not stream (or any server that prefers JSON). Both are normal.
+
+What is not sent, because a flow has no input for it:
+
+* the **system prompt**: a flow owns its prompt (it is part of the flow's
+  own template or code), so a ``system`` message is left out of the request;
+* the **generation options** (temperature, max tokens, ...): they are the
+  flow's own parameters, set in the flow, not per request.
+
+An earlier user message whose reply produced no text at all (it failed before
+its first token) still goes into ``chat_history``, with an empty answer, so
+that the flow sees what the user said, as every other adapter does.
+
+Promptflow has no error event and no end marker: a stream is complete when its
+body ends cleanly; a failure after the first byte cuts the connection, which
+this adapter reports as :class:`~.errors.InterruptedError` (the streaming layer
+keeps the partial answer).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from typing import Any, AsyncIterator, Literal
+
+import httpx
+from pydantic import Field, SecretStr, field_validator
+
+from . import errors, register
+from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, scrub
+from .sse import iter_events
+
+ACCEPT = "text/event-stream, application/json"
+DEPLOYMENT_HEADER = "azureml-model-deployment"
+MAX_BODY_DETAIL = 300  # characters of a non-JSON error body kept as detail
+
+
+class PromptflowModelConfig(ModelConfig):
+    """A chat flow behind a Promptflow endpoint (``pf flow serve`` or Azure ML)."""
+
+    provider: Literal["promptflow"] = "promptflow"
+    url: str = Field(description="The scoring URL, e.g. http://127.0.0.1:8080/score or "
+                                 "https://<endpoint>.<region>.inference.ml.azure.com/score.")
+    api_key: SecretStr | None = Field(None, description="Endpoint key or token, sent as 'Authorization: Bearer'.")
+    deployment: str | None = Field(None, description="Azure ML: the deployment to route to "
+                                                     "(azureml-model-deployment header); None: the endpoint's traffic rules.")
+    input_field: str = Field("question", min_length=1, description="The flow's chat input.")
+    history_field: str = Field("chat_history", min_length=1, description="The flow's chat history input.")
+    output_field: str = Field("answer", min_length=1, description="The flow's chat output.")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect.")
+    idle_timeout: float = Field(120.0, gt=0, description="Seconds to wait for the next chunk; for a flow "
+                                                          "that does not stream, for the whole answer.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (the flow's scoring URL, e.g. .../score)")
+        return value
+
+
+@register("promptflow")
+class PromptflowChatModel(ChatModel):
+    """Streams a chat flow's answer over SSE, or shows a JSON answer whole."""
+
+    Config = PromptflowModelConfig
+    config: PromptflowModelConfig
+
+    def __init__(self, config: PromptflowModelConfig):
+        super().__init__(config)
+        self._client: httpx.AsyncClient | None = None
+
+    # -- the request -------------------------------------------------------------------
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            cfg = self.config
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(cfg.idle_timeout, connect=cfg.connect_timeout))
+        return self._client
+
+    def headers(self) -> dict[str, str]:
+        cfg = self.config
+        headers = {"Accept": ACCEPT, "Content-Type": "application/json"}
+        if cfg.api_key is not None and cfg.api_key.get_secret_value():
+            headers["Authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
+        if cfg.deployment:
+            headers[DEPLOYMENT_HEADER] = cfg.deployment
+        return headers
+
+    def request_body(self, messages: list[Message]) -> dict[str, Any]:
+        """``{input_field: last user message, history_field: earlier turns}``; see the module doc."""
+        cfg = self.config
+        chat = [m for m in messages if m.role != "system"]
+        last_user = max((i for i, m in enumerate(chat) if m.role == "user"), default=None)
+        if last_user is None:
+            raise errors.BadRequestError("there is no user message to send to the flow")
+        history: list[dict[str, Any]] = []
+        for message in chat[:last_user]:
+            if message.role == "user":
+                history.append({"inputs": {cfg.input_field: message.content},
+                                "outputs": {cfg.output_field: ""}})
+            elif history:  # an assistant reply answers the turn before it
+                outputs = {**(message.outputs or {}), cfg.output_field: message.content}
+                history[-1]["outputs"] = outputs
+        return {cfg.input_field: chat[last_user].content, cfg.history_field: history}
+
+    # -- the contract -------------------------------------------------------------------
+    async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
+        body = self.request_body(messages)
+        secrets = self.secrets()
+        try:
+            # `async with` closes the connection on Stop (cancellation), error or end.
+            async with self.client.stream("POST", self.config.url, json=body, headers=self.headers()) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._status_error(response, secrets)
+                content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+                if content_type == "text/event-stream":
+                    async for delta in self._read_sse(response):
+                        yield delta
+                elif content_type == "application/json" or content_type.endswith("+json"):
+                    yield self._whole(await response.aread())
+                else:
+                    raise errors.ServerError(
+                        f"the endpoint answered {content_type or 'no Content-Type'}, "
+                        "neither an event stream nor JSON: is the URL the flow's scoring URL?",
+                        status=response.status_code)
+        except httpx.ConnectTimeout as exc:
+            raise errors.UnreachableError(f"no connection within {self.config.connect_timeout:g} s") from exc
+        except httpx.TimeoutException as exc:  # waiting for the headers, or for a JSON body
+            raise errors.TimeoutError(
+                f"no answer from the endpoint within the idle timeout ({self.config.idle_timeout:g} s)") from exc
+        except httpx.ConnectError as exc:
+            raise errors.UnreachableError(scrub(str(exc) or type(exc).__name__, secrets)) from exc
+        except (httpx.TransportError, httpx.StreamError) as exc:  # cut while reading a JSON body
+            raise errors.InterruptedError(type(exc).__name__) from exc
+        except httpx.InvalidURL as exc:
+            raise errors.BadRequestError(f"invalid endpoint URL: {scrub(str(exc), secrets)}") from exc
+
+    async def _read_sse(self, response: httpx.Response) -> AsyncIterator[Delta]:
+        field = self.config.output_field
+        answered = False
+        index = -1
+        async for event in iter_events(response):  # a cut or stalled body raises a ModelError
+            if not event.data:
+                continue
+            index += 1
+            try:
+                data = json.loads(event.data)
+            except ValueError as exc:
+                raise errors.ServerError(f"unreadable event: {event.data[:80]!r}") from exc
+            if not isinstance(data, dict):
+                raise errors.ServerError(f"unexpected event: {event.data[:80]!r}")
+            if field in data:
+                answered = True
+                piece = _text(data.pop(field))
+                if piece:
+                    yield Delta(text=piece)
+            elif index > 0 and not answered:
+                # pf sends the non-streamed outputs once, first; every later event is a
+                # piece of the streamed output. Not ours: the flow streams another output.
+                raise self._no_output(set(data))
+            if data:
+                yield Delta(outputs=data)
+        # No end marker exists in this protocol: a body that ended cleanly is a complete answer
+        # (possibly empty: a generator that yielded nothing sends no event of its output at all).
+        yield Delta(finish_reason="stop")
+
+    def _whole(self, raw: bytes) -> Delta:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise errors.ServerError(f"unreadable JSON answer: {raw[:80]!r}") from exc
+        if isinstance(data, str):  # a flex flow that returns a bare string
+            return Delta(text=data, finish_reason="stop")
+        if not isinstance(data, dict):
+            raise errors.ServerError(f"unexpected JSON answer: {raw[:80]!r}")
+        if self.config.output_field not in data:
+            raise self._no_output(set(data))
+        text = _text(data.pop(self.config.output_field))
+        return Delta(text=text, outputs=data or None, finish_reason="stop")
+
+    def _no_output(self, keys: set[str]) -> errors.ModelError:
+        field = self.config.output_field
+        found = f" (it sent: {', '.join(sorted(keys))})" if keys else ""
+        return errors.BadRequestError(
+            f"the flow's answer has no output {field!r}{found}: set output_field to the flow's chat output")
+
+    # -- errors -------------------------------------------------------------------------
+    def _status_error(self, response: httpx.Response, secrets: list[str]) -> errors.ModelError:
+        status = response.status_code
+        code, message = _error_body(response)
+        detail = scrub(message, secrets)  # a gateway may echo the key
+        if status == 406 or (message and "in Accept header is not acceptable" in message):
+            # Our Accept takes both formats a flow can answer, so something between us and the
+            # flow (a proxy, a gateway's rewrite) or the endpoint's set-up is wrong.
+            return errors.NotAcceptableError(detail, status=status)
+        if status == 424:
+            # Azure ML: the flow (the "model") failed; its own error in the usual body.
+            if code == "UserError":
+                return errors.BadRequestError(detail, status=status)
+            return errors.ServerError(detail, status=status)
+        return errors.for_status(status, detail, retry_after=_retry_after(response.headers.get("retry-after")))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _error_body(response: httpx.Response) -> tuple[str | None, str]:
+    """(code, message) of an error answer: Promptflow's ``{"error": {"code", "message"}}``,
+    a gateway's ``{"message"}``, or the first characters of a plain-text body."""
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            code, message = inner.get("code"), inner.get("message")
+            return (str(code) if code else None), (str(message) if message else "")
+        if isinstance(inner, str):
+            return None, inner
+    content_type = response.headers.get("content-type", "")
+    if content_type.startswith("text/plain") and response.content:
+        text = response.text.strip()
+        return None, text[:MAX_BODY_DETAIL]
+    return None, ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
