@@ -22,6 +22,7 @@ from modules.models import Delta, GenerationOptions, Message, Usage, create, err
 from modules.models.azure import AzureChatModel
 from modules.render import error_message
 from modules.streaming import Pacer, Reply, stream_reply
+from tests.adapter_helpers import collect_deltas, final_reply as shared_final_reply, texts
 from tests.conftest import FAKE_KEY
 from tests.fakes.openai_server import FakeOpenAIServer
 
@@ -62,34 +63,12 @@ async def make_model(azure_fake: FakeOpenAIServer):
 
 
 async def run(model: AzureChatModel, options: GenerationOptions | None = None) -> tuple[list[Delta], BaseException | None]:
-    deltas: list[Delta] = []
-
-    async def drain() -> None:
-        async for delta in model.stream(MESSAGES, options or GenerationOptions()):
-            deltas.append(delta)
-
-    try:
-        await asyncio.wait_for(drain(), TIMEOUT)
-    except errors.ModelError as exc:
-        return deltas, exc
-    return deltas, None
+    return await collect_deltas(model, MESSAGES, options, TIMEOUT)
 
 
 async def final_reply(model: AzureChatModel) -> Reply:
     """The reply after stream_reply has run to its end."""
-
-    async def drain() -> Reply:
-        reply = None
-        async for reply in stream_reply(model, MESSAGES, GenerationOptions(), pacer=Pacer(0.01)):
-            pass
-        assert reply is not None
-        return reply
-
-    return await asyncio.wait_for(drain(), TIMEOUT)
-
-
-def texts(deltas: list[Delta]) -> list[str]:
-    return [d.text for d in deltas if d.text]
+    return await shared_final_reply(model, MESSAGES, None, TIMEOUT)
 
 
 # -- the request ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from modules.models import Delta, GenerationOptions, Message, Usage, create, err
 from modules.models.langchain_runnable import LangChainChatModel
 from modules.render import error_message
 from modules.streaming import Pacer, Reply, stream_reply
+from tests.adapter_helpers import collect_deltas, final_reply as shared_final_reply, texts
 from tests.conftest import FAKE_KEY
 from tests.fakes import chains
 from tests.fakes.openai_server import FakeOpenAIServer
@@ -84,29 +85,11 @@ def factory(name: str, streaming: str = "stream", **extra: Any) -> dict[str, Any
 
 async def run(model: LangChainChatModel, options: GenerationOptions | None = None,
               messages: list[Message] | None = None) -> tuple[list[Delta], BaseException | None]:
-    """Every delta the adapter yielded, and the ModelError it raised (None on success)."""
-    deltas: list[Delta] = []
-
-    async def drain() -> None:
-        async for delta in model.stream(messages or MESSAGES, options or OPTIONS):
-            deltas.append(delta)
-
-    try:
-        await asyncio.wait_for(drain(), TIMEOUT)
-    except errors.ModelError as exc:
-        return deltas, exc
-    return deltas, None
+    return await collect_deltas(model, messages or MESSAGES, options or OPTIONS, TIMEOUT)
 
 
 async def final_reply(model: LangChainChatModel, options: GenerationOptions | None = None) -> Reply:
-    async def drain() -> Reply:
-        reply = None
-        async for reply in stream_reply(model, MESSAGES, options or OPTIONS, pacer=Pacer(0.01)):
-            pass
-        assert reply is not None
-        return reply
-
-    return await asyncio.wait_for(drain(), TIMEOUT)
+    return await shared_final_reply(model, MESSAGES, options or OPTIONS, TIMEOUT)
 
 
 async def until(gen: AsyncIterator[Reply], condition: Callable[[Reply], bool], what: str) -> Reply:
@@ -122,10 +105,6 @@ async def until(gen: AsyncIterator[Reply], condition: Callable[[Reply], bool], w
             return reply
         if not reply.active:
             pytest.fail(f"the reply ended ({reply.status}: {reply.text!r}, {reply.error!r}) before {what}")
-
-
-def texts(deltas: list[Delta]) -> list[str]:
-    return [d.text for d in deltas if d.text]
 
 
 def assert_clear_detail(error: errors.ModelError, *must: str) -> None:

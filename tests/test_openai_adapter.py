@@ -7,8 +7,6 @@ checks what the adapter yields or raises, and what the server received.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import socket
 import time
 import traceback
@@ -18,6 +16,7 @@ import pytest
 
 from modules.models import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
 from modules.models.openai_compat import OpenAIChatModel
+from tests.adapter_helpers import collect_deltas, texts
 from tests.conftest import FAKE_KEY, fake_model_entry
 from tests.fakes.openai_server import FakeOpenAIServer
 
@@ -52,25 +51,11 @@ async def make_model(fake_openai: FakeOpenAIServer):
 async def run(model: OpenAIChatModel, options: GenerationOptions | None = None,
               messages: list[Message] | None = None) -> tuple[list[Delta], BaseException | None]:
     """Every delta the adapter yielded, and the exception it raised (None on success)."""
-    deltas: list[Delta] = []
-
-    async def drain() -> None:
-        async for delta in model.stream(messages or MESSAGES, options or GenerationOptions()):
-            deltas.append(delta)
-
-    try:
-        await asyncio.wait_for(drain(), TIMEOUT)
-    except errors.ModelError as exc:
-        return deltas, exc
-    return deltas, None
+    return await collect_deltas(model, messages or MESSAGES, options, TIMEOUT)
 
 
 def text(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
-
-
-def texts(deltas: list[Delta]) -> list[str]:
-    return [d.text for d in deltas if d.text]
 
 
 # -- a good stream -------------------------------------------------------------------------------

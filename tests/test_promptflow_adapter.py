@@ -28,6 +28,7 @@ from modules.models import Delta, GenerationOptions, Message, create, errors, pr
 from modules.models.promptflow import PromptflowChatModel
 from modules.render import error_message, reply_messages
 from modules.streaming import Reply, stream_reply
+from tests.adapter_helpers import collect_deltas, final_reply, texts
 from tests.fakes.promptflow_server import FakePromptflowServer, Script
 
 KEY = "pf-endpoint-key-0123456789abcdef"
@@ -86,35 +87,12 @@ async def make_model(pf_server: FakePromptflowServer):
 
 
 async def run(model: PromptflowChatModel, messages: list[Message] | None = None) -> tuple[list[Delta], BaseException | None]:
-    """Every delta the adapter yielded, and the exception it raised (None on success)."""
-    deltas: list[Delta] = []
-
-    async def drain() -> None:
-        async for delta in model.stream(messages or MESSAGES, GenerationOptions()):
-            deltas.append(delta)
-
-    try:
-        await asyncio.wait_for(drain(), TIMEOUT)
-    except errors.ModelError as exc:
-        return deltas, exc
-    return deltas, None
+    return await collect_deltas(model, messages or MESSAGES, None, TIMEOUT)
 
 
 async def reply_of(model: PromptflowChatModel, messages: list[Message] | None = None) -> Reply:
     """The final Reply of the streaming layer, as the app gets it."""
-    reply = Reply(model=model.name)
-
-    async def drain() -> None:
-        async with aclosing(stream_reply(model, messages or MESSAGES, GenerationOptions(), reply=reply)) as replies:
-            async for _ in replies:
-                pass
-
-    await asyncio.wait_for(drain(), TIMEOUT)
-    return reply
-
-
-def texts(deltas: list[Delta]) -> list[str]:
-    return [d.text for d in deltas if d.text]
+    return await final_reply(model, messages or MESSAGES, None, TIMEOUT)
 
 
 def shown(reply: Reply) -> str:

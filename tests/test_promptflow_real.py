@@ -16,7 +16,6 @@ the fake server (tests/fakes/promptflow_server.py) to what the real one sends.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from modules.conversation import Conversation
 from modules.models import Delta, GenerationOptions, Message, create, errors, validate_entry
 from modules.models.promptflow import PromptflowChatModel
 from modules.streaming import Reply, stream_reply
+from tests.adapter_helpers import collect_deltas
 from tests.fakes.promptflow_server import FakePromptflowServer, Script
 from tests.test_promptflow_adapter import NEGOTIATION, SSE_OR_JSON
 
@@ -120,17 +120,7 @@ async def model(pf_url: str):
 
 
 async def run(model: PromptflowChatModel, messages: list[Message]) -> tuple[list[Delta], BaseException | None]:
-    deltas: list[Delta] = []
-
-    async def drain() -> None:
-        async for delta in model.stream(messages, GenerationOptions()):
-            deltas.append(delta)
-
-    try:
-        await asyncio.wait_for(drain(), TIMEOUT)
-    except errors.ModelError as exc:
-        return deltas, exc
-    return deltas, None
+    return await collect_deltas(model, messages, None, TIMEOUT)
 
 
 def urls(question: str) -> list[str]:
