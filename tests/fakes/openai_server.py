@@ -34,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.fakes.threaded_server import ThreadedServer
+
 
 @dataclass
 class Script:
@@ -61,7 +63,9 @@ class Seen:
     body: dict[str, Any]
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(ThreadedServer):
+    log_level = "warning"
+
     def __init__(self, *, api_key: str | None = None, azure_deployments: dict[str, str] | None = None,
                  default_script: Script | None = None):
         """``api_key``: required Bearer key (or Azure ``api-key``); ``azure_deployments``:
@@ -76,9 +80,7 @@ class FakeOpenAIServer:
         self.disconnected_at: float | None = None
         self.completed = threading.Event()
         self.chunks_sent = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
+        super().__init__()
 
     # -- scripting ------------------------------------------------------------------------
     def enqueue(self, *tokens: str, **kwargs: Any) -> Script:
@@ -216,32 +218,6 @@ class FakeOpenAIServer:
             Route("/openai/deployments/{deployment}/chat/completions", self._chat, methods=["POST"]),
         ]
         return Starlette(routes=routes)
-
-    # -- life cycle ------------------------------------------------------------------------
-    def start(self) -> "FakeOpenAIServer":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(512)  # connections queue from here on: no need to wait for the loop
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            self._server.force_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> "FakeOpenAIServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 # -- stand-alone (benchmarks) -----------------------------------------------------------------

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.fakes.threaded_server import ThreadedServer
 
 VERSION = "1.18.5"
 ACCEPT_DEFAULT = "*/*"
@@ -105,7 +105,9 @@ def negotiate(accept: str | None, streamed: bool) -> str:
     return "json" if wants_json else "406"
 
 
-class FakePromptflowServer:
+class FakePromptflowServer(ThreadedServer):
+    log_level = "critical"
+
     def __init__(self, *, api_key: str | None = None, deployments: set[str] | None = None,
                  streamed: bool = True, input_field: str = "question", history_field: str = "chat_history",
                  output_field: str = "answer", default_script: Script | None = None):
@@ -125,9 +127,7 @@ class FakePromptflowServer:
         self.disconnected = threading.Event()
         self.completed = threading.Event()
         self.pieces_sent = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
+        super().__init__()
 
     # -- scripting ------------------------------------------------------------------------
     def enqueue(self, *pieces: str, **kwargs: Any) -> Script:
@@ -274,30 +274,4 @@ class FakePromptflowServer:
             Route("/score", self._score, methods=["POST"]),
             Route("/health", self._health, methods=["GET"]),
         ])
-
-    # -- life cycle ------------------------------------------------------------------------
-    def start(self) -> "FakePromptflowServer":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)  # connections queue from here on: no need to wait for the loop
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app(), log_level="critical", lifespan="off", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            self._server.force_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> "FakePromptflowServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
