@@ -55,6 +55,37 @@ class OpenAISection(_Section):
     context_size: int = Field(128000, ge=256)
 
 
+class APIConfig(_Section):
+    """The HTTP API (``modules/gateway.py``): OpenAI-compatible, Promptflow, Deep Chat, EventSource."""
+
+    enabled: bool = Field(False, description="Serve the HTTP API beside the page, on the same port.")
+    keys: list[SecretStr] = Field(default_factory=list, description="Accepted Bearer keys; CHUANHU_API_KEYS overrides.")
+    heartbeat_seconds: float = Field(15.0, gt=0, le=300, description="Idle seconds before a stream gets a ': ping'.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins whose pages may call the API.")
+
+    @field_validator("keys")
+    @classmethod
+    def _usable_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for i, key in enumerate(keys):
+            value = key.get_secret_value()
+            if len(value) < 8 or value != value.strip() or "," in value:
+                # never echo the value: only which one is wrong
+                raise ValueError(f"key #{i + 1} must be at least 8 characters, with no spaces or commas around it")
+        return keys
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin in ("*", "null"):
+                continue
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(f"{origin!r} is not an origin: use scheme://host[:port] "
+                                 "with no path or trailing slash, 'null' or '*'")
+        return origins
+
+
 def _default_models() -> list[dict[str, Any]]:
     return [{"provider": "embedded", "name": "SmolLM2-135M (embedded)"}]
 
@@ -64,6 +95,7 @@ class AppConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     ui: UIConfig = Field(default_factory=UIConfig)
     openai: OpenAISection = Field(default_factory=OpenAISection)
+    api: APIConfig = Field(default_factory=APIConfig)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @field_validator("language")
@@ -142,6 +174,11 @@ def build_config(
         openai_section["api_key"] = env["OPENAI_API_KEY"]
     data["openai"] = openai_section
 
+    if env.get("CHUANHU_API_KEYS"):
+        api_section = dict(data.get("api") or {})
+        api_section["keys"] = [k.strip() for k in env["CHUANHU_API_KEYS"].split(",") if k.strip()]
+        data["api"] = api_section
+
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as exc:
@@ -171,6 +208,9 @@ def build_config(
     if not models:
         raise ConfigError(file, "models", "no model is configured (add one, or an OpenAI key)")
     config.models = models
+    if config.api.enabled and not config.api.keys:
+        raise ConfigError(file, "api.keys", "the HTTP API is enabled but has no key: list one here "
+                                            "or in the CHUANHU_API_KEYS environment variable")
     if config.ui.default_model and config.ui.default_model not in seen:
         raise ConfigError(file, "ui.default_model", f"{config.ui.default_model!r} is not a configured model name")
     return config

@@ -251,6 +251,12 @@ class ChatApp:
         _tune_process()
         server = self.config.server
         demo.queue(default_concurrency_limit=server.concurrency)
+        # -- the HTTP API (modules/gateway.py): its routes join the FastAPI app Gradio creates --
+        if self.config.api.enabled:
+            from .gateway import Gateway
+
+            kwargs["app_kwargs"] = Gateway.for_app(self).app_kwargs(kwargs.get("app_kwargs"))
+        # -- end of the HTTP API --
         return demo.launch(
             server_name=server.host,
             server_port=server.port,
