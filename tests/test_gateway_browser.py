@@ -8,20 +8,16 @@ fake server's events, each with a timeout; nothing sleeps.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlencode
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import fake_model_entry
 from tests.fakes.openai_server import FakeOpenAIServer
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 PAGE = Path(__file__).resolve().parent.parent / "examples" / "eventsource.html"
 API_KEY = "gw-browser-key-0123456789"
 TIMEOUT_MS = 15_000
@@ -41,19 +37,6 @@ RECORD_GROWTH = """
   return out.dataset.state && seen.length >= wanted ? seen : false;
 }
 """
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not os.path.exists(CHROMIUM):
-        reason = f"{CHROMIUM} is not installed (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + ": CI must run the browser tests")
-        pytest.skip(reason)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
