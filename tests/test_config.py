@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import SecretStr
 
 from modules.config import AppConfig, ConfigError, build_config, load_config
@@ -315,10 +316,40 @@ def test_cli_with_a_missing_config_exits_2(tmp_path):
 EXAMPLE = ROOT / "config_example.yaml"
 
 
-@pytest.mark.skipif(not EXAMPLE.exists(), reason="config_example.yaml not written yet")
 @pytest.mark.parametrize("env", [{}, {"OPENAI_API_KEY": OPENAI_KEY}], ids=["no-key", "openai-key"])
 def test_config_example_validates(env):
     config = load_config(EXAMPLE, env=env)
     assert config.models
     if config.ui.default_model:
         assert config.ui.default_model in config.model_names()
+
+
+def _commented_model_examples() -> list[str]:
+    """The commented-out ``models:`` entries of config_example.yaml, uncommented."""
+    blocks: list[list[str]] = []
+    inside = False
+    for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("  # - provider:"):
+            blocks.append([line.replace("  # ", "", 1)])
+            inside = True
+        elif inside and line.startswith("  #   "):
+            blocks[-1].append(line.replace("  #   ", "  ", 1))
+        else:
+            inside = False
+    return ["\n".join(block) for block in blocks]
+
+
+def test_every_commented_model_example_is_a_valid_entry():
+    """The examples users uncomment must validate, every key spelt as the code expects."""
+    examples = _commented_model_examples()
+    providers = set()
+    for text in examples:
+        [entry] = yaml.safe_load(text)
+        providers.add(entry["provider"])
+        if "factory" in entry:  # names the user's own package: only its shape can be checked here
+            entry["factory"] = "tests.fakes.chains:prompt_chat_openai"
+        entry.pop("api_key_env", None)
+        if entry["provider"] == "azure":
+            entry["api_key"] = "example-key"
+        build_config({"models": [entry]}, file="config_example.yaml", env={})
+    assert providers == {"openai", "azure", "langchain", "promptflow"}
