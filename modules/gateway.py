@@ -509,6 +509,25 @@ class Gateway:
         finally:
             run.close()
 
+    async def _answer(self, request: Request, run: _Run, *, whole: Callable[[Reply], Response] | None = None,
+                      events: Callable[[Any], AsyncIterator[ServerSentEvent]] | None = None) -> Response:
+        """The response for ``run``: ``whole(reply)`` once it has ended, or an SSE response of
+        ``events(first item)``. A failure before anything was sent is an HTTP error status;
+        a client gone meanwhile gets 499 (nobody reads it)."""
+        try:
+            if whole is not None:
+                return whole(await self._whole(request, run))
+            first = await self._first(request, run)
+        except errors.ModelError as exc:
+            raise self._failure(request, exc) from None
+        except _ClientGone:
+            return Response(status_code=499)
+        if isinstance(first, errors.ModelError):
+            run.close()
+            raise self._failure(request, first)
+        assert events is not None
+        return self._sse(events(first))
+
     def _sse(self, content: AsyncIterator[ServerSentEvent], headers: Mapping[str, str] | None = None
              ) -> EventSourceResponse:
         # ping=0: no fixed-rate pings; the generators send one when a stream is idle.
@@ -556,9 +575,8 @@ class Gateway:
         name = body.model or model.name
         run = self._start(model, messages, options)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        try:
-            if not body.stream:
-                reply = await self._whole(request, run)
+        if not body.stream:
+            def whole(reply: Reply) -> Response:
                 message: dict[str, Any] = {"role": "assistant", "content": reply.text}
                 if reply.reasoning:
                     message["reasoning_content"] = reply.reasoning
@@ -567,16 +585,11 @@ class Gateway:
                     "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason or "stop"}],
                     "usage": _usage(reply, model, messages),
                 })
-            first = await self._first(request, run)
-        except errors.ModelError as exc:
-            raise self._failure(request, exc) from None
-        except _ClientGone:
-            return Response(status_code=499)
-        if isinstance(first, errors.ModelError):
-            run.close()
-            raise self._failure(request, first)
+
+            return await self._answer(request, run, whole=whole)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return self._sse(self._openai_events(request, run, first, meta, messages, include_usage))
+        return await self._answer(
+            request, run, events=lambda first: self._openai_events(request, run, first, meta, messages, include_usage))
 
     async def _openai_events(self, request: Request, run: _Run, item: Any, meta: dict[str, Any],
                              messages: list[Message], include_usage: bool) -> AsyncIterator[ServerSentEvent]:
@@ -640,19 +653,10 @@ class Gateway:
                 history.append(Message("assistant", answer, outputs or None))
         messages = self._with_system([*history, Message("user", body.question)])
         run = self._start(model, messages, GenerationOptions())
-        try:
-            if mode == "json":
-                reply = await self._whole(request, run)
-                return JSONResponse({**reply.outputs, "answer": reply.text})
-            first = await self._first(request, run)
-        except errors.ModelError as exc:
-            raise self._failure(request, exc) from None
-        except _ClientGone:
-            return Response(status_code=499)
-        if isinstance(first, errors.ModelError):
-            run.close()
-            raise self._failure(request, first)
-        return self._sse(self._promptflow_events(request, run, first))
+        if mode == "json":
+            return await self._answer(request, run, whole=lambda reply: JSONResponse({**reply.outputs,
+                                                                                      "answer": reply.text}))
+        return await self._answer(request, run, events=lambda first: self._promptflow_events(request, run, first))
 
     async def _promptflow_events(self, request: Request, run: _Run, item: Any) -> AsyncIterator[ServerSentEvent]:
         pending: dict[str, Any] = {}  # non-streamed outputs, held until the first answer event
@@ -698,13 +702,7 @@ class Gateway:
         stream = body.stream if body.stream is not None else _lists_event_stream(request.headers.get("accept"))
         run = self._start(model, messages, GenerationOptions())
         if not stream:
-            try:
-                reply = await self._whole(request, run)
-            except errors.ModelError as exc:
-                raise self._failure(request, exc) from None
-            except _ClientGone:
-                return Response(status_code=499)
-            return JSONResponse({"text": reply.text})
+            return await self._answer(request, run, whole=lambda reply: JSONResponse({"text": reply.text}))
         return self._sse(self._text_events(request, run, done=False))
 
     async def stream(
