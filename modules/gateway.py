@@ -59,6 +59,7 @@ from . import render, tokens
 from .config import APIConfig
 from .i18n import Translator, language_from_header
 from .models import ChatModel, GenerationOptions, Message, errors
+from .models.base import scrub
 from .streaming import Reply
 
 if TYPE_CHECKING:
@@ -357,6 +358,8 @@ class Gateway:
         self.system_prompt = system_prompt
         self.heartbeat = config.heartbeat_seconds
         self._keys = [k.get_secret_value().encode("utf-8") for k in config.keys]
+        # Model keys and API keys: never in an answer.
+        self._secrets = [s for m in models.values() for s in m.secrets()] + [k.decode() for k in self._keys]
         self._origins = set(config.cors_origins)
         self._tasks: set[asyncio.Task[None]] = set()
         self._created = int(time.time())
@@ -437,14 +440,8 @@ class Gateway:
         return GatewayRoute
 
     # -- shared helpers ----------------------------------------------------------------------------
-    def _secrets(self) -> list[str]:
-        return [s for m in self.models.values() for s in m.secrets()] + [k.decode() for k in self._keys]
-
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets():
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._secrets)
 
     def _lang(self, request: Request) -> str:
         if self.t.language != "auto":
@@ -468,7 +465,7 @@ class Gateway:
 
     def _message_of(self, request: Request, error: errors.ModelError) -> str:
         """The sentence the page would show for this failure (secrets scrubbed); logged."""
-        message = render.error_message(self.t, self._lang(request), error, self._secrets())
+        message = render.error_message(self.t, self._lang(request), error, self._secrets)
         log.warning("API %s: the model failed: %s", request.url.path, message)
         return message
 

@@ -42,6 +42,7 @@ class ChatApp:
         self.config = config
         self.t = Translator(config.language)
         self.models: dict[str, ChatModel] = {m.name: registry.create(m) for m in config.models}
+        self.secrets = [s for m in self.models.values() for s in m.secrets()]  # scrubbed from what users see
         self.pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
         self.default_model = config.ui.default_model or next(
             (name for name, model in self.models.items() if model.available()), next(iter(self.models))
@@ -55,11 +56,8 @@ class ChatApp:
             raise gr.Error(self.t.text(lang, "error.unknown_model", model=name))
         return model
 
-    def _secrets(self) -> list[str]:
-        return [s for m in self.models.values() for s in m.secrets()]
-
     def _chatbot(self, conversation: Conversation, lang: str) -> list[dict[str, Any]]:
-        return render.chatbot(conversation, self.t, lang, self._secrets())
+        return render.chatbot(conversation, self.t, lang, self.secrets)
 
     def _options(self, lang: str, temperature: float, top_p: float, max_tokens: float, stop: str,
                  presence: float, frequency: float, seed: float) -> GenerationOptions:

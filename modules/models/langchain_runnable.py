@@ -139,27 +139,25 @@ def to_delta(chunk: Any, output_key: str | None = None) -> Delta | None:
     return None
 
 
-class _TokenBridge:
-    """A LangChain callback handler that passes every token on, in order, to a queue.
+def _token_bridge(put: Callable[[Delta], None], stopped: threading.Event) -> Any:
+    """A LangChain callback handler that passes every token on, in order, to ``put``.
 
-    Built on first use (LangChain's base class is imported lazily); thread-safe:
-    tokens may come from a chain running on a worker thread.
+    Thread-safe (``put`` is): tokens may come from a chain running on a worker
+    thread. LangChain's base class is imported here, on first use.
     """
+    from langchain_core.callbacks import BaseCallbackHandler
 
-    def __new__(cls, put: Callable[[Any], None], stopped: threading.Event):  # type: ignore[misc]
-        from langchain_core.callbacks import BaseCallbackHandler
+    class TokenBridge(BaseCallbackHandler):
+        raise_error = True  # an exception here (Stop) ends the chain
+        run_inline = True  # called in order, on the chain's own thread
 
-        class TokenBridge(BaseCallbackHandler):
-            raise_error = True  # an exception here (Stop) ends the chain
-            run_inline = True  # called in order, on the chain's own thread
+        def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+            if stopped.is_set():
+                raise _Stopped()
+            delta = to_delta(chunk) if chunk is not None else None
+            put(delta if delta is not None else Delta(text=token))
 
-            def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
-                if stopped.is_set():
-                    raise _Stopped()
-                delta = to_delta(chunk) if chunk is not None else None
-                put(delta if delta is not None else Delta(text=token))
-
-        return TokenBridge()
+    return TokenBridge()
 
 
 @register("langchain")
@@ -246,7 +244,7 @@ class LangChainChatModel(ChatModel):
         def put(item: tuple[str, Any]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        bridge = _TokenBridge(lambda delta: put(("delta", delta)), stopped)
+        bridge = _token_bridge(lambda delta: put(("delta", delta)), stopped)
 
         async def run() -> None:
             try:
