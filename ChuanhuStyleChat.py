@@ -1,6 +1,7 @@
 """ChuanhuStyleChat: start the chat app.
 
     python ChuanhuStyleChat.py [--config config.yaml] [--host 127.0.0.1] [--port 7860] [--share]
+    python ChuanhuStyleChat.py hash-password     # a password hash for auth.users in config.yaml
 
 With no config file and no key, the embedded local model answers.
 """
@@ -24,6 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-password"]:
+        from modules.auth import main as hash_password
+
+        return hash_password(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

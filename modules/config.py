@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .models import ModelConfig, validate_entry
+from .models.base import Price
 
 DEFAULT_CONFIG_FILE = "config.yaml"
 LANGUAGES = ("auto", "en_US", "zh_CN", "zh_TW", "ja_JP")
@@ -53,6 +54,7 @@ class OpenAISection(_Section):
     base_url: str = Field("https://api.openai.com/v1")
     models: list[str] = Field(default_factory=lambda: ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini"])
     context_size: int = Field(128000, ge=256)
+    prices: dict[str, Price] = Field(default_factory=dict, description="Prices of these models, by model name.")
 
 
 class APIConfig(_Section):
@@ -86,6 +88,51 @@ class APIConfig(_Section):
         return origins
 
 
+class HistoryConfig(_Section):
+    """Where conversations are kept, and whose they are."""
+
+    data_dir: str = Field("data", description="Folder of the history database and exports (relative: to the working directory).")
+    mode: Literal["auto", "shared", "per_browser"] = Field(
+        "auto",
+        description="shared: one history for everyone (a desktop app); per_browser: each browser sees only its own; "
+                    "auto: shared on localhost, per_browser on a shared link, a Space or another interface. "
+                    "With login, each user always sees only their own.",
+    )
+    title_model: str = Field("", description="Model (display name) that writes titles; empty: the first question.")
+
+
+class ContextConfig(_Section):
+    """What happens when a conversation outgrows the model's context window."""
+
+    strategy: Literal["trim", "summarize"] = Field(
+        "trim", description="trim: leave out the oldest rounds; summarize: replace them by a summary the model writes."
+    )
+    reserve_output_tokens: int = Field(1024, ge=16, description="Tokens kept free for the reply (unless Max output tokens is set).")
+
+
+class AuthConfig(_Section):
+    """Optional login. Without users, the app has no login."""
+
+    users: dict[str, str] = Field(
+        default_factory=dict,
+        description="user name: password hash (make one with: python ChuanhuStyleChat.py hash-password).",
+    )
+
+    @field_validator("users")
+    @classmethod
+    def _hashed(cls, users: dict[str, str]) -> dict[str, str]:
+        from .auth import is_password_hash
+
+        for name, hashed in users.items():
+            if not name.strip() or name != name.strip():
+                raise ValueError(f"user name {name!r} is empty or has spaces around it")
+            if not is_password_hash(str(hashed)):
+                # never echo the value: it may be a plaintext password
+                raise ValueError(f"the password of {name!r} is not a hash; plaintext passwords are refused. "
+                                 "Make a hash with: python ChuanhuStyleChat.py hash-password")
+        return users
+
+
 def _default_models() -> list[dict[str, Any]]:
     return [{"provider": "embedded", "name": "SmolLM2-135M (embedded)"}]
 
@@ -96,6 +143,10 @@ class AppConfig(_Section):
     ui: UIConfig = Field(default_factory=UIConfig)
     openai: OpenAISection = Field(default_factory=OpenAISection)
     api: APIConfig = Field(default_factory=APIConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    templates_dir: str = Field("templates", description="Folder of prompt template collections (YAML, JSON, CSV).")
     models: list[ModelConfig] = Field(default_factory=list)
 
     @field_validator("language")
@@ -185,6 +236,9 @@ def build_config(
         key, message = _first_error(exc)
         raise ConfigError(file, key, message) from None
 
+    for name in config.openai.prices:
+        if name not in config.openai.models:
+            raise ConfigError(file, f"openai.prices.{name}", "not one of openai.models (a price for which model?)")
     models = [_resolve_model_entry(raw, i, env, file) for i, raw in enumerate(raw_models)]
     if config.openai.api_key and config.openai.api_key.get_secret_value():
         models += [
@@ -196,6 +250,7 @@ def build_config(
                     "base_url": config.openai.base_url,
                     "api_key": config.openai.api_key,
                     "context_size": config.openai.context_size,
+                    "price": config.openai.prices.get(name),
                 }
             )
             for name in config.openai.models
@@ -211,6 +266,8 @@ def build_config(
     if config.api.enabled and not config.api.keys:
         raise ConfigError(file, "api.keys", "the HTTP API is enabled but has no key: list one here "
                                             "or in the CHUANHU_API_KEYS environment variable")
+    if config.history.title_model and config.history.title_model not in seen:
+        raise ConfigError(file, "history.title_model", f"{config.history.title_model!r} is not a configured model name")
     if config.ui.default_model and config.ui.default_model not in seen:
         raise ConfigError(file, "ui.default_model", f"{config.ui.default_model!r} is not a configured model name")
     return config

@@ -1,30 +1,72 @@
 """Per-session conversation state: the turns of one chat, kept in ``gr.State``.
 
 Nothing here is shared between sessions, and nothing is secret: a turn holds
-the user's words, the reply as it grew, and which model answered.
+the user's words, the reply as it grew, and which model answered. A
+conversation also knows whose it is (``owner``) and converts to and from the
+plain records the history store keeps (``modules/records.py``).
 """
 
 from __future__ import annotations
 
+import re
+import time
+import uuid
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from .models import Message
-from .streaming import Reply
+from .models import Message, errors
+from .records import ConversationMeta, ConversationRecord, TurnRecord
+from .streaming import Counts, Reply
+
+TITLE_LENGTH = 48
+
+
+class StoredError(errors.ModelError):
+    """A failure read back from history: ``detail`` is the sentence the user saw then."""
+
+    kind = "stored"
 
 
 @dataclass
 class Turn:
     user: str
     reply: Reply | None = None
+    user_tokens: int | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def title_from(text: str) -> str:
+    """A title from the first question: its first line, whitespace collapsed, cut at a word."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = re.sub(r"\s+", " ", line).strip()
+    if len(line) <= TITLE_LENGTH:
+        return line
+    cut = line[:TITLE_LENGTH]
+    if " " in cut[TITLE_LENGTH // 2:]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,.;:，。；：") + "…"
 
 
 @dataclass
 class Conversation:
     turns: list[Turn] = field(default_factory=list)
+    id: str = ""  # given when first saved (gr.State copies its initial value into every session)
+    owner: str = ""  # whose history this belongs to; "" until the session knows
+    title: str = ""
+    titled_by_model: bool = False
+    created_at: float = field(default_factory=time.time)
+    params: dict[str, Any] = field(default_factory=dict)  # the generation options last used
+    summary: tuple[int, str] | None = None  # (rounds summarised, summary) for the "summarize" strategy
 
-    def add_user(self, text: str) -> Turn:
-        turn = Turn(user=text)
+    def add_user(self, text: str, user_tokens: int | None = None) -> Turn:
+        turn = Turn(user=text, user_tokens=user_tokens)
         self.turns.append(turn)
+        if not self.title:
+            self.title = title_from(text)
         return turn
 
     @property
@@ -68,4 +110,68 @@ class Conversation:
         return self.turns.pop()
 
     def clear(self) -> None:
-        self.turns.clear()
+        """Start afresh: a new, empty conversation of the same owner."""
+        self.replace(Conversation(owner=self.owner))
+
+    def replace(self, other: Conversation) -> None:
+        """Become ``other`` (the session's state object stays the same)."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(other, name))
+
+    @property
+    def totals(self) -> tuple[int, int, bool, float | None, bool]:
+        """(input tokens, output tokens, all exact, cost, every reply priced) over the finished replies."""
+        prompt = completion = 0
+        exact = priced = True
+        cost = 0.0
+        for turn in self.turns:
+            reply = turn.reply
+            if reply is None or reply.counts is None:
+                continue
+            prompt += reply.counts.prompt
+            completion += reply.counts.completion
+            exact = exact and reply.counts.exact
+            if reply.cost is None:
+                priced = False
+            else:
+                cost += reply.cost
+        return prompt, completion, exact, (cost if priced else None), priced
+
+    # -- records (history) ----------------------------------------------------------------
+    def meta(self, model: str, system_prompt: str, params: dict[str, Any]) -> ConversationMeta:
+        return ConversationMeta(self.id, self.owner, self.title, model, system_prompt, dict(params),
+                                self.created_at, time.time())
+
+    def turn_record(self, position: int, error_text: Callable[[errors.ModelError], str]) -> TurnRecord:
+        turn = self.turns[position]
+        record = TurnRecord(user=turn.user, user_tokens=turn.user_tokens, created_at=turn.created_at)
+        reply = turn.reply
+        if reply is None:
+            return record
+        record.reply, record.reasoning, record.outputs = reply.text, reply.reasoning, dict(reply.outputs)
+        record.status = "stopped" if reply.active else reply.status  # a reply cut by a crash counts as stopped
+        record.error = error_text(reply.error) if reply.error is not None else ""
+        record.finish_reason, record.model = reply.finish_reason, reply.model
+        if reply.counts is not None:
+            record.prompt_tokens, record.completion_tokens = reply.counts.prompt, reply.counts.completion
+            record.tokens_exact = reply.counts.exact
+        record.cost = reply.cost
+        record.dropped_rounds, record.summarized = reply.dropped_rounds, reply.summarized
+        record.finished_at = time.time() if reply.finished_at is not None else None
+        return record
+
+    @classmethod
+    def from_record(cls, record: ConversationRecord) -> Conversation:
+        conversation = cls(id=record.id, owner=record.owner, title=record.title, created_at=record.created_at)
+        for rec in record.turns:
+            turn = Turn(user=rec.user, user_tokens=rec.user_tokens, created_at=rec.created_at)
+            if rec.status != "pending":
+                reply = Reply(model=rec.model, text=rec.reply, reasoning=rec.reasoning, outputs=dict(rec.outputs),
+                              finish_reason=rec.finish_reason, status=rec.status,  # type: ignore[arg-type]
+                              error=StoredError(rec.error) if rec.error else None,
+                              dropped_rounds=rec.dropped_rounds, summarized=rec.summarized, cost=rec.cost)
+                if rec.prompt_tokens is not None and rec.completion_tokens is not None:
+                    reply.counts = Counts(rec.prompt_tokens, rec.completion_tokens, rec.tokens_exact)
+                turn.reply = reply
+            conversation.turns.append(turn)
+        return conversation

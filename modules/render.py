@@ -6,13 +6,15 @@ tested without a browser and reused by the ``/chat`` API.
 
 from __future__ import annotations
 
+import html
 from typing import Any, Iterable
 
 from .conversation import Conversation, Turn
 from .i18n import Translator
 from .models import errors
 from .models.base import scrub
-from .streaming import Reply
+from .context import format_cost
+from .streaming import Counts, Reply
 
 MAX_DETAIL = 300
 
@@ -20,7 +22,11 @@ MAX_DETAIL = 300
 def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: Iterable[str] = ()) -> str:
     """A short, clear sentence for a failure; upstream detail only where it helps."""
     kind = error.kind
+    if kind == "stored":  # read back from history: already the sentence the user saw
+        return scrub(error.detail, tuple(secrets))
     values: dict[str, Any] = {"status": error.status or "?"}
+    if isinstance(error, errors.ContextOverflowError):
+        values.update(tokens=f"{error.tokens:,}", limit=f"{error.limit:,}")
     if isinstance(error, errors.RateLimitError) and error.retry_after:
         kind, values["seconds"] = "rate_limit_retry", f"{error.retry_after:g}"
     message = t.text(lang, f"error.{kind}", **values)
@@ -60,6 +66,9 @@ def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str
             }
         )
     content = reply.text
+    if reply.dropped_rounds:
+        mark = "mark.summarized" if reply.summarized else "mark.dropped"
+        content = "*" + t.text(lang, mark, rounds=reply.dropped_rounds) + "*\n\n" + content
     if reply.outputs:
         content += _sources(reply.outputs, t.text(lang, "mark.sources"))
     if reply.status == "stopped":
@@ -71,6 +80,8 @@ def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str
         content = t.text(lang, "error.prefix", message=error_message(t, lang, reply.error, secrets))
     elif reply.status == "done" and reply.finish_reason == "length":
         content += "\n\n*" + t.text(lang, "mark.length") + "*"
+    if reply.counts is not None and not reply.active:
+        content += "\n\n<sub>" + usage_text(reply.counts, reply.cost, t, lang) + "</sub>"
     if content or not out:
         out.append({"role": "assistant", "content": content})
     return out
@@ -90,13 +101,47 @@ def chatbot(conversation: Conversation, t: Translator, lang: str, secrets: Itera
     return messages
 
 
+def tokens_text(value: int, exact: bool) -> str:
+    return f"{value:,}" if exact else f"≈{value:,}"
+
+
+def cost_text(cost: float | None, t: Translator, lang: str) -> str:
+    return format_cost(cost) if cost is not None else t.text(lang, "usage.price_unknown")
+
+
+def usage_text(counts: Counts, cost: float | None, t: Translator, lang: str) -> str:
+    """"tokens in 120 · out 45 · $0.00012" for one reply (≈ marks estimates)."""
+    return t.text(lang, "usage.reply", prompt=tokens_text(counts.prompt, counts.exact),
+                  completion=tokens_text(counts.completion, counts.exact), cost=cost_text(cost, t, lang))
+
+
+def conversation_usage(conversation: Conversation, context_size: int, t: Translator, lang: str) -> str:
+    """Totals of the conversation and a gauge of the context the next request starts from (HTML)."""
+    prompt, completion, exact, cost, _ = conversation.totals
+    last = next((turn.reply.counts for turn in reversed(conversation.turns)
+                 if turn.reply is not None and turn.reply.counts is not None), None)
+    used = last.prompt + last.completion if last is not None else 0
+    percent = min(100, round(100 * used / context_size)) if context_size else 0
+    level = "high" if percent >= 90 else "mid" if percent >= 70 else "low"
+    totals = t.text(lang, "usage.totals", prompt=tokens_text(prompt, exact),
+                    completion=tokens_text(completion, exact), cost=cost_text(cost, t, lang))
+    gauge = t.text(lang, "usage.context", used=tokens_text(used, last.exact if last else True),
+                   size=f"{context_size:,}", percent=percent)
+    return (f'<div class="usage-totals">{html.escape(totals)}</div>'
+            f'<div class="context-gauge" data-level="{level}"><progress value="{used}" max="{context_size}">'
+            f'</progress><span>{html.escape(gauge)}</span></div>')
+
+
 def status_line(reply: Reply, t: Translator, lang: str) -> str:
     """"Generating…" while the reply streams; then
     "model · tokens in 12 · out 40 · first token 0.21 s · 35.2 tokens/s"."""
     if reply.active:
         return t.text(lang, "status.generating")
     na = t.text(lang, "status.na")
-    if reply.usage is not None and reply.usage.exact:
+    if reply.counts is not None:
+        prompt = tokens_text(reply.counts.prompt, reply.counts.exact)
+        completion = tokens_text(reply.counts.completion, reply.counts.exact)
+    elif reply.usage is not None and reply.usage.exact:
         prompt, completion = str(reply.usage.prompt_tokens), str(reply.usage.completion_tokens)
     else:
         estimate = reply.prompt_estimate

@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 Status = Literal["waiting", "streaming", "done", "stopped", "interrupted", "error"]
 
 
+@dataclass(slots=True, frozen=True)
+class Counts:
+    """Token counts of a finished reply: the API's usage when it sent one, else tiktoken's."""
+
+    prompt: int
+    completion: int
+    exact: bool
+
+
 @dataclass(slots=True)
 class Reply:
     """An assistant reply as it grows, with its measurements."""
@@ -46,6 +55,10 @@ class Reply:
     error: errors.ModelError | None = None
     deltas: int = 0  # content deltas received: a token count when usage is absent
     prompt_estimate: tuple[int, bool] | None = None  # (tokens, exact) counted here, for servers without usage
+    dropped_rounds: int = 0  # earlier rounds left out of the request to fit the context
+    summarized: bool = False  # ...replaced by a summary
+    counts: Counts | None = None  # final token counts, set once the reply ends (see ``settle``)
+    cost: float | None = None  # USD, when the model has a price
     started_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None

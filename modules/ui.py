@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 import sys
+from pathlib import Path
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import gradio as gr
 from pydantic import ValidationError
 
+from . import context, ownership, render, tokens
 from . import models as registry
-from . import render, tokens
 from .config import AppConfig
 from .conversation import Conversation
 from .i18n import Translator
-from .models import ChatModel, GenerationOptions, Message
+from .models import ChatModel, GenerationOptions, Message, errors
+from .store import open_store
 from .streaming import Pacer, Reply, stream_reply
+from .templates import load_templates
+from .ui_history import HistoryHandlers
+
+log = logging.getLogger(__name__)
 
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
@@ -34,10 +41,30 @@ LATEX = [
 CSS = """
 #chatbot { flex-grow: 1; }
 #status-line { font-size: 0.85em; opacity: 0.8; min-height: 1.5em; }
+#conversation-usage { font-size: 0.85em; opacity: 0.85; }
+#conversation-usage .context-gauge { display: flex; align-items: center; gap: 0.5em; }
+#conversation-usage progress { width: 10em; height: 0.6em; }
+#conversation-usage .context-gauge[data-level="mid"] progress { accent-color: #d97706; }
+#conversation-usage .context-gauge[data-level="high"] progress { accent-color: #dc2626; }
+#history-list { max-height: 55vh; overflow-y: auto; }
+#history-list label { width: 100%; }
+#header-row { align-items: center; }
 """
 
+# Light and dark follow the system until the user picks one with the toggle; the pick is kept in localStorage.
+THEME_INIT_JS = """() => {
+  const pick = localStorage.getItem("chuanhu-theme");
+  const dark = pick ? pick === "dark" : window.matchMedia("(prefers-color-scheme: dark)").matches;
+  document.body.classList.toggle("dark", dark);
+}"""
+THEME_TOGGLE_JS = """() => {
+  const dark = !document.body.classList.contains("dark");
+  document.body.classList.toggle("dark", dark);
+  localStorage.setItem("chuanhu-theme", dark ? "dark" : "light");
+}"""
 
-class ChatApp:
+
+class ChatApp(HistoryHandlers):
     def __init__(self, config: AppConfig):
         self.config = config
         self.t = Translator(config.language)
@@ -47,6 +74,15 @@ class ChatApp:
         self.default_model = config.ui.default_model or next(
             (name for name, model in self.models.items() if model.available()), next(iter(self.models))
         )
+        # -- history: the store, whose it is, exports; templates --
+        data_dir = Path(config.history.data_dir).expanduser().resolve()
+        self.store, self.store_problem = open_store(data_dir)
+        self.exports_dir = data_dir / "exports"
+        self.mode = ownership.storage_mode(config)
+        self.browser_secret = ownership.browser_secret(data_dir) if self.mode == "per_browser" else ""
+        self.templates, problems = load_templates(Path(config.templates_dir))
+        for problem in problems:
+            log.warning("template skipped: %s", problem)
         self.demo: gr.Blocks | None = None
 
     # -- helpers ------------------------------------------------------------------------
@@ -78,14 +114,36 @@ class ChatApp:
             raise gr.Error(self.t.text(lang, "error.invalid_option", name=name, problem=err["msg"])) from None
 
     async def _generate(self, conversation: Conversation, model: ChatModel, messages: list[Message],
-                        options: GenerationOptions) -> AsyncIterator[Reply]:
+                        options: GenerationOptions, reply: Reply | None = None) -> AsyncIterator[Reply]:
         turn = conversation.pending
         assert turn is not None
-        prompt = tokens.count_messages([m.as_dict() for m in messages], model.model_id)
-        turn.reply = Reply(model=model.name, prompt_estimate=prompt)
+        if reply is None:
+            reply = Reply(model=model.name,
+                          prompt_estimate=tokens.count_messages([m.as_dict() for m in messages], model.model_id))
+        turn.reply = reply
         async with aclosing(stream_reply(model, messages, options, pacer=self.pacer, reply=turn.reply)) as replies:
             async for reply in replies:
                 yield reply
+
+    async def _fit(self, conversation: Conversation, model: ChatModel, system_prompt: str,
+                   options: GenerationOptions) -> context.Fit:
+        """The request for the pending question, trimmed (or summarised) to fit the model's context."""
+        reserve = context.reserve_for_reply(model.context_size, options, self.config.context.reserve_output_tokens)
+        fit = context.fit(conversation.messages(system_prompt), model.model_id, model.context_size, reserve)
+        if not fit.dropped_rounds or self.config.context.strategy != "summarize":
+            return fit
+        covered, summary = conversation.summary or (0, "")
+        try:
+            if covered != fit.dropped_rounds:
+                if covered > fit.dropped_rounds:  # the history got shorter: summarise afresh
+                    covered, summary = 0, ""
+                summary = await context.summarize(model, fit.dropped[covered:], summary)
+                conversation.summary = (fit.dropped_rounds, summary)
+        except errors.ModelError as exc:  # no summary: the rounds are simply left out
+            log.warning("could not summarise %d rounds with %r: %s", fit.dropped_rounds, model.name, exc)
+            return fit
+        summarized = context.with_summary(fit, summary, model.model_id)
+        return summarized if not summarized.overflows else fit
 
     # -- event handlers -----------------------------------------------------------------
     def _generating(self, conversation: Conversation, lang: str):
@@ -93,53 +151,91 @@ class ChatApp:
         return (self._chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True),
                 self.t.text(lang, "status.generating"))
 
-    async def _add_message(self, text: str, conversation: Conversation, request: gr.Request):
-        """Keep the user's words first; only then clear the box and start the reply."""
+    async def _add_message(self, text: str, conversation: Conversation, model_name: str, system_prompt: str,
+                           query: str, request: gr.Request):
+        """Keep the user's words first (in the session and on disk); only then clear the box and reply."""
         if text.strip() and conversation.streaming is None:
-            conversation.add_user(text)
-            return "", *self._generating(conversation, self.t.language_for(request))
-        return (gr.skip(),) * 5
+            lang = self.t.language_for(request)
+            self._owner(conversation, request)
+            conversation.add_user(text, self._count_user(text, model_name))
+            self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+            return "", *self._generating(conversation, lang), self._history(conversation, query, lang)
+        return (gr.skip(),) * 6
 
     async def _respond(self, conversation: Conversation, model_name: str, system_prompt: str,
                        temperature: float, top_p: float, max_tokens: float, stop: str,
                        presence: float, frequency: float, seed: float, request: gr.Request):
         lang = self.t.language_for(request)
-        if conversation.pending is None:  # nothing to answer (empty input, or already streaming)
+        turn = conversation.pending
+        if turn is None:  # nothing to answer (empty input, or already streaming)
             return
+        self._owner(conversation, request)
         model = self._model(model_name, lang)
         options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
-        messages = conversation.messages(system_prompt)
-        async for _ in self._generate(conversation, model, messages, options):
-            yield self._chatbot(conversation, lang)  # only the chatbot: every output costs per update
+        position = len(conversation.turns) - 1
+        try:
+            fit = await self._fit(conversation, model, system_prompt, options)
+            if fit.overflows:  # the question alone is too long: say so, keep it
+                turn.reply = Reply(model=model.name)
+                turn.reply.fail(errors.ContextOverflowError(fit.prompt_tokens, fit.budget))
+                turn.reply.finished_at = turn.reply.started_at
+                yield self._chatbot(conversation, lang)
+                return
+            reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
+                          dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
+            async for reply in self._generate(conversation, model, fit.messages, options, reply):
+                if not reply.active:
+                    context.settle(reply, model)  # the last update shows the reply's tokens and cost
+                yield self._chatbot(conversation, lang)  # only the chatbot: every output costs per update
+        finally:
+            # Runs on Stop and on a closed tab too (cancellation), so a partial reply is kept.
+            reply = turn.reply
+            if reply is not None and reply.counts is None and not reply.active:
+                context.settle(reply, model)
+            if reply is not None and conversation.turns and conversation.turns[position] is turn:
+                self._save_turn(conversation, position, lang, model.name, system_prompt, options.openai_params())
 
-    async def _stop(self, conversation: Conversation, request: gr.Request):
+    async def _stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         """Mark the streaming reply stopped; ``cancels=`` closes the upstream."""
         reply = conversation.streaming
         if reply is not None:
             reply.stop()
-        return (*await self._done(conversation, request), self._chatbot(conversation, self.t.language_for(request)))
+            context.settle(reply, self._model(reply.model, self.t.language_for(request)))
+        done = await self._done(conversation, model_name, query, request)
+        return (*done, self._chatbot(conversation, self.t.language_for(request)))
 
-    async def _done(self, conversation: Conversation, request: gr.Request):
-        """After a reply (finished, failed or stopped): Send back, the final status line."""
+    async def _done(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """After a reply (finished, failed or stopped): Send back, the status line, usage, history."""
+        lang = self.t.language_for(request)
         reply = conversation.turns[-1].reply if conversation.turns else None
-        status = gr.skip() if reply is None else render.status_line(reply, self.t, self.t.language_for(request))
-        return gr.Button(visible=True), gr.Button(visible=False), status
+        status = gr.skip() if reply is None else render.status_line(reply, self.t, lang)
+        return (gr.Button(visible=True), gr.Button(visible=False), status,
+                self._usage(conversation, model_name, lang), self._history(conversation, query, lang))
 
-    async def _regenerate(self, conversation: Conversation, request: gr.Request):
+    async def _regenerate(self, conversation: Conversation, model_name: str, system_prompt: str,
+                          request: gr.Request):
+        lang = self.t.language_for(request)
         if conversation.forget_last_reply() is None:
             return (gr.skip(),) * 4
-        return self._generating(conversation, self.t.language_for(request))
+        self._owner(conversation, request)
+        self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+        return self._generating(conversation, lang)
 
-    async def _delete_last(self, conversation: Conversation, request: gr.Request):
-        conversation.delete_last_round()
-        return self._chatbot(conversation, self.t.language_for(request))
+    async def _delete_last(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        lang = self.t.language_for(request)
+        owner = self._owner(conversation, request)
+        if conversation.delete_last_round() is not None and conversation.id:
+            self.store.truncate(owner, conversation.id, len(conversation.turns))
+        return self._chatbot(conversation, lang), self._usage(conversation, model_name, lang), self._history(
+            conversation, query, lang)
 
-    async def _new_chat(self, conversation: Conversation, request: gr.Request):
+    async def _new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """A new, empty conversation; the old one stays in the history."""
+        lang = self.t.language_for(request)
+        self._owner(conversation, request)
         if conversation.streaming is None:
             conversation.clear()
-        return self._chatbot(conversation, self.t.language_for(request)), self.t.text(
-            self.t.language_for(request), "status.ready"
-        )
+        return (*self._shown(conversation, model_name, lang), "", self._history(conversation, query, lang))
 
     async def chat_api(self, message: str, model: str = "", system_prompt: str = "",
                        request: gr.Request = None) -> AsyncIterator[str]:  # type: ignore[assignment]
@@ -161,18 +257,79 @@ class ChatApp:
             raise gr.Error(render.error_message(self.t, lang, reply.error, chat_model.secrets()))
 
     # -- layout and wiring --------------------------------------------------------------
+    def _render_sidebar(self) -> dict[str, Any]:
+        """History: new chat, search, the list, rename, delete (confirmed), export, import."""
+        t = self.t.label
+        c: dict[str, Any] = {}
+        with gr.Sidebar(label=t("history.label"), open=True, elem_id="history-sidebar"):
+            c["new_chat"] = gr.Button(t("button.new_chat"), variant="primary", size="sm", elem_id="new-chat-btn")
+            c["search"] = gr.Textbox(placeholder=t("history.search"), show_label=False, elem_id="history-search")
+            c["history"] = gr.Radio(choices=[], show_label=False, elem_id="history-list", container=False)
+            with gr.Accordion(t("history.manage"), open=False, elem_id="history-manage"):
+                with gr.Row():
+                    c["title"] = gr.Textbox(placeholder=t("history.rename_placeholder"), show_label=False,
+                                            scale=3, elem_id="rename-box")
+                    c["rename"] = gr.Button(t("button.rename"), size="sm", scale=1, elem_id="rename-btn")
+                c["delete"] = gr.Button(t("button.delete"), variant="stop", size="sm", elem_id="delete-btn")
+                with gr.Row(visible=False, elem_id="confirm-delete-row") as c["confirm_row"]:
+                    c["confirm_text"] = gr.Markdown(elem_id="confirm-delete-text")
+                    c["confirm"] = gr.Button(t("button.confirm_delete"), variant="stop", size="sm",
+                                             elem_id="confirm-delete-btn")
+                    c["cancel"] = gr.Button(t("button.cancel"), size="sm", elem_id="cancel-delete-btn")
+                with gr.Row():
+                    c["export_md"] = gr.Button(t("button.export_markdown"), size="sm", elem_id="export-md-btn")
+                    c["export_json"] = gr.Button(t("button.export_json"), size="sm", elem_id="export-json-btn")
+                c["export_file"] = gr.File(label=t("history.export_file"), visible=False, interactive=False,
+                                           elem_id="export-file")
+                c["import"] = gr.UploadButton(t("button.import"), file_types=[".json"], size="sm",
+                                              elem_id="import-btn")
+            c["notice"] = gr.Markdown(visible=False, elem_id="store-notice")
+        return c
+
+    def _render_settings(self) -> dict[str, Any]:
+        """Model, prompt templates, system prompt, parameters."""
+        t = self.t.label
+        c: dict[str, Any] = {}
+        c["model"] = gr.Dropdown(list(self.models), value=self.default_model, label=t("label.model"),
+                                 elem_id="model-dropdown")
+        with gr.Accordion(t("label.templates"), open=False, elem_id="templates"):
+            names = [collection.name for collection in self.templates]
+            c["collection"] = gr.Dropdown(names, value=names[0] if names else None, label=t("label.template_collection"),
+                                          elem_id="template-collection")
+            c["template"] = gr.Dropdown(self.templates[0].titles() if self.templates else [], value=None,
+                                        label=t("label.template"), elem_id="template-picker")
+        c["system_prompt"] = gr.Textbox(self.config.ui.system_prompt, label=t("label.system_prompt"), lines=4,
+                                        elem_id="system-prompt")
+        with gr.Accordion(t("label.parameters"), open=False):
+            c["temperature"] = gr.Slider(0, 2, value=1.0, step=0.05, label=t("label.temperature"))
+            c["top_p"] = gr.Slider(0.05, 1, value=1.0, step=0.05, label=t("label.top_p"))
+            c["max_tokens"] = gr.Number(0, minimum=0, precision=0, label=t("label.max_tokens"))
+            c["stop_seqs"] = gr.Textbox("", lines=2, label=t("label.stop_sequences"))
+            c["presence"] = gr.Slider(-2, 2, value=0, step=0.1, label=t("label.presence_penalty"))
+            c["frequency"] = gr.Slider(-2, 2, value=0, step=0.1, label=t("label.frequency_penalty"))
+            c["seed"] = gr.Number(-1, precision=0, label=t("label.seed"))
+        return c
+
     def build(self) -> gr.Blocks:
         t = self.t.label
         limit = self.config.server.concurrency
+        ready = self.t.text("en_US" if self.t.language == "auto" else self.t.language, "status.ready")
         with gr.Blocks(title="ChuanhuStyleChat") as demo:
             conversation = gr.State(Conversation())
-            gr.Markdown("## 🐯 ChuanhuStyleChat", elem_id="app-title")
+            browser_token = gr.BrowserState("", storage_key=ownership.STORAGE_KEY,
+                                            secret=self.browser_secret or None)
+            side = self._render_sidebar()
+            with gr.Row(elem_id="header-row"):
+                gr.Markdown("## 🐯 ChuanhuStyleChat", elem_id="app-title")
+                theme = gr.Button(t("button.theme"), size="sm", scale=0, min_width=120, elem_id="theme-btn")
+                gr.Button(t("button.logout"), link="/logout", size="sm", scale=0, min_width=100,
+                          visible=self.mode == "users", elem_id="logout-btn")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=4):
                     chatbot = gr.Chatbot(
                         label=t("chat.label"),
                         elem_id="chatbot",
-                        height="68vh",
+                        height="64vh",
                         latex_delimiters=LATEX,
                         buttons=["copy", "copy_all"],
                         feedback_options=None,
@@ -189,56 +346,90 @@ class ChatApp:
                         )
                         send = gr.Button(t("button.send"), variant="primary", scale=1, elem_id="send-btn")
                         stop = gr.Button(t("button.stop"), variant="stop", scale=1, visible=False, elem_id="stop-btn")
-                    status = gr.Markdown(self.t.text("en_US", "status.ready") if self.t.language == "auto"
-                                         else self.t.text(self.t.language, "status.ready"), elem_id="status-line")
+                    status = gr.Markdown(ready, elem_id="status-line")
+                    usage = gr.HTML("", elem_id="conversation-usage")
                     with gr.Row():
                         regenerate = gr.Button(t("button.regenerate"), size="sm", elem_id="regenerate-btn")
                         delete_last = gr.Button(t("button.delete_last"), size="sm", elem_id="delete-last-btn")
-                        new_chat = gr.Button(t("button.new_chat"), size="sm", elem_id="new-chat-btn")
                 with gr.Column(scale=2, min_width=260):
-                    model = gr.Dropdown(list(self.models), value=self.default_model, label=t("label.model"),
-                                        elem_id="model-dropdown")
-                    system_prompt = gr.Textbox(self.config.ui.system_prompt, label=t("label.system_prompt"), lines=4)
-                    with gr.Accordion(t("label.parameters"), open=False):
-                        temperature = gr.Slider(0, 2, value=1.0, step=0.05, label=t("label.temperature"))
-                        top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label=t("label.top_p"))
-                        max_tokens = gr.Number(0, minimum=0, precision=0, label=t("label.max_tokens"))
-                        stop_seqs = gr.Textbox("", lines=2, label=t("label.stop_sequences"))
-                        presence = gr.Slider(-2, 2, value=0, step=0.1, label=t("label.presence_penalty"))
-                        frequency = gr.Slider(-2, 2, value=0, step=0.1, label=t("label.frequency_penalty"))
-                        seed = gr.Number(-1, precision=0, label=t("label.seed"))
+                    settings = self._render_settings()
+            model, system_prompt, search, history = (settings["model"], settings["system_prompt"],
+                                                     side["search"], side["history"])
 
+            # -- event arguments, built once --
+            private: dict[str, Any] = dict(queue=False, api_visibility="private")
             respond_args = dict(
                 fn=self._respond,
-                inputs=[conversation, model, system_prompt, temperature, top_p, max_tokens, stop_seqs,
-                        presence, frequency, seed],
+                inputs=[conversation, model, system_prompt, settings["temperature"], settings["top_p"],
+                        settings["max_tokens"], settings["stop_seqs"], settings["presence"], settings["frequency"],
+                        settings["seed"]],
                 outputs=[chatbot],
                 concurrency_limit=limit,
                 concurrency_id="generate",
                 show_progress="hidden",
                 api_name="respond",
-                api_visibility="undocumented",  # the page's path; callable, for the benchmark
+                api_visibility="undocumented",  # the page's path; callable, for the benchmark and tests
             )
-            add_args = dict(fn=self._add_message, inputs=[textbox, conversation],
-                            outputs=[textbox, chatbot, send, stop, status], queue=False, api_name="add_message",
-                            api_visibility="undocumented")
-            done_args = dict(fn=self._done, inputs=[conversation], outputs=[send, stop, status], queue=False,
-                             api_visibility="private")
+            add_args = dict(fn=self._add_message, inputs=[textbox, conversation, model, system_prompt, search],
+                            outputs=[textbox, chatbot, send, stop, status, history], queue=False,
+                            api_name="add_message", api_visibility="undocumented")
+            done_args = dict(fn=self._done, inputs=[conversation, model, search],
+                             outputs=[send, stop, status, usage, history], **private)
+            title_args = dict(fn=self._auto_title, inputs=[conversation, search], outputs=[history],
+                              concurrency_limit=limit, concurrency_id="generate", show_progress="hidden",
+                              api_visibility="private")
+            shown = [chatbot, status, usage]
+            undocumented: dict[str, Any] = dict(queue=False, api_visibility="undocumented")
 
+            # -- chatting --
             streams = []
             for trigger in (textbox.submit, send.click):
                 event = trigger(**add_args).then(**respond_args)
                 streams.append(event)
-                event.then(**done_args)
-            regen = regenerate.click(self._regenerate, [conversation], [chatbot, send, stop, status], queue=False,
-                                     api_visibility="private").then(**respond_args)
+                finished = event.then(**done_args)
+                if self.config.history.title_model:
+                    finished.then(**title_args)
+            regen = regenerate.click(self._regenerate, [conversation, model, system_prompt],
+                                     [chatbot, send, stop, status], **private).then(**respond_args)
             streams.append(regen)
             regen.then(**done_args)
-            stop.click(self._stop, [conversation], [send, stop, status, chatbot], cancels=streams, queue=False,
-                       api_visibility="private")
-            delete_last.click(self._delete_last, [conversation], [chatbot], queue=False, api_visibility="private")
-            for clear in (new_chat.click, chatbot.clear):  # the chatbot's own trash icon starts over too
-                clear(self._new_chat, [conversation], [chatbot, status], queue=False, api_visibility="private")
+            stop.click(self._stop, [conversation, model, search], [send, stop, status, usage, history, chatbot],
+                       cancels=streams, **private)
+            delete_last.click(self._delete_last, [conversation, model, search], [chatbot, usage, history], **private)
+            new_chat_args = dict(fn=self._new_chat, inputs=[conversation, model, search],
+                                 outputs=[*shown, side["title"], history])
+            side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented)
+            chatbot.clear(**new_chat_args, **private)  # the chatbot's trash icon starts anew too
+
+            # -- history sidebar (callable by API, undocumented: the isolation tests use it) --
+            demo.load(self._on_load, [browser_token, conversation], [browser_token, history, side["notice"]],
+                      api_name="on_load", **undocumented)
+            search.change(self._search, [conversation, search], [history], api_name="search",
+                          trigger_mode="always_last", **undocumented)
+            history.input(self._open, [history, conversation, search],
+                          [*shown, model, system_prompt, side["title"], history], api_name="open", **undocumented)
+            rename_args = dict(fn=self._rename, inputs=[side["title"], conversation, search], outputs=[history])
+            side["rename"].click(**rename_args, api_name="rename", **undocumented)
+            side["title"].submit(**rename_args, **private)
+            side["delete"].click(self._ask_delete, [conversation], [side["confirm_row"], side["confirm_text"]],
+                                 **private)
+            side["cancel"].click(lambda: gr.Row(visible=False), None, [side["confirm_row"]], **private)
+            side["confirm"].click(self._delete, [conversation, model, search],
+                                  [side["confirm_row"], *shown, history], api_name="delete", **undocumented)
+            side["export_md"].click(self._export_markdown, [conversation], [side["export_file"]],
+                                    api_name="export_markdown", **undocumented)
+            side["export_json"].click(self._export_json, [conversation], [side["export_file"]],
+                                      api_name="export_json", **undocumented)
+            side["import"].upload(self._import, [side["import"], conversation, search],
+                                  [*shown, model, system_prompt, history], api_name="import", **undocumented)
+
+            # -- templates, theme --
+            settings["collection"].change(self._pick_collection, [settings["collection"]], [settings["template"]],
+                                          **private)
+            settings["template"].input(self._pick_template, [settings["collection"], settings["template"]],
+                                       [system_prompt], **private)
+            demo.load(None, js=THEME_INIT_JS)
+            theme.click(None, js=THEME_TOGGLE_JS)
 
             gr.api(self.chat_api, api_name="chat", concurrency_limit=limit, concurrency_id="generate")
         self.demo = demo
@@ -255,8 +446,15 @@ class ChatApp:
 
             kwargs["app_kwargs"] = Gateway.for_app(self).app_kwargs(kwargs.get("app_kwargs"))
         # -- end of the HTTP API --
+        if self.mode == "users":
+            from .auth import Authenticator
+
+            kwargs.setdefault("auth", Authenticator(self.config.auth.users))
+            kwargs.setdefault("auth_message", self.t.text(
+                "en_US" if self.t.language == "auto" else self.t.language, "auth.message"))
         return demo.launch(
             server_name=server.host,
+            allowed_paths=[str(self.exports_dir)],
             server_port=server.port,
             share=server.share,
             max_threads=server.concurrency + 16,

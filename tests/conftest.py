@@ -33,14 +33,20 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def launch_app() -> Iterator[Callable[..., str]]:
-    """``launch_app(config_dict) -> url``: the real app on a free port, closed after the test."""
+def launch_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., str]]:
+    """``launch_app(config_dict) -> url``: the real app on a free port, closed after the test.
+
+    Its history goes to a fresh temporary folder unless the config names one.
+    """
     from modules.ui import ChatApp
 
     apps: list[ChatApp] = []
 
     def launch(data: dict[str, Any]) -> str:
         data = {**data, "server": {**data.get("server", {}), "port": free_port()}}
+        history = data.get("history", {})
+        if "data_dir" not in history:
+            data["history"] = {**history, "data_dir": str(tmp_path_factory.mktemp("data"))}
         app = ChatApp(build_config(data, env={}))
         app.build()
         _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)

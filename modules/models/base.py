@@ -91,6 +91,18 @@ class GenerationOptions(BaseModel):
         return params
 
 
+class Price(BaseModel):
+    """A model's price in US dollars per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0, description="USD per 1M input (prompt) tokens.")
+    output: float = Field(ge=0, description="USD per 1M output (completion) tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+
+
 class ModelConfig(BaseModel):
     """Fields every configured model has. Providers subclass it."""
 
@@ -99,6 +111,7 @@ class ModelConfig(BaseModel):
     provider: str = Field(description="Registry key of the adapter, e.g. 'openai'.")
     name: str = Field(min_length=1, description="Display name in the model dropdown.")
     context_size: int = Field(8192, ge=256, description="Context window in tokens.")
+    price: Price | None = Field(None, description="Price per million tokens; without one, costs show 'price unknown'.")
 
 
 def scrub(text: str, secrets: list[str] | tuple[str, ...]) -> str:

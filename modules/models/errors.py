@@ -83,3 +83,13 @@ def for_status(status: int, detail: str, retry_after: float | None = None) -> Mo
     if status >= 500:
         return ServerError(detail, status=status)
     return BadRequestError(detail, status=status)
+
+
+class ContextOverflowError(ModelError):
+    """The question (with the system prompt) alone is longer than the model's context allows."""
+
+    kind = "context_overflow"
+
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"{tokens} tokens > {limit}")
+        self.tokens, self.limit = tokens, limit

@@ -1,0 +1,180 @@
+"""Fitting a conversation into a model's context window, and what it costs.
+
+Before each request, :func:`fit` counts the messages (tiktoken; exact for
+OpenAI-family models, an estimate for the rest) and, when the history plus the
+tokens reserved for the reply would overflow the context, leaves out the
+oldest rounds. The system prompt and the question being asked always stay.
+With the "summarize" strategy the rounds left out are replaced by a summary
+the model writes (:func:`summarize`), one system message after the prompt.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from . import tokens
+from .models import ChatModel, GenerationOptions, Message
+from .models.base import Price
+from .streaming import Counts, Reply
+
+SUMMARY_INSTRUCTION = (
+    "Summarise the conversation below for your own later reference: keep facts, names, numbers, decisions, "
+    "the user's preferences and open questions. Be brief. Write in the conversation's language."
+)
+SUMMARY_PREFIX = "Summary of the earlier conversation (older rounds were left out to fit the context):\n"
+
+
+@dataclass
+class Fit:
+    """The messages to send and what was left out."""
+
+    messages: list[Message]
+    dropped: list[list[Message]]  # the rounds left out (user and assistant messages), oldest first
+    dropped_rounds: int
+    prompt_tokens: int
+    exact: bool
+    budget: int  # tokens the prompt may use: context size minus the reserve for the reply
+    summarized: bool = False  # the dropped rounds are replaced by a summary (a system message)
+
+    @property
+    def overflows(self) -> bool:
+        """Even with every earlier round left out, the request is too long."""
+        return self.prompt_tokens > self.budget
+
+
+def reserve_for_reply(context_size: int, options: GenerationOptions, default: int) -> int:
+    """Tokens kept free for the reply: Max output tokens if set, else the configured reserve (≤ a quarter)."""
+    if options.max_tokens:
+        return min(options.max_tokens, context_size - 16)
+    return min(default, context_size // 4)
+
+
+def _rounds(messages: list[Message]) -> tuple[list[Message], list[list[Message]], list[Message]]:
+    """Split into (leading system messages, earlier rounds, the current question's messages)."""
+    head = 0
+    while head < len(messages) and messages[head].role == "system":
+        head += 1
+    system, rest = messages[:head], messages[head:]
+    last_user = max((i for i, m in enumerate(rest) if m.role == "user"), default=len(rest))
+    rounds: list[list[Message]] = []
+    for message in rest[:last_user]:
+        if message.role == "user" or not rounds:
+            rounds.append([message])
+        else:
+            rounds[-1].append(message)
+    return system, rounds, rest[last_user:]
+
+
+def count(messages: list[Message], model_id: str) -> tuple[int, bool]:
+    return tokens.count_messages([m.as_dict() for m in messages], model_id)
+
+
+def fit(messages: list[Message], model_id: str, context_size: int, reserve: int) -> Fit:
+    """Leave out the fewest oldest rounds so that prompt + reserve fits ``context_size``."""
+    system, rounds, current = _rounds(messages)
+    budget = context_size - reserve
+    enc_count = [count([m], model_id)[0] - 3 for m in messages]  # per-message cost without the reply priming
+    per_message = dict(zip(map(id, messages), enc_count))
+    exact = count([], model_id)[1]
+
+    def total(kept: list[list[Message]]) -> int:
+        return 3 + sum(per_message[id(m)] for m in [*system, *(m for r in kept for m in r), *current])
+
+    dropped = 0
+    used = total(rounds)
+    while used > budget and dropped < len(rounds):
+        used -= sum(per_message[id(m)] for m in rounds[dropped])
+        dropped += 1
+    kept = rounds[dropped:]
+    return Fit(
+        messages=[*system, *(m for r in kept for m in r), *current],
+        dropped=rounds[:dropped],
+        dropped_rounds=dropped,
+        prompt_tokens=used,
+        exact=exact,
+        budget=budget,
+    )
+
+
+def with_summary(result: Fit, summary: str, model_id: str) -> Fit:
+    """``result`` with a summary of its dropped rounds as a system message after the prompt."""
+    system, _, _ = _rounds(result.messages)
+    note = Message("system", SUMMARY_PREFIX + summary.strip())
+    messages = [*system, note, *result.messages[len(system):]]
+    prompt, exact = count(messages, model_id)
+    return Fit(messages, result.dropped, result.dropped_rounds, prompt, exact, result.budget, summarized=True)
+
+
+def transcript(messages: list[Message]) -> str:
+    return "\n\n".join(f"{m.role.upper()}: {m.content}" for m in messages)
+
+
+async def summarize(model: ChatModel, rounds: list[list[Message]], previous: str = "", max_tokens: int = 400) -> str:
+    """Ask ``model`` for a summary of ``rounds`` (and of an earlier summary, if any)."""
+    text = transcript([m for r in rounds for m in r])
+    if previous:
+        text = f"EARLIER SUMMARY: {previous}\n\n{text}"
+    # Keep the request itself inside the model's context: cut the transcript's oldest part.
+    enc, _ = tokens.encoding_for_model(model.model_id)
+    room = max(256, model.context_size - max_tokens - 200)
+    ids = enc.encode(text, disallowed_special=())
+    if len(ids) > room:
+        text = enc.decode(ids[-room:])
+    request = [Message("system", SUMMARY_INSTRUCTION), Message("user", text)]
+    parts: list[str] = []
+    async with aclosing(model.stream(request, GenerationOptions(max_tokens=max_tokens, temperature=0.2))) as deltas:
+        async for delta in deltas:
+            parts.append(delta.text)
+    return "".join(parts).strip()
+
+
+def cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+    """The cost of one reply in USD, or None when the price (or a count) is unknown."""
+    if price is None or prompt_tokens is None or completion_tokens is None:
+        return None
+    return price.cost(prompt_tokens, completion_tokens)
+
+
+def format_cost(value: float) -> str:
+    """$0.0123 / $0.000045 / $1.23: enough digits to tell small replies apart."""
+    if value == 0:
+        return "$0"
+    if value >= 1:
+        return f"${value:,.2f}"
+    digits = 2
+    while value < 10 ** -digits and digits < 8:
+        digits += 1
+    return f"${value:.{digits + 1}f}"
+
+
+def settle(reply: Reply, model: ChatModel) -> None:
+    """Final token counts and cost of a reply that ended: the API's usage when present, else tiktoken."""
+    if reply.status == "error":  # nothing came back: nothing to count or pay
+        reply.counts, reply.cost = None, None
+        return
+    if reply.usage is not None:
+        counts = Counts(reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.exact)
+    else:
+        completion, exact = tokens.count(reply.reasoning + reply.text, model.model_id)
+        prompt, prompt_exact = reply.prompt_estimate or (0, False)
+        counts = Counts(prompt, completion, exact and prompt_exact)
+    reply.counts = counts
+    reply.cost = cost(model.config.price, counts.prompt, counts.completion)
+
+
+TITLE_INSTRUCTION = (
+    "Write a short title (at most six words) for the conversation below, in its language. "
+    "Answer with the title only: no quotes, no punctuation at the end."
+)
+
+
+async def write_title(model: ChatModel, question: str, answer: str) -> str:
+    """A title for a conversation, written by ``model`` from its first round."""
+    request = [Message("system", TITLE_INSTRUCTION),
+               Message("user", transcript([Message("user", question[:2000]), Message("assistant", answer[:2000])]))]
+    parts: list[str] = []
+    async with aclosing(model.stream(request, GenerationOptions(max_tokens=24, temperature=0.2))) as deltas:
+        async for delta in deltas:
+            parts.append(delta.text)
+    return "".join(parts).strip().splitlines()[0] if "".join(parts).strip() else ""

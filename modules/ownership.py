@@ -1,0 +1,83 @@
+"""Whose history a session sees.
+
+- With login (``auth.users``), the owner is the logged-in user, read from the
+  request on every call: a session cannot claim another user's name.
+- Without login, in ``shared`` mode (a desktop app on localhost) everyone is
+  one owner, ``local``.
+- In ``per_browser`` mode (a shared link, a Space) each browser keeps a random
+  token in its localStorage (``gr.BrowserState``); the owner is a hash of it.
+  A client without a browser (``gradio_client``) gets an owner of its own for
+  its session, so it never sees anyone else's history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+from .config import AppConfig
+
+SHARED_OWNER = "local"
+STORAGE_KEY = "chuanhustylechat-browser"
+
+
+def storage_mode(config: AppConfig) -> str:
+    """"users", "shared" or "per_browser", resolving ``history.mode: auto``."""
+    if config.auth.users:
+        return "users"
+    if config.history.mode != "auto":
+        return config.history.mode
+    on_space = bool(os.environ.get("SPACE_ID"))
+    return "shared" if _loopback(config.server.host) and not config.server.share and not on_space else "per_browser"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def user_owner(username: str) -> str:
+    return f"user:{username}"
+
+
+def new_browser_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def browser_owner(token: str) -> str:
+    return "browser:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def session_owner() -> str:
+    return "session:" + secrets.token_hex(16)
+
+
+def browser_secret(data_dir: Path) -> str:
+    """The key that encrypts the browser token in localStorage, stable across restarts.
+
+    Kept in the data directory (created once, readable by the owner only);
+    a random one per start when the directory cannot be written.
+    """
+    path = data_dir / ".browser-secret"
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except OSError:
+        pass
+    value = secrets.token_hex(16)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(value)
+    except FileExistsError:
+        return path.read_text(encoding="ascii").strip()
+    except OSError:
+        pass
+    return value
