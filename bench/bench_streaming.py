@@ -184,6 +184,7 @@ class AppInfo:
     respond_data: list[Any]  # the page's values for respond's inputs (state: None)
     done_fn: int | None = None  # the page's ``.then()`` after respond (queue=False), if any
     done_data: list[Any] = field(default_factory=list)
+    add_data: list[Any] = field(default_factory=list)  # the page's values for add_message's inputs
 
 
 async def discover(client: httpx.AsyncClient, url: str) -> AppInfo:
@@ -204,7 +205,7 @@ async def discover(client: httpx.AsyncClient, url: str) -> AppInfo:
     done = next((d for d in config["dependencies"] if d.get("trigger_after") == respond["id"]), None)
     prefix = config.get("api_prefix", "/gradio_api")
     return AppInfo(f"{url}{prefix}", deps["chat"]["id"], add["id"], respond["id"], trigger, defaults(respond),
-                   done["id"] if done else None, defaults(done) if done else [])
+                   done["id"] if done else None, defaults(done) if done else [], defaults(add))
 
 
 def apply_diff(value: Any, diff: list[list[Any]]) -> Any:
@@ -255,7 +256,7 @@ async def gradio_chat(client: httpx.AsyncClient, app: AppInfo, path: str, max_ev
     try:
         if path == "ui":
             r = await client.post(f"{app.base}/run/predict", json={
-                "data": [MESSAGE, None], "event_data": None, "fn_index": app.add_fn,
+                "data": [MESSAGE, *app.add_data[1:]], "event_data": None, "fn_index": app.add_fn,
                 "trigger_id": app.trigger_id, "session_hash": session})
             chat.bytes += len(r.content)
             if r.status_code != 200:

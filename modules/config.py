@@ -1,8 +1,8 @@
 """Typed configuration: ``config.yaml`` (optional), environment variables, CLI flags.
 
 Precedence, lowest first: built-in defaults < the YAML file < environment
-variables (secrets, and ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` as a Space
-sets them) < command-line flags. Any problem raises :class:`ConfigError`, whose
+variables (secrets, ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` as a Space
+sets them, ``CHUANHU_DATA_DIR`` for the history folder) < command-line flags. Any problem raises :class:`ConfigError`, whose
 message names the file, the key and what is wrong.
 """
 
@@ -224,6 +224,9 @@ def build_config(
     if env.get("OPENAI_API_KEY"):
         openai_section["api_key"] = env["OPENAI_API_KEY"]
     data["openai"] = openai_section
+
+    if env.get("CHUANHU_DATA_DIR"):
+        data["history"] = {**dict(data.get("history") or {}), "data_dir": env["CHUANHU_DATA_DIR"]}
 
     if env.get("CHUANHU_API_KEYS"):
         api_section = dict(data.get("api") or {})

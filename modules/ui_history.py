@@ -10,7 +10,6 @@ list, open, rename, delete or export its owner's conversations.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,12 @@ from .templates import find
 log = logging.getLogger(__name__)
 
 MAX_IMPORT_BYTES = 5 * 1024 * 1024
-MAX_TITLE = 120
 
 
 def clean_title(text: str) -> str:
-    """A title as typed or written by a model: one line, no control characters, at most 120 characters."""
-    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text or "")
-    text = re.sub(r"\s+", " ", text).strip().strip("\"'“”「」*#").strip()
-    return text[:MAX_TITLE]
+    """A title as typed or written by a model (often quoted); "" when nothing is left."""
+    text = (text or "").strip().strip("\"'“”「」*#").strip()
+    return transfer.clean_title(text) if text else ""
 
 
 class HistoryHandlers:

@@ -1,0 +1,419 @@
+"""Export and import of conversations: Markdown to read, JSON to move between installs.
+
+The JSON export (``to_json``) keeps everything a :class:`ConversationRecord`
+holds except its id and owner, and ``from_json`` reads it back exactly (times
+are ISO 8601 in UTC, with as many fractional digits as the float needs).
+``from_json`` also takes a plain OpenAI-style list of ``{"role", "content"}``
+messages. It trusts nothing in the file: sizes and shapes are checked, and the
+record's id and owner always come from the caller.
+
+``write_export`` puts a file under a random folder of the exports folder (which
+the web server serves), with a name made safe by ``safe_filename``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+import unicodedata
+from datetime import UTC, datetime
+from decimal import ROUND_FLOOR, Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .records import ConversationRecord, TurnRecord
+
+FORMAT = "chuanhustylechat.conversation"
+VERSION = 1
+MAX_BYTES = 5 * 1024 * 1024
+MAX_MESSAGES = 10_000
+TITLE_LENGTH = 120
+DEFAULT_TITLE = "Imported conversation"
+FILENAME_LENGTH = 80
+EXPORT_MAX_AGE = 24 * 3600.0  # seconds an export folder is kept
+
+
+class ImportProblem(ValueError):
+    """The file cannot be imported; the message says why, in one English sentence."""
+
+
+# -- times -----------------------------------------------------------------------------------
+def iso_time(ts: float) -> str:
+    """``ts`` as ISO 8601 UTC, e.g. ``2024-05-01T12:31:30.1234567Z``, exact: ``parse_time`` gives ``ts`` back.
+
+    The fraction is the shortest decimal that reads back as the same float, so
+    it can be finer than the microseconds ``datetime`` keeps.
+    """
+    exact = Decimal(repr(float(ts)))
+    seconds = exact.to_integral_value(rounding=ROUND_FLOOR)
+    digits = format(exact - seconds, "f").partition(".")[2].rstrip("0")
+    text = datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{digits}Z" if digits else f"{text}Z"
+
+
+_ISO = re.compile(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d)?)(?:[.,](\d+))?(Z|[+-]\d\d(?::?\d\d)?)?", re.IGNORECASE)
+
+
+def parse_time(text: str) -> float:
+    """An ISO 8601 date and time as a POSIX timestamp (no zone: UTC); ValueError if it is not one."""
+    match = _ISO.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text[:40]!r} is not an ISO 8601 date and time")
+    base, digits, zone = match.groups()
+    zone = "+00:00" if zone is None or zone.upper() == "Z" else zone
+    whole = datetime.fromisoformat(base.replace(" ", "T") + zone).timestamp()  # whole seconds: exact
+    return float(Decimal(int(whole)) + Decimal("0." + (digits or "0")))
+
+
+# -- export ----------------------------------------------------------------------------------
+def to_json(record: ConversationRecord) -> str:
+    """The conversation as a ChuanhuStyleChat export (no id, no owner)."""
+    messages: list[dict[str, Any]] = []
+    for turn in record.turns:
+        messages.append({"role": "user", "content": turn.user, "tokens": turn.user_tokens,
+                         "created_at": iso_time(turn.created_at)})
+        if turn.status == "pending":
+            continue
+        messages.append({
+            "role": "assistant", "content": turn.reply, "reasoning": turn.reasoning, "outputs": turn.outputs,
+            "status": turn.status, "error": turn.error, "finish_reason": turn.finish_reason, "model": turn.model,
+            "usage": {"input_tokens": turn.prompt_tokens, "output_tokens": turn.completion_tokens,
+                      "exact": turn.tokens_exact},
+            "cost": turn.cost, "dropped_rounds": turn.dropped_rounds, "summarized": turn.summarized,
+            "finished_at": None if turn.finished_at is None else iso_time(turn.finished_at),
+        })
+    document = {
+        "format": FORMAT, "version": VERSION, "title": record.title, "model": record.model,
+        "system_prompt": record.system_prompt, "parameters": record.params,
+        "created_at": iso_time(record.created_at), "updated_at": iso_time(record.updated_at),
+        "messages": messages,
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+
+
+def to_markdown(record: ConversationRecord) -> str:
+    """The conversation for reading: title, a few facts, then each round."""
+    blocks = [f"# {' '.join(record.title.split()) or 'Conversation'}"]
+    facts = []
+    if record.model:
+        facts.append(f"- Model: {record.model}")
+    facts.append(f"- Created: {datetime.fromtimestamp(record.created_at, UTC).isoformat(timespec='seconds')}")
+    if record.params:
+        facts.append("- Parameters: " + ", ".join(f"{name}={json.dumps(value, ensure_ascii=False)}"
+                                                  for name, value in record.params.items()))
+    blocks.append("\n".join(facts))
+    if record.system_prompt:
+        blocks.append("**System prompt**\n\n" + "\n".join("> " + line for line in record.system_prompt.splitlines()))
+    for turn in record.turns:
+        blocks += ["### User", turn.user, "### Assistant"]
+        blocks += _markdown_reply(turn)
+    return "\n\n".join(blocks) + "\n"
+
+
+def _markdown_reply(turn: TurnRecord) -> list[str]:
+    if turn.status == "pending":
+        return ["*(no reply)*"]
+    blocks = []
+    if turn.reasoning:
+        blocks.append(f"<details><summary>Thinking</summary>\n\n{turn.reasoning}\n\n</details>")
+    if turn.dropped_rounds:
+        how = "replaced by a summary" if turn.summarized else "left out to fit the model's context"
+        rounds = "1 earlier round was" if turn.dropped_rounds == 1 else f"{turn.dropped_rounds} earlier rounds were"
+        blocks.append(f"*({rounds} {how})*")
+    if turn.reply:
+        blocks.append(turn.reply)
+    error = " ".join(turn.error.split()).replace("*", r"\*")
+    if turn.status == "stopped":
+        blocks.append("*⏹ Stopped.*")
+    elif turn.status == "interrupted":
+        blocks.append(f"*⚠️ Interrupted: {error}*" if error else "*⚠️ Interrupted.*")
+    elif turn.status == "error":
+        blocks.append(f"*⚠️ {error}*" if error else "*⚠️ Error.*")
+    counts = []
+    if turn.prompt_tokens is not None:
+        counts.append(f"in {turn.prompt_tokens}")
+    if turn.completion_tokens is not None:
+        counts.append(f"out {turn.completion_tokens}")
+    if counts:
+        line = ("tokens " if turn.tokens_exact else "≈ tokens ") + " · ".join(counts)
+        if turn.cost is not None:
+            line += f" · ${_money(turn.cost)}"
+        blocks.append(f"<sub>{line}</sub>")
+    return blocks
+
+
+def _money(cost: float) -> str:
+    """Up to six decimals, at least two: 0.000123, 1.50."""
+    whole, _, fraction = f"{cost:.6f}".rstrip("0").partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
+
+
+# -- import ----------------------------------------------------------------------------------
+def _time_value(value: Any) -> Any:
+    return parse_time(value) if isinstance(value, str) else value
+
+
+Time = Annotated[float, BeforeValidator(_time_value)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class _Header(_Strict):
+    title: str = ""
+    model: str = ""
+    system_prompt: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    created_at: Time | None = None
+    updated_at: Time | None = None
+
+
+class _UserMessage(_Strict):
+    role: Literal["user"]
+    content: str
+    tokens: Count | None = None
+    created_at: Time | None = None
+
+
+class _Usage(_Strict):
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    exact: bool = False
+
+
+class _AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: str = ""
+    reasoning: str = ""
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    status: Literal["done", "stopped", "interrupted", "error"] = "done"
+    error: str = ""
+    finish_reason: str | None = None
+    model: str = ""
+    usage: _Usage = Field(default_factory=_Usage)
+    cost: float | None = None
+    dropped_rounds: Count = 0
+    summarized: bool = False
+    finished_at: Time | None = None
+
+
+def from_json(text: str | bytes, *, owner: str, new_id: str) -> ConversationRecord:
+    """A conversation from an export (or an OpenAI-style message list), owned by ``owner`` with id ``new_id``.
+
+    Raises :class:`ImportProblem` saying what is wrong with the file.
+    """
+    data = _load_json(text)
+    if isinstance(data, list):
+        return _from_message_list(data, owner=owner, new_id=new_id)
+    if not isinstance(data, dict):
+        raise ImportProblem("not a ChuanhuStyleChat conversation export (expected a JSON object or a list of messages)")
+    if "format" not in data:
+        raise ImportProblem("not a ChuanhuStyleChat conversation export (format is missing)")
+    if data["format"] != FORMAT:
+        raise ImportProblem(f"not a ChuanhuStyleChat conversation export (format is {data['format']!r})")
+    version = data.get("version")
+    if version is None:
+        raise ImportProblem("version is missing")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ImportProblem(f"version must be a whole number, not {version!r}")
+    if version > VERSION:
+        raise ImportProblem(f"version {version} is newer than this app understands")
+    if version < 1:
+        raise ImportProblem(f"version {version} is not a valid version")
+    header = _validate(_Header, {k: v for k, v in data.items() if k != "messages"}, "")
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        raise ImportProblem("messages: must be a list")
+    created = header.created_at if header.created_at is not None else time.time()
+    return ConversationRecord(
+        id=new_id, owner=owner, title=clean_title(header.title), model=header.model,
+        system_prompt=header.system_prompt, params=header.parameters, created_at=created,
+        updated_at=header.updated_at if header.updated_at is not None else created,
+        turns=_turns(list(enumerate(messages)), default_time=created))
+
+
+def _load_json(text: str | bytes) -> Any:
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    if len(raw) > MAX_BYTES:
+        raise ImportProblem(f"file is larger than {MAX_BYTES // (1024 * 1024)} MB")
+    try:
+        decoded = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImportProblem(f"not UTF-8 text (bad byte at offset {exc.start})") from None
+    try:
+        data = json.loads(decoded, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ImportProblem(f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:
+        raise ImportProblem(f"not valid JSON: {exc}") from None
+    try:  # "\ud800" is valid JSON but no text: it could not be stored or shown
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ImportProblem("not valid text: it contains unpaired surrogate escapes") from None
+    messages = data if isinstance(data, list) else data.get("messages") if isinstance(data, dict) else None
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        raise ImportProblem(f"too many messages ({len(messages)}; at most {MAX_MESSAGES})")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _from_message_list(items: list[Any], *, owner: str, new_id: str) -> ConversationRecord:
+    """An OpenAI-style ``[{"role", "content"}, ...]``: system messages become the system prompt."""
+    system: list[str] = []
+    messages: list[tuple[int, Any]] = []
+    for index, item in enumerate(items):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise ImportProblem(f"{where}: must be an object")
+        role = item.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise ImportProblem(f"{where}.role: must be 'system', 'user' or 'assistant'")
+        content = _message_text(item.get("content"), where)
+        if role == "system":
+            system.append(content)
+        else:
+            messages.append((index, {"role": role, "content": content}))
+    now = time.time()
+    turns = _turns(messages, default_time=now)
+    return ConversationRecord(id=new_id, owner=owner, title=clean_title(turns[0].user if turns else ""),
+                              system_prompt="\n\n".join(system), created_at=now, updated_at=now, turns=turns)
+
+
+def _message_text(content: Any, where: str) -> str:
+    """OpenAI content: a string, null (a tool call), or a list of parts of which the text ones count."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content if isinstance(part, dict)
+                         and part.get("type") == "text" and isinstance(part.get("text"), str))
+    raise ImportProblem(f"{where}.content: must be text")
+
+
+def _turns(messages: list[tuple[int, Any]], *, default_time: float) -> list[TurnRecord]:
+    """Turns from alternating user and assistant messages; only the last user message may lack a reply."""
+    turns: list[TurnRecord] = []
+    awaiting_reply = False
+    for index, message in messages:
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ImportProblem(f"{where}: must be an object")
+        role = message.get("role")
+        if role == "user":
+            if awaiting_reply:
+                raise ImportProblem(f"{where}: two user messages in a row (only the last message may lack a reply)")
+            user = _validate(_UserMessage, message, where)
+            turns.append(TurnRecord(user=user.content, user_tokens=user.tokens,
+                                    created_at=default_time if user.created_at is None else user.created_at))
+            awaiting_reply = True
+        elif role == "assistant":
+            if not awaiting_reply:
+                raise ImportProblem(f"{where}: an assistant message must follow a user message")
+            reply = _validate(_AssistantMessage, message, where)
+            turn = turns[-1]
+            turn.reply, turn.reasoning, turn.outputs = reply.content, reply.reasoning, reply.outputs
+            turn.status, turn.error, turn.finish_reason = reply.status, reply.error, reply.finish_reason
+            turn.model, turn.cost = reply.model, reply.cost
+            turn.prompt_tokens, turn.completion_tokens = reply.usage.input_tokens, reply.usage.output_tokens
+            turn.tokens_exact = reply.usage.exact
+            turn.dropped_rounds, turn.summarized = reply.dropped_rounds, reply.summarized
+            turn.finished_at = reply.finished_at
+            awaiting_reply = False
+        else:
+            raise ImportProblem(f"{where}.role: must be 'user' or 'assistant'")
+    return turns
+
+
+def _validate(model: type[_Strict], data: Any, where: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False)
+        first = problems[0]
+        path = where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ImportProblem(f"{path.lstrip('.')}: {message}{more}") from None
+
+
+_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+
+
+def clean_title(title: str) -> str:
+    """A title fit for the sidebar: no control characters, single spaces, at most 120 characters."""
+    text = "".join(ch for ch in title if ch.isspace() or unicodedata.category(ch) != "Cc")
+    text = " ".join(text.translate(_BIDI_CONTROLS).split())[:TITLE_LENGTH].rstrip()
+    return text or DEFAULT_TITLE
+
+
+# -- files -----------------------------------------------------------------------------------
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+
+
+def safe_filename(title: str, ext: str) -> str:
+    """A file name from a title, safe on any OS: ``"My chat?"`` -> ``"My chat_.md"``, never a path."""
+    if not ext.isalnum():
+        raise ValueError(f"bad extension {ext!r}")
+    name = unicodedata.normalize("NFKC", title)
+    name = re.sub(r"[^\w\- .()]", "_", name)  # separators, controls, punctuation, emoji; \w keeps CJK
+    name = re.sub(r"\.{2,}", "_", name)
+    name = re.sub(r"_{2,}", "_", re.sub(r" {2,}", " ", name))
+    name = name[:FILENAME_LENGTH].encode("utf-8")[:200].decode("utf-8", "ignore")  # file systems count bytes
+    name = name.strip(" ._")
+    if not name:
+        name = "conversation"
+    if name.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
+        name = "_" + name
+    return f"{name}.{ext}"
+
+
+def write_export(exports_dir: Path, record: ConversationRecord, fmt: Literal["md", "json"]) -> Path:
+    """Write the conversation to a new random folder under ``exports_dir``; the file's resolved path.
+
+    Also removes export folders older than a day.
+    """
+    if fmt not in ("md", "json"):
+        raise ValueError(f"unknown export format {fmt!r}")
+    text = to_markdown(record) if fmt == "md" else to_json(record)
+    exports_dir = Path(exports_dir)
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    prune_exports(exports_dir)
+    root = exports_dir.resolve()
+    folder = root / secrets.token_hex(16)
+    target = (folder / safe_filename(record.title, fmt)).resolve()
+    if target.parent != folder or not target.is_relative_to(root):
+        raise ValueError(f"export path {target} is outside {root}")
+    folder.mkdir()
+    temporary = folder / f".{secrets.token_hex(8)}.tmp"
+    with open(temporary, "wb") as file:
+        file.write(text.encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, target)
+    return target
+
+
+def prune_exports(exports_dir: Path, max_age: float = EXPORT_MAX_AGE) -> None:
+    """Remove the export folders (``write_export``'s random ones only) last modified over ``max_age`` seconds ago."""
+    limit = time.time() - max_age
+    for entry in Path(exports_dir).iterdir():
+        if re.fullmatch(r"[0-9a-f]{32}", entry.name) and entry.is_dir() and not entry.is_symlink():
+            try:
+                old = entry.stat().st_mtime < limit
+            except FileNotFoundError:  # another session pruned it first
+                continue
+            if old:
+                shutil.rmtree(entry, ignore_errors=True)

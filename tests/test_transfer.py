@@ -1,0 +1,311 @@
+"""Export and import: exact round trips, readable Markdown, clear refusals, safe file names and paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from modules import transfer
+from modules.records import ConversationRecord, TurnRecord
+from modules.transfer import (
+    ImportProblem,
+    clean_title,
+    from_json,
+    iso_time,
+    parse_time,
+    safe_filename,
+    to_json,
+    to_markdown,
+    write_export,
+)
+
+T0 = 1714567890.1234567  # finer than a microsecond: the export must keep it exactly
+
+
+def sample() -> ConversationRecord:
+    """A conversation with a turn of each status and every kind of value a turn holds."""
+    return ConversationRecord(
+        id="conv-123", owner="user:alice", title="旅行计划 Trip plans", model="GPT Test",
+        system_prompt="You are helpful.\nAnswer in 中文.", params={"temperature": 0.7, "stop": ["\n\n"]},
+        created_at=T0, updated_at=T0 + 100.0000001,
+        turns=[
+            TurnRecord(user="去京都要几天？", reply="三到五天。", reasoning="Think about 京都 sights.",
+                       outputs={"sources": [{"title": "指南", "page": 2}], "score": 0.5}, status="done",
+                       finish_reason="stop", model="GPT Test", user_tokens=9, prompt_tokens=120,
+                       completion_tokens=45, tokens_exact=True, cost=0.000123, created_at=T0 + 1,
+                       finished_at=T0 + 2.5),
+            TurnRecord(user="And Osaka?", reply="Osaka is", status="stopped", finish_reason=None,
+                       model="GPT Test", user_tokens=3, prompt_tokens=10, completion_tokens=5,
+                       tokens_exact=False, cost=None, dropped_rounds=1, summarized=True,
+                       created_at=T0 + 3, finished_at=T0 + 4),
+            TurnRecord(user="Nara?", reply="Nara has", status="interrupted", error="The connection was lost.",
+                       model="Other", created_at=T0 + 5, finished_at=time.time()),
+            TurnRecord(user="Kobe?", status="error", error="The model refused: *quota* exceeded.",
+                       model="Other", created_at=T0 + 6, finished_at=None),
+            TurnRecord(user="Still there?", user_tokens=4, created_at=time.time()),
+        ])
+
+
+def test_the_sample_sets_every_turn_field() -> None:
+    """Guards the round trip: a field added to TurnRecord must be exported too."""
+    default = TurnRecord(user="")
+    unset = [f.name for f in dataclasses.fields(TurnRecord)
+             if all(getattr(t, f.name) == getattr(default, f.name) for t in sample().turns)]
+    assert unset == []
+
+
+def test_export_then_import_gives_the_same_conversation() -> None:
+    record = sample()
+    text = to_json(record)
+    assert from_json(text, owner=record.owner, new_id=record.id) == record
+    assert from_json(text.encode("utf-8"), owner=record.owner, new_id=record.id) == record
+
+
+@pytest.mark.parametrize("ts", [T0, 0.0, -0.5, 1e-7, 1714567890.0, 4102444799.999999, time.time()])
+def test_times_survive_iso_8601_exactly(ts: float) -> None:
+    assert parse_time(iso_time(ts)) == ts
+
+
+def test_parse_time_reads_common_iso_forms() -> None:
+    assert parse_time("2024-05-01T12:00:00Z") == 1714564800.0
+    assert parse_time("2024-05-01T14:00:00+02:00") == 1714564800.0
+    assert parse_time("2024-05-01 12:00:00.25") == 1714564800.25  # no zone: UTC
+    with pytest.raises(ValueError):
+        parse_time("yesterday")
+
+
+def test_the_json_export_has_the_documented_shape_and_no_id_or_owner() -> None:
+    record = sample()
+    text = to_json(record)
+    data = json.loads(text)
+    assert "去京都要几天？" in text  # not \\u-escaped
+    assert (data["format"], data["version"], data["title"]) == ("chuanhustylechat.conversation", 1, record.title)
+    assert data["parameters"] == record.params and data["created_at"] == "2024-05-01T12:51:30.1234567Z"
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 4 + ["user"]
+    first = data["messages"][1]
+    assert first["usage"] == {"input_tokens": 120, "output_tokens": 45, "exact": True}
+    assert (first["content"], first["reasoning"], first["cost"], first["status"]) == ("三到五天。", record.turns[0].reasoning,
+                                                                                    0.000123, "done")
+    assert data["messages"][0] == {"role": "user", "content": "去京都要几天？", "tokens": 9,
+                                   "created_at": iso_time(T0 + 1)}
+
+    def keys(value: object) -> set[str]:
+        if isinstance(value, dict):
+            return set(value) | {k for v in value.values() for k in keys(v)}
+        if isinstance(value, list):
+            return {k for v in value for k in keys(v)}
+        return set()
+
+    assert not keys(data) & {"id", "owner"}
+    assert record.id not in text and record.owner not in text
+
+
+def test_markdown_has_each_piece() -> None:
+    md = to_markdown(sample())
+    for piece in ["# 旅行计划 Trip plans\n", "- Model: GPT Test", "- Created: 2024-05-01T12:51:30+00:00",
+                  '- Parameters: temperature=0.7, stop=["\\n\\n"]', "> You are helpful.\n> Answer in 中文.",
+                  ("### User\n\n去京都要几天？\n\n### Assistant\n\n<details><summary>Thinking</summary>\n\n"
+                  "Think about 京都 sights.\n\n</details>\n\n三到五天。"),
+                  "<sub>tokens in 120 · out 45 · $0.000123</sub>",
+                  "Osaka is\n\n*⏹ Stopped.*\n\n<sub>≈ tokens in 10 · out 5</sub>",
+                  "*(1 earlier round was replaced by a summary)*",
+                  "Nara has\n\n*⚠️ Interrupted: The connection was lost.*",
+                  r"*⚠️ The model refused: \*quota\* exceeded.*",
+                  "### User\n\nStill there?\n\n### Assistant\n\n*(no reply)*\n"]:
+        assert piece in md
+    assert md.count("### User") == 5 and md.count("### Assistant") == 5
+    assert "user:alice" not in md and "conv-123" not in md
+
+
+def test_markdown_without_optional_facts() -> None:
+    md = to_markdown(ConversationRecord("i", "o", "", created_at=0.0, turns=[TurnRecord(user="hi")]))
+    assert md.startswith("# Conversation\n\n- Created: 1970-01-01T00:00:00+00:00\n\n### User")
+    assert "Model:" not in md and "Parameters" not in md and "System prompt" not in md
+
+
+def test_import_takes_owner_and_id_from_the_caller_never_the_file() -> None:
+    original = sample()
+    data = json.loads(to_json(original))
+    data.update(id="attacker-chosen", owner="user:mallory")
+    data["messages"][0].update(id="x", owner="user:mallory")
+    record = from_json(json.dumps(data), owner="user:bob", new_id="fresh-id")
+    assert record == dataclasses.replace(original, id="fresh-id", owner="user:bob")
+
+
+def export(**changes: object) -> str:
+    data = json.loads(to_json(sample()))
+    data.update(changes)
+    return json.dumps(data)
+
+
+def with_message(index: int, **changes: object) -> str:
+    data = json.loads(to_json(sample()))
+    data["messages"][index].update(changes)
+    return json.dumps(data)
+
+
+def messages(*items: dict[str, object]) -> str:
+    return export(messages=list(items))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not valid JSON: Expecting property name enclosed in double quotes (line 1, column 2)"),
+    (b"\xff\xfe\x00garbage", "not UTF-8 text"),
+    ('"hello"', "not a ChuanhuStyleChat conversation export (expected a JSON object or a list of messages)"),
+    ('{"title": "x", "messages": []}', "not a ChuanhuStyleChat conversation export (format is missing)"),
+    ('{"format": "other.app", "version": 1}', "not a ChuanhuStyleChat conversation export (format is 'other.app')"),
+    (export(version=7), "version 7 is newer than this app understands"),
+    (export(version="1"), "version must be a whole number, not '1'"),
+    (export(version=None), "version is missing"),
+    (export(messages={"0": "hi"}), "messages: must be a list"),
+    (export(title=["a"]), "title: Input should be a valid string"),
+    (export(created_at="yesterday"), "created_at: 'yesterday' is not an ISO 8601 date and time"),
+    (with_message(3, role="system"), "messages[3].role: must be 'user' or 'assistant'"),
+    (with_message(2, content=42), "messages[2].content: Input should be a valid string"),
+    (with_message(1, status="pending"), "messages[1].status: Input should be 'done', 'stopped', 'interrupted' or"),
+    (with_message(1, usage={"input_tokens": -1}), "messages[1].usage.input_tokens: Input should be greater than"),
+    (with_message(1, cost="free"), "messages[1].cost: Input should be a valid number"),
+    (export(messages=["hi"]), "messages[0]: must be an object"),
+    (messages({"role": "assistant", "content": "hi"}), "messages[0]: an assistant message must follow a user message"),
+    (messages({"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant"}),
+     "messages[1]: two user messages in a row (only the last message may lack a reply)"),
+    (messages({"role": "user", "content": "a"}, {"role": "assistant"}, {"role": "assistant"}),
+     "messages[2]: an assistant message must follow a user message"),
+    (('{"format": "chuanhustylechat.conversation", "version": 1, "messages": [{"role": "user", "content": "a"}, '
+     '{"role": "assistant", "cost": NaN}]}'), "not valid JSON: NaN is not a JSON number"),
+    ('[{"role": "tool", "content": "x"}]', "messages[0].role: must be 'system', 'user' or 'assistant'"),
+    ('[{"role": "user", "content": 5}]', "messages[0].content: must be text"),
+])
+def test_a_bad_file_is_refused_with_a_clear_message(content: str | bytes, message: str) -> None:
+    with pytest.raises(ImportProblem) as caught:
+        from_json(content, owner="o", new_id="i")
+    assert str(caught.value).startswith(message)
+
+
+def test_a_surrogate_escape_is_refused() -> None:
+    with pytest.raises(ImportProblem, match="unpaired surrogate"):
+        from_json(export(title="ok").replace('"ok"', '"\\ud800"'), owner="o", new_id="i")
+
+
+def test_too_big_and_too_long_files_are_refused() -> None:
+    huge = messages({"role": "user", "content": "x" * (5 * 1024 * 1024)})
+    with pytest.raises(ImportProblem, match="^file is larger than 5 MB$"):
+        from_json(huge, owner="o", new_id="i")
+    many = messages(*[{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(10_001)])
+    with pytest.raises(ImportProblem, match=r"^too many messages \(10001; at most 10000\)$"):
+        from_json(many, owner="o", new_id="i")
+    just_enough = messages(*[{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(10_000)])
+    assert len(from_json(just_enough, owner="o", new_id="i").turns) == 5000
+
+
+def test_an_unanswered_last_message_becomes_a_pending_turn() -> None:
+    record = from_json(messages({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                {"role": "user", "content": "c"}), owner="o", new_id="i")
+    assert [(t.user, t.reply, t.status) for t in record.turns] == [("a", "b", "done"), ("c", "", "pending")]
+
+
+@pytest.mark.parametrize("title, cleaned", [
+    ("  Plans\tfor\n\nKyoto  ", "Plans for Kyoto"),
+    ("bell\x07 and null\x00 and \u202eevil", "bell and null and evil"),
+    ("中文标题", "中文标题"),
+    ("", "Imported conversation"),
+    ("\x00\x01 \n", "Imported conversation"),
+    ("x" * 300, "x" * 120),
+])
+def test_imported_titles_are_cleaned(title: str, cleaned: str) -> None:
+    assert clean_title(title) == cleaned
+    assert from_json(export(title=title), owner="o", new_id="i").title == cleaned
+
+
+def test_an_openai_style_message_list_is_imported() -> None:
+    text = json.dumps([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "  What is\nSQLite? ", "id": "ignored"},
+        {"role": "assistant", "content": "A database."},
+        {"role": "user", "content": [{"type": "text", "text": "And WAL?"}, {"type": "image_url", "image_url": {}}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "user", "content": "Thanks"},
+    ])
+    record = from_json(text, owner="local", new_id="new")
+    assert (record.id, record.owner, record.title, record.system_prompt) == ("new", "local", "What is SQLite?",
+                                                                             "Be brief.")
+    assert [(t.user, t.reply, t.status) for t in record.turns] == [
+        ("  What is\nSQLite? ", "A database.", "done"), ("And WAL?", "", "done"), ("Thanks", "", "pending")]
+    assert from_json("[]", owner="o", new_id="i").title == "Imported conversation"
+
+
+# -- file names and paths -------------------------------------------------------------------
+HOSTILE_TITLES = ["../../etc/passwd", "..\\..\\win", "/abs", "C:\\Windows\\system32", "CON", "nul.txt", "com1",
+                  "a\x00b", "x" * 300, "中" * 300, "🎉🔥", "中文标题", "..", ".", "...hidden", " ", "",
+                  "tab\there\nnewline", "a/../../b", "question?<>|*:\"", "𠀀" * 100]
+
+
+@pytest.mark.parametrize("title", HOSTILE_TITLES)
+def test_safe_filename_is_never_a_path(title: str) -> None:
+    name = safe_filename(title, "md")
+    stem = name.removesuffix(".md")
+    assert name.endswith(".md") and "/" not in name and "\\" not in name and "\x00" not in name
+    assert ".." not in name and not name.startswith((".", " ")) and stem == stem.strip(" .")
+    assert 0 < len(stem) <= 80 and len(name.encode("utf-8")) <= 255
+    assert stem.split(".")[0].upper() not in {"CON", "PRN", "AUX", "NUL", "COM1", "LPT1"}
+    assert Path(name).name == name
+
+
+@pytest.mark.parametrize("title, name", [
+    ("中文标题", "中文标题.md"), ("My chat", "My chat.md"), ("Plans (v2) - final", "Plans (v2) - final.md"),
+    ("../../etc/passwd", "etc_passwd.md"), ("CON", "_CON.md"), ("", "conversation.md"), ("🎉🔥", "conversation.md"),
+    ("Ｆｕｌｌｗｉｄｔｈ", "Fullwidth.md"), ("a  b__c", "a b_c.md"),
+])
+def test_safe_filename_keeps_what_it_can(title: str, name: str) -> None:
+    assert safe_filename(title, "md") == name
+
+
+@pytest.mark.parametrize("title", HOSTILE_TITLES)
+@pytest.mark.parametrize("fmt", ["md", "json"])
+def test_write_export_always_lands_inside_the_exports_folder(tmp_path: Path, title: str, fmt: str) -> None:
+    exports = tmp_path / "exports"
+    record = dataclasses.replace(sample(), title=title)
+    path = write_export(exports, record, fmt)  # type: ignore[arg-type]
+    assert path.resolve().is_relative_to(exports.resolve())
+    assert path.parent.parent == exports.resolve() and len(path.parent.name) == 32
+    assert path.name == safe_filename(title, fmt)
+    expected = to_markdown(record) if fmt == "md" else to_json(record)
+    assert path.read_text(encoding="utf-8") == expected
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    assert sorted(p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")) == ["exports"] * 3
+
+
+def test_write_export_refuses_a_name_that_would_leave_the_folder(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transfer, "safe_filename", lambda title, ext: f"../../escaped.{ext}")
+    with pytest.raises(ValueError, match="outside"):
+        write_export(tmp_path / "exports", sample(), "md")
+    assert not any(p.name.startswith("escaped") for p in tmp_path.rglob("*"))
+
+
+def test_each_export_gets_its_own_random_folder(tmp_path: Path) -> None:
+    first = write_export(tmp_path, sample(), "md")
+    second = write_export(tmp_path, sample(), "md")
+    assert first.name == second.name and first.parent != second.parent
+
+
+def test_old_export_folders_are_pruned_and_fresh_ones_kept(tmp_path: Path) -> None:
+    old = write_export(tmp_path, sample(), "md").parent
+    fresh = write_export(tmp_path, sample(), "json").parent
+    nearly_old = write_export(tmp_path, sample(), "md").parent
+    not_ours = tmp_path / "keep-me"
+    not_ours.mkdir()
+    day_ago = time.time() - 24 * 3600
+    for folder, age in [(old, day_ago - 60), (not_ours, day_ago - 3600), (nearly_old, day_ago + 60)]:
+        os.utime(folder, (age, age))
+
+    newest = write_export(tmp_path, sample(), "json").parent
+    assert not old.exists()
+    assert fresh.exists() and nearly_old.exists() and not_ours.exists() and newest.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (fresh, nearly_old, not_ours, newest))
