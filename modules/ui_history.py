@@ -43,7 +43,7 @@ class HistoryHandlers:
         if self.mode == "users":
             username = getattr(request, "username", None)
             if not username:
-                raise gr.Error("Not logged in.")
+                raise gr.Error(self.t.text(self.t.language_for(request), "error.not_logged_in"))
             owner = ownership.user_owner(username)
         elif self.mode == "shared":
             owner = ownership.SHARED_OWNER

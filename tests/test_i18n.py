@@ -57,3 +57,27 @@ def test_missing_key_falls_back_to_english_then_key():
     t = Translator("auto")
     assert t.text("xx_XX", "button.send") == "Send"
     assert t.text("en_US", "no.such.key") == "no.such.key"
+
+
+def _keys_used_in_code() -> set[str]:
+    """Every locale key the code names literally: ``text(lang, "key"``, ``label("key")``, ``t("key")``."""
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(r"""(?:\btext\(\s*[\w.\[\]"]+,\s*|\blabel\(\s*|\bt\(\s*)(?:f?)"([a-z_]+\.[a-z_.{}]+)\"""")
+    keys: set[str] = set()
+    for path in Path("modules").rglob("*.py"):
+        keys |= set(pattern.findall(path.read_text(encoding="utf-8")))
+    return keys
+
+
+def test_every_key_the_code_uses_is_in_english():
+    from modules.models import errors
+
+    english = json.loads((LOCALE_DIR / f"{FALLBACK}.json").read_text(encoding="utf-8"))
+    used = {k for k in _keys_used_in_code() if "{" not in k}
+    assert len(used) > 40, "the scan found too few keys: is the pattern still right?"
+    # error.{kind}: one message per failure class an adapter can raise
+    kinds = {cls.kind for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.ModelError)}
+    used |= {f"error.{kind}" for kind in kinds}
+    assert sorted(used - set(english)) == []
