@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -239,14 +240,17 @@ def apply_diff(value: Any, diff: list[list[Any]]) -> Any:
     return value
 
 
+USAGE_FOOTER = re.compile(r"\n\n<sub>[^<]*</sub>$")  # a finished reply's tokens and cost (modules/render.py)
+
+
 def chatbot_reply(messages: Any) -> str:
-    """The text of the last assistant message of a chatbot value."""
+    """The text of the last assistant message of a chatbot value, without its usage footer."""
     for message in reversed(messages or []):
         if message.get("role") == "assistant" and not message.get("metadata"):
             content = message.get("content")
-            if isinstance(content, str):
-                return content
-            return "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
+            if not isinstance(content, str):
+                content = "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
+            return USAGE_FOOTER.sub("", content)
     return ""
 
 

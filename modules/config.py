@@ -134,7 +134,8 @@ class AuthConfig(_Section):
 
 
 def _default_models() -> list[dict[str, Any]]:
-    return [{"provider": "embedded", "name": "SmolLM2-135M (embedded)"}]
+    # It runs on this machine: no per-token price.
+    return [{"provider": "embedded", "name": "SmolLM2-135M (embedded)", "price": {"input": 0, "output": 0}}]
 
 
 class AppConfig(_Section):

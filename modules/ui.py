@@ -192,7 +192,7 @@ class ChatApp(HistoryHandlers):
             reply = turn.reply
             if reply is not None and reply.counts is None and not reply.active:
                 context.settle(reply, model)
-            if reply is not None and conversation.turns and conversation.turns[position] is turn:
+            if reply is not None and position < len(conversation.turns) and conversation.turns[position] is turn:
                 self._save_turn(conversation, position, lang, model.name, system_prompt, options.openai_params())
 
     async def _stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
@@ -422,6 +422,8 @@ class ChatApp(HistoryHandlers):
                                       api_name="export_json", **undocumented)
             side["import"].upload(self._import, [side["import"], conversation, search],
                                   [*shown, model, system_prompt, history], api_name="import", **undocumented)
+
+            model.change(self._model_changed, [conversation, model], [usage], **private)  # the gauge's context size
 
             # -- templates, theme --
             settings["collection"].change(self._pick_collection, [settings["collection"]], [settings["template"]],

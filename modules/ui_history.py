@@ -85,6 +85,9 @@ class HistoryHandlers:
         size = model.context_size if model is not None else 0
         return render.conversation_usage(conversation, size, self.t, lang)
 
+    async def _model_changed(self, conversation: Conversation, model_name: str, request: gr.Request):
+        return self._usage(conversation, model_name, self.t.language_for(request))
+
     def _shown(self, conversation: Conversation, model_name: str | None, lang: str) -> tuple[Any, ...]:
         """(chatbot, status, usage) for a conversation that was just opened or started."""
         last = conversation.turns[-1].reply if conversation.turns else None
