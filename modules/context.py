@@ -115,9 +115,11 @@ async def summarize(model: ChatModel, rounds: list[list[Message]], previous: str
     text = transcript([m for r in rounds for m in r])
     if previous:
         text = f"EARLIER SUMMARY: {previous}\n\n{text}"
-    # Keep the request itself inside the model's context: cut the transcript's oldest part.
+    # Keep the request itself inside the model's context: cut the transcript's oldest part
+    # (on a small context, the summary gets at most a quarter of it).
     enc, _ = tokens.encoding_for_model(model.model_id)
-    room = max(256, model.context_size - max_tokens - 200)
+    max_tokens = min(max_tokens, model.context_size // 4)
+    room = max(64, model.context_size - max_tokens - 200)
     ids = enc.encode(text, disallowed_special=())
     if len(ids) > room:
         text = enc.decode(ids[-room:])
@@ -137,7 +139,7 @@ def cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int 
 
 
 def format_cost(value: float) -> str:
-    """$0.0123 / $0.000045 / $1.23: enough digits to tell small replies apart."""
+    """$0.012 / $0.000045 / $1.23: two significant digits below a dollar, cents above."""
     if value == 0:
         return "$0"
     if value >= 1:
@@ -177,4 +179,4 @@ async def write_title(model: ChatModel, question: str, answer: str) -> str:
     async with aclosing(model.stream(request, GenerationOptions(max_tokens=24, temperature=0.2))) as deltas:
         async for delta in deltas:
             parts.append(delta.text)
-    return "".join(parts).strip().splitlines()[0] if "".join(parts).strip() else ""
+    return next((line.strip() for line in "".join(parts).splitlines() if line.strip()), "")

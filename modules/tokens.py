@@ -44,7 +44,8 @@ def _install_bpe_files() -> None:
         tmp = target.with_suffix(".tmp")
         tmp.write_bytes(gzip.decompress(packed.read_bytes()))
         tmp.replace(target)
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(cache))
+    # An empty TIKTOKEN_CACHE_DIR means "no cache" to tiktoken, which would then download.
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.environ.get("TIKTOKEN_CACHE_DIR") or str(cache)
 
 
 @functools.cache
