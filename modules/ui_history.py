@@ -143,6 +143,7 @@ class HistoryHandlers:
         title = clean_title(title)
         if title:
             conversation.title = title
+            conversation.titled_by_model = True  # the user's name wins over the model's
             if conversation.id:
                 self.store.rename(owner, conversation.id, title)
         return self._history(conversation, query, lang)
@@ -212,8 +213,9 @@ class HistoryHandlers:
         lang = self.t.language_for(request)
         model = self.models.get(self.config.history.title_model)
         first = conversation.turns[0] if conversation.turns else None
-        if (model is None or conversation.titled_by_model or first is None or first.reply is None
-                or first.reply.status != "done" or not conversation.id):
+        # Only a new chat's first round gets a title: not a reopened one, nor one the user renamed.
+        if (model is None or conversation.titled_by_model or len(conversation.turns) != 1 or first is None
+                or first.reply is None or first.reply.status != "done" or not conversation.id):
             return gr.skip()
         from .context import write_title
 
