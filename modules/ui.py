@@ -190,8 +190,8 @@ class ChatApp(HistoryHandlers):
         finally:
             # Runs on Stop and on a closed tab too (cancellation), so a partial reply is kept.
             reply = turn.reply
-            if reply is not None and reply.counts is None and not reply.active:
-                context.settle(reply, model)
+            if reply is not None and not reply.active:
+                context.settle(reply, model)  # again: after Stop, tokens may have come until the upstream closed
             if reply is not None and position < len(conversation.turns) and conversation.turns[position] is turn:
                 self._save_turn(conversation, position, lang, model.name, system_prompt, options.openai_params())
 
