@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# Reply statuses as stored: those of ``streaming.Reply``, plus "pending" for a
-# question whose reply never came (the process stopped while it streamed).
-STATUSES = ("pending", "done", "stopped", "interrupted", "error")
+# ``TurnRecord.status`` is a finished ``streaming.Reply``'s status (done, stopped,
+# interrupted, error), or "pending" for a question whose reply never came (the
+# process stopped while it streamed).
 
 
 @dataclass

@@ -80,7 +80,7 @@ class ChatApp(HistoryHandlers):
         self.exports_dir = data_dir / "exports"
         self.mode = ownership.storage_mode(config)
         self.browser_secret = ownership.browser_secret(data_dir) if self.mode == "per_browser" else ""
-        self.templates, problems = load_templates(Path(config.templates_dir))
+        self.templates, problems = load_templates(_app_folder(config.templates_dir))
         for problem in problems:
             log.warning("template skipped: %s", problem)
         self.demo: gr.Blocks | None = None
@@ -183,9 +183,9 @@ class ChatApp(HistoryHandlers):
                 return
             reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
                           dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
-            async for reply in self._generate(conversation, model, fit.messages, options, reply):
-                if not reply.active:
-                    context.settle(reply, model)  # the last update shows the reply's tokens and cost
+            async for update in self._generate(conversation, model, fit.messages, options, reply):
+                if not update.active:
+                    context.settle(update, model)  # the last update shows the reply's tokens and cost
                 yield self._chatbot(conversation, lang)  # only the chatbot: every output costs per update
         finally:
             # Runs on Stop and on a closed tab too (cancellation), so a partial reply is kept.
@@ -469,6 +469,15 @@ class ChatApp(HistoryHandlers):
             footer_links=["api", "gradio"],
             **kwargs,
         )
+
+
+def _app_folder(path: str) -> Path:
+    """A folder named in config: relative to the working directory, else to the app's own folder
+    (so that the shipped templates are found wherever the app is started from)."""
+    folder = Path(path).expanduser()
+    if folder.is_absolute() or folder.exists():
+        return folder
+    return Path(__file__).resolve().parent.parent / folder
 
 
 def _tune_process() -> None:
