@@ -102,7 +102,8 @@ class HistoryHandlers:
         if self.mode == "per_browser":
             if not browser_token:
                 browser_token = token_out = ownership.new_browser_token()
-            conversation.owner = ownership.browser_owner(browser_token)
+            if not conversation.id:  # (a chat saved before the page finished loading keeps its owner)
+                conversation.owner = ownership.browser_owner(browser_token)
         self._owner(conversation, request)
         notice = self._store_notice(lang)
         return token_out, self._history(conversation, "", lang), gr.Markdown(notice, visible=bool(notice))
