@@ -119,8 +119,8 @@ class Conversation:
             setattr(self, name, getattr(other, name))
 
     @property
-    def totals(self) -> tuple[int, int, bool, float | None, bool]:
-        """(input tokens, output tokens, all exact, cost, every reply priced) over the finished replies."""
+    def totals(self) -> tuple[int, int, bool, float | None]:
+        """(input tokens, output tokens, all exact, cost) over the finished replies; cost None: one is unpriced."""
         prompt = completion = 0
         exact = priced = True
         cost = 0.0
@@ -135,7 +135,7 @@ class Conversation:
                 priced = False
             else:
                 cost += reply.cost
-        return prompt, completion, exact, (cost if priced else None), priced
+        return prompt, completion, exact, (cost if priced else None)
 
     # -- records (history) ----------------------------------------------------------------
     def meta(self, model: str, system_prompt: str, params: dict[str, Any]) -> ConversationMeta:

@@ -59,10 +59,6 @@ class ConversationMeta:
 class ConversationRecord(ConversationMeta):
     turns: list[TurnRecord] = field(default_factory=list)
 
-    def meta(self) -> ConversationMeta:
-        return ConversationMeta(self.id, self.owner, self.title, self.model, self.system_prompt,
-                                dict(self.params), self.created_at, self.updated_at)
-
 
 @dataclass
 class ConversationSummary:

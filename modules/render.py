@@ -117,7 +117,7 @@ def usage_text(counts: Counts, cost: float | None, t: Translator, lang: str) -> 
 
 def conversation_usage(conversation: Conversation, context_size: int, t: Translator, lang: str) -> str:
     """Totals of the conversation and a gauge of the context the next request starts from (HTML)."""
-    prompt, completion, exact, cost, _ = conversation.totals
+    prompt, completion, exact, cost = conversation.totals
     last = next((turn.reply.counts for turn in reversed(conversation.turns)
                  if turn.reply is not None and turn.reply.counts is not None), None)
     used = last.prompt + last.completion if last is not None else 0

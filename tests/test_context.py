@@ -391,17 +391,17 @@ def test_totals_over_settled_replies() -> None:
     conversation.add_user("c").reply = failed  # no counts: left out, and not "unpriced"
     conversation.add_user("d")  # pending
     # 1000 + 9 in, 500 + 2 out; $0.00045 + (9 × 0.15 + 2 × 0.60) / 1M = $0.00045255
-    prompt, completion, exact, cost, all_priced = conversation.totals
-    assert (prompt, completion, exact, all_priced) == (1009, 502, True, True)
-    assert cost == pytest.approx(0.00045255)
+    prompt, completion, exact, cost = conversation.totals
+    assert (prompt, completion, exact) == (1009, 502, True)
+    assert cost == pytest.approx(0.00045255)  # a number: every counted reply is priced
 
     conversation.turns[-1].reply = settled(scripted("llama3.1:8b"), text="hello world", status="done",
                                            prompt_estimate=(9, False))
-    assert conversation.totals == (1018, 504, False, None, False)
+    assert conversation.totals == (1018, 504, False, None)
 
 
 def test_totals_of_an_empty_conversation() -> None:
-    assert Conversation().totals == (0, 0, True, 0.0, True)
+    assert Conversation().totals == (0, 0, True, 0.0)
 
 
 @pytest.mark.parametrize(
