@@ -10,17 +10,27 @@ mid-write leaves either the whole turn or none of it.
 :func:`open_store` is how the app opens it: a damaged file is moved aside (never
 deleted) and a fresh one started; a folder that cannot be written gives an
 in-memory store, so the app still starts. Either way it says what happened in a
-:class:`StoreProblem`.
+:class:`StoreProblem`. A damaged write-ahead log (``history.sqlite3-wal``, which
+SQLite would silently ignore, losing what it holds) is moved aside the same way.
+
+The store checkpoints the log into the main file a few seconds after the last
+write and when it is closed, so that ``history.sqlite3`` alone is a complete
+copy; :func:`backup` copies it with SQLite's online backup API, safely while the
+app runs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
+import struct
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +50,13 @@ FILENAME = "history.sqlite3"
 SCHEMA_VERSION = 1
 COMPANIONS = ("-wal", "-shm")  # SQLite's write-ahead log and its index, kept beside the file
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+# The write-ahead log's format (https://www.sqlite.org/fileformat.html#the_write_ahead_log): a
+# 32-byte header, then frames of a 24-byte header and one page. The magic's low bit says whether
+# the checksums read the bytes as big-endian (1) or little-endian (0) 32-bit words.
+WAL_MAGICS = (0x377F0682, 0x377F0683)
+WAL_FORMAT_VERSION = 3007000
+WAL_HEADER_SIZE, WAL_FRAME_HEADER_SIZE = 32, 24
+CHECKPOINT_SECONDS = 5.0  # the most a write stays in the log alone (when nothing else checkpoints it)
 
 CONVERSATION_COLUMNS = ("id", "owner", "title", "model", "system_prompt", "params", "created_at", "updated_at")
 # One column per TurnRecord field, in the dataclass's order.
@@ -145,6 +162,15 @@ class CorruptStoreError(Exception):
     """The file is not a usable history database (not SQLite, damaged, or an unknown schema)."""
 
 
+class CorruptWalError(CorruptStoreError):
+    """The write-ahead log beside the file is damaged (its header or its first frame); the file
+    itself was not looked at. SQLite would ignore such a log, and what it holds with it."""
+
+
+class BackupError(Exception):
+    """A backup could not be made: no history file, a target that exists or cannot be written..."""
+
+
 @dataclass(frozen=True)
 class StoreProblem:
     """Why history is not (or no longer) where it was: for the log and the UI.
@@ -152,10 +178,13 @@ class StoreProblem:
     ``kind`` "moved": the file was damaged, moved to ``moved_to``, and a new one
     started. "unavailable": the file cannot be used at all; history lives in
     memory for this run (``moved_to`` is None, unless a damaged file was moved
-    aside before the new one failed too).
+    aside before the new one failed too). "wal_moved": the write-ahead log
+    ``path`` (``history.sqlite3-wal``) was damaged and moved to ``moved_to``
+    (``history.sqlite3-wal.corrupt-<time>``, its ``-shm`` beside it); the main
+    file was opened, without what only that log held.
     """
 
-    kind: Literal["moved", "unavailable"]
+    kind: Literal["moved", "unavailable", "wal_moved"]
     path: Path
     moved_to: Path | None
     reason: str
@@ -164,6 +193,10 @@ class StoreProblem:
         if self.kind == "moved":
             return (f"The history file {self.path} was damaged ({self.reason}); it was moved to "
                     f"{self.moved_to} and a new history was started.")
+        if self.kind == "wal_moved":
+            return (f"The history's write-ahead log {self.path} was damaged ({self.reason}); it was moved to "
+                    f"{self.moved_to} and the history was opened without it: the last writes before it "
+                    "was damaged may be missing.")
         return (f"The history file {self.path} cannot be used ({self.reason}); "
                 "conversations will not be kept after this run.")
 
@@ -174,15 +207,44 @@ class SQLiteStore(HistoryStore):
     One connection, guarded by a lock; WAL journal and ``synchronous=FULL``, so
     a committed turn survives a crash. Opening checks the file (``quick_check``,
     schema version and tables) and raises :class:`CorruptStoreError` when it is
-    not a usable history; other failures (cannot open, read-only) raise
+    not a usable history (:class:`CorruptWalError` when its write-ahead log is
+    damaged); other failures (cannot open, read-only) raise
     :class:`sqlite3.Error` or :class:`OSError` as they come.
+
+    Checkpoints: a write checkpoints the log into the main file (``PASSIVE``:
+    it never waits for other connections) when the last checkpoint is
+    ``checkpoint_seconds`` old; a background thread does it that long after the
+    last write when no write follows; :meth:`close` checkpoints it all
+    (``TRUNCATE``). So the main file alone holds every committed write at most
+    ``checkpoint_seconds`` after it (unless another process keeps reading the
+    log), and all of them once the store is closed.
     """
 
-    def __init__(self, path: str | Path = ":memory:") -> None:
+    def __init__(self, path: str | Path = ":memory:", checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
+        if not checkpoint_seconds >= 0:
+            raise ValueError(f"checkpoint_seconds must be >= 0, not {checkpoint_seconds}")
         self.path = path
-        self._lock = threading.Lock()
+        self.checkpoint_seconds = float(checkpoint_seconds)
+        # Reentrant for one case: the checkpointer dropping the last reference to the store while it
+        # holds the lock runs the finalizer below, which takes it to wake the checkpointer up.
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)  # wakes the checkpointer: a write, close(), or collection
+        self._wal = False  # in WAL mode (a file): there is a log to checkpoint
+        self._dirty = False  # the log may hold writes the main file lacks
+        self._closed = False
+        self._last_checkpoint = time.monotonic()
+        self._checkpointer: threading.Thread | None = None
         if str(path) != ":memory:":
             _check_header(Path(path))
+            try:
+                _check_wal(Path(path))
+            except CorruptWalError as exc:
+                # A log another process has open is its own (a second app on the same folder, a tool):
+                # what looks damaged may be a write it is making right now. Never taken from under it.
+                if not _open_elsewhere(Path(path)):
+                    raise
+                log.warning("The history's write-ahead log looks damaged (%s), but another process has the "
+                            "history open: it is left as it is", exc)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             self._prepare()
@@ -194,6 +256,15 @@ class SQLiteStore(HistoryStore):
         except BaseException:
             self._conn.close()
             raise
+        if self._wal:
+            self._dirty = True  # opening wrote (user_version); a new file has its schema in the log only
+            # The thread holds the store only weakly: a store dropped without close() is still
+            # collected, and its connection closed, as before; the thread then ends.
+            self._checkpointer = threading.Thread(target=type(self)._checkpoint_loop, daemon=True,
+                                                  args=(weakref.ref(self), self._wake),
+                                                  name=f"history-checkpoint:{Path(path).name}")
+            weakref.finalize(self, _notify_all, self._wake).atexit = False
+            self._checkpointer.start()
 
     # -- opening -------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -212,7 +283,7 @@ class SQLiteStore(HistoryStore):
         if not new:
             self._check_columns("conversations", CONVERSATION_COLUMNS)
             self._check_columns("turns", ("conversation_id", "position", *TURN_COLUMNS))
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         # A write even when there is nothing to create: a read-only file fails here, not at the first save.
@@ -245,8 +316,54 @@ class SQLiteStore(HistoryStore):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._transaction() as conn:
-            yield conn
+        with self._lock:
+            with self._transaction() as conn:
+                yield conn
+            self._written()
+
+    # -- checkpoints (each with the lock held) ---------------------------------------------
+    def _written(self) -> None:
+        """After a committed write: checkpoint now if the last one is old enough, else let the
+        checkpointer know there is something to do."""
+        if not self._wal:
+            return
+        self._dirty = True
+        if time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds:
+            self._checkpoint("PASSIVE")
+        else:
+            self._wake.notify()
+
+    def _checkpoint(self, mode: str) -> None:
+        """``PRAGMA wal_checkpoint(mode)``; the store stays dirty unless every frame of the log was
+        copied (another process reading the log can hold some back: the next checkpoint retries).
+        A failure is logged, never raised: the write before it is committed all the same."""
+        try:
+            busy, frames, copied = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("Could not checkpoint the history's write-ahead log: %s", exc)
+            busy, frames, copied = 1, -1, 0
+        self._last_checkpoint = time.monotonic()
+        if not busy and frames == copied:
+            self._dirty = False
+
+    @staticmethod
+    def _checkpoint_loop(ref: weakref.ref[SQLiteStore], wake: threading.Condition) -> None:
+        """The checkpointer thread: a checkpoint ``checkpoint_seconds`` after the last one, whenever
+        there was a write since (retried no faster than 10 times a second); ends at close(), or
+        when the store is collected."""
+        with wake:
+            while True:
+                store = ref()
+                if store is None or store._closed:
+                    return
+                delay = None  # nothing to do: until the next write wakes it
+                if store._dirty:
+                    delay = store._last_checkpoint + max(store.checkpoint_seconds, 0.1) - time.monotonic()
+                    if delay <= 0:
+                        store._checkpoint("PASSIVE")
+                        continue
+                del store  # not kept alive while waiting
+                wake.wait(delay)
 
     # -- reads ---------------------------------------------------------------------------
     def list(self, owner: str, query: str = "", limit: int = 200) -> list[ConversationSummary]:
@@ -323,8 +440,21 @@ class SQLiteStore(HistoryStore):
             conn.executemany(_UPSERT_TURN, [_turn_row(record.id, i, t) for i, t in enumerate(record.turns)])
 
     def close(self) -> None:
+        """Checkpoint the whole log into the main file (``TRUNCATE``: the log is left empty), stop the
+        checkpointer and close the connection. A second call does nothing."""
         with self._lock:
-            self._conn.close()
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify_all()
+            try:
+                if self._wal:
+                    self._checkpoint("TRUNCATE")
+            finally:
+                self._conn.close()
+        thread = self._checkpointer
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -363,6 +493,86 @@ def _check_header(path: Path) -> None:
         raise CorruptStoreError("not a SQLite database")
 
 
+def _notify_all(wake: threading.Condition) -> None:
+    with wake:
+        wake.notify_all()
+
+
+def _check_wal(path: Path) -> None:
+    """Raise CorruptWalError if the ``-wal`` beside ``path`` is not empty and its header or its
+    first whole frame is not valid (magic, version, page size, salts, checksums).
+
+    Checked before SQLite sees it, for SQLite reads such a log as empty: the
+    history would silently lose what it holds (every write since the last
+    checkpoint), and the next write would overwrite it. A log whose last frame
+    is cut short (a crash mid-write) is normal, and SQLite keeps every commit
+    before it: not reported, nor is a log with no whole frame yet.
+    """
+    try:
+        file = open(_companion(path, "-wal"), "rb")
+    except (FileNotFoundError, IsADirectoryError):  # no log; or a folder, which SQLite reports
+        return
+    with file:
+        header = file.read(WAL_HEADER_SIZE)
+        if not header:
+            return
+        if len(header) < WAL_HEADER_SIZE:
+            raise CorruptWalError(f"{len(header)} bytes, shorter than a write-ahead log header")
+        magic, version, page_size, _sequence, salt1, salt2, sum1, sum2 = struct.unpack(">8I", header)
+        if magic not in WAL_MAGICS:
+            raise CorruptWalError("not a SQLite write-ahead log")
+        if version != WAL_FORMAT_VERSION:
+            raise CorruptWalError(f"unknown write-ahead log format {version}")
+        if not 512 <= page_size <= 65536 or page_size & (page_size - 1):
+            raise CorruptWalError(f"invalid page size {page_size}")
+        big_endian = bool(magic & 1)
+        if _wal_checksum(header[:24], big_endian) != (sum1, sum2):
+            raise CorruptWalError("the checksum of its header is wrong")
+        frame = file.read(WAL_FRAME_HEADER_SIZE + page_size)
+    if len(frame) < WAL_FRAME_HEADER_SIZE + page_size:
+        return  # no whole frame: the first write was cut short, and nothing was committed in this log
+    page_number, _, frame_salt1, frame_salt2, frame_sum1, frame_sum2 = struct.unpack(">6I", frame[:24])
+    if (frame_salt1, frame_salt2) != (salt1, salt2):
+        raise CorruptWalError("its first frame does not belong to its header (the salts differ)")
+    if page_number == 0:
+        raise CorruptWalError("its first frame has page number 0")
+    if _wal_checksum(frame[:8] + frame[24:], big_endian, sum1, sum2) != (frame_sum1, frame_sum2):
+        raise CorruptWalError("the checksum of its first frame is wrong")
+
+
+def _open_elsewhere(path: Path) -> bool:
+    """True if another process has the database ``path`` open in WAL mode. Each such process holds
+    a shared POSIX lock on byte 128 of the ``-shm`` (SQLite's "DMS" lock on Unix); this tries to
+    take it exclusively. False where it cannot tell (no ``-shm``, no ``fcntl`` as on Windows).
+
+    Call it only when nothing in this process has the database open: POSIX locks belong to the
+    process, and closing this descriptor would drop this process's own locks on the file.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        with open(_companion(path, "-shm"), "r+b") as shm:
+            try:
+                fcntl.lockf(shm, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+            except OSError:  # EAGAIN/EACCES: held by another process
+                return True
+            fcntl.lockf(shm, fcntl.LOCK_UN, 1, 128)
+            return False
+    except OSError:  # no -shm (nobody has it open), or one we may not open
+        return False
+
+
+def _wal_checksum(data: bytes, big_endian: bool, s0: int = 0, s1: int = 0) -> tuple[int, int]:
+    """SQLite's write-ahead log checksum of ``data`` (a multiple of 8 bytes), continuing from (s0, s1)."""
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
 def _fold(text: str | None) -> str:
     return (text or "").casefold()
 
@@ -378,17 +588,28 @@ def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
     """The history store in ``data_dir`` (created if needed), and what went wrong opening it, if anything.
 
     Never raises for a bad file or folder: a damaged file is moved aside and a
-    new one started ("moved"); a folder or file that cannot be used gives an
-    in-memory store ("unavailable").
+    new one started ("moved"); a damaged write-ahead log is moved aside and the
+    file opened without it ("wal_moved"); a folder or file that cannot be used
+    gives an in-memory store ("unavailable").
     """
     path = Path(data_dir) / FILENAME
     moved_to: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        wal_problem: StoreProblem | None = None
         try:
             return SQLiteStore(path), None
+        except CorruptWalError as exc:
+            wal_problem = StoreProblem("wal_moved", _companion(path, "-wal"), _move_wal_aside(path), str(exc))
+            log.warning("%s", wal_problem)
         except CorruptStoreError as exc:
             reason = str(exc)
+        if wal_problem is not None:
+            try:
+                return SQLiteStore(path), wal_problem
+            except CorruptStoreError as exc:  # the main file is damaged too
+                reason = (f"{exc}; its write-ahead log was damaged too ({wal_problem.reason}) "
+                          f"and was moved to {wal_problem.moved_to}")
         moved_to = _move_aside(path)
         problem = StoreProblem("moved", path, moved_to, reason)
         store = SQLiteStore(path)
@@ -399,18 +620,127 @@ def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
     return store, problem
 
 
+# -- backups ---------------------------------------------------------------------------------
+def backup_path(target: Path, now: datetime | None = None) -> Path:
+    """Where ``backup`` writes for a target given by the user: ``target`` itself, or in a folder,
+    ``history-<YYYYmmdd-HHMMSS>.sqlite3`` inside it."""
+    target = Path(target).expanduser()
+    if target.is_dir():
+        return target / f"history-{(now or datetime.now()):%Y%m%d-%H%M%S}.sqlite3"
+    return target
+
+
+def backup(source: Path, target: Path, *, force: bool = False) -> int:
+    """Copy the history file ``source`` to the file ``target`` with SQLite's online backup API; the
+    number of conversations (of every owner) in the copy.
+
+    Safe while the app writes to ``source``: the copy is one consistent snapshot of everything
+    committed, what only the write-ahead log holds included, and a transaction still open
+    elsewhere is not in it. ``source`` is opened read-only where SQLite can. The copy is one
+    self-contained file (rollback journal: it needs no -wal), written beside ``target`` under a
+    temporary name, checked (``quick_check``, the history's tables), synced, then renamed into
+    place: a failed backup leaves nothing behind. Raises :class:`BackupError` (with a sentence
+    for the user) when there is no history file, when ``target`` exists and ``force`` is False,
+    when it cannot be written, or when the history is damaged.
+    """
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise BackupError(f"there is no history file at {source}")
+    if target.is_dir():
+        raise BackupError(f"{target} is a folder")
+    if target.exists() and not force:
+        raise BackupError(f"{target} already exists (--force overwrites it)")
+    try:
+        _check_header(source)
+    except CorruptStoreError as exc:
+        raise BackupError(f"{source} is not a history file ({exc})") from None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise BackupError(f"cannot write in {target.parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    partial = Path(name)
+    try:
+        count = _copy(source, partial)
+        with open(partial, "rb") as file:
+            os.fsync(file.fileno())
+        if target.exists() and not force:  # made meanwhile
+            raise BackupError(f"{target} already exists (--force overwrites it)")
+        os.replace(partial, target)
+    except BaseException as exc:
+        for suffix in ("", "-journal", *COMPANIONS):
+            _companion(partial, suffix).unlink(missing_ok=True)
+        if isinstance(exc, sqlite3.Error):
+            raise BackupError(f"could not copy {source}: {exc}") from None
+        if isinstance(exc, OSError):
+            raise BackupError(f"could not write {target}: {exc.strerror or exc}") from None
+        raise
+    return count
+
+
+def _copy(source: Path, target: Path) -> int:
+    """The backup proper, into the empty file ``target``; the number of conversations in the copy."""
+    try:  # read-only: a backup never writes to the history (SQLite may still make its -shm)
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            src.close()
+            raise
+    except sqlite3.OperationalError:  # e.g. a -shm that only a writer may create
+        src = sqlite3.connect(source)
+    try:
+        dst = sqlite3.connect(target, isolation_level=None)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")  # the copy stands alone, with no -wal
+            check = [row[0] for row in dst.execute("PRAGMA quick_check")]
+            if check != ["ok"]:
+                raise BackupError(f"the history file {source} is damaged: " + "; ".join(map(str, check[:3])))
+            tables = {row[0] for row in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"conversations", "turns"} <= tables:
+                raise BackupError(f"{source} is not a history file (it has no conversations table)")
+            return dst.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
 def _move_aside(path: Path) -> Path:
     """Rename ``path`` and its -wal/-shm companions to ``<name>.corrupt-<time>[-n]``; the new main path."""
-    stamp = f"{path.name}.corrupt-{datetime.now():%Y%m%d-%H%M%S}"
+    targets = _free_names(lambda tag: {suffix: path.with_name(f"{path.name}.{tag}{suffix}")
+                                       for suffix in ("", *COMPANIONS)})
+    _rename_all(path, targets)
+    return targets[""]
+
+
+def _move_wal_aside(path: Path) -> Path:
+    """Rename the -wal and -shm beside ``path`` to ``<name>-wal.corrupt-<time>[-n]`` (and -shm); the new
+    -wal path. The main file stays."""
+    targets = _free_names(lambda tag: {suffix: path.with_name(f"{path.name}{suffix}.{tag}") for suffix in COMPANIONS})
+    _rename_all(path, targets)
+    return targets["-wal"]
+
+
+def _free_names(names: Callable[[str], dict[str, Path]]) -> dict[str, Path]:
+    """``names("corrupt-<time>")``, or with ``-1``, ``-2``... after it: the first whose paths are all free."""
+    stamp = f"corrupt-{datetime.now():%Y%m%d-%H%M%S}"
     n = 0
     while True:
-        name = stamp if n == 0 else f"{stamp}-{n}"
-        targets = {suffix: path.with_name(name + suffix) for suffix in ("", *COMPANIONS)}
+        targets = names(stamp if n == 0 else f"{stamp}-{n}")
         if not any(t.exists() for t in targets.values()):
-            break
+            return targets
         n += 1
+
+
+def _rename_all(path: Path, targets: dict[str, Path]) -> None:
     for suffix, target in targets.items():
-        source = path.with_name(path.name + suffix)
+        source = _companion(path, suffix)
         if source.exists():
             source.rename(target)
-    return targets[""]
+
+
+def _companion(path: Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` ("-wal", "-shm", or "") after its name."""
+    return path.with_name(path.name + suffix)
