@@ -67,7 +67,8 @@ def pf_server() -> Iterator[FakePromptflowServer]:
 
 
 def entry(server: FakePromptflowServer, **extra: Any) -> dict[str, Any]:
-    return {"provider": "promptflow", "name": "flow", "url": server.url, "api_key": KEY, **extra}
+    # max_retries 0: one request per reply (retries: tests/test_timeouts.py), as conftest's OpenAI entry
+    return {"provider": "promptflow", "name": "flow", "url": server.url, "api_key": KEY, "max_retries": 0, **extra}
 
 
 @pytest.fixture
@@ -507,7 +508,9 @@ async def test_cut_mid_stream_keeps_the_partial_reply_marked_interrupted(pf_serv
 async def test_cut_before_the_first_piece_is_an_error_without_text(pf_server, make_model):
     pf_server.enqueue("never", outputs={"url": URLS}, cut_after=0)
     reply = await reply_of(make_model())
-    assert type(reply.error) is errors.InterruptedError
+    # Nothing of the answer came: the flow failed, the connection was not "lost".
+    assert type(reply.error) is errors.ServerError
+    assert "the flow failed before it answered" in reply.error.detail
     assert reply.status == "error"
     assert reply.text == ""
 

@@ -70,7 +70,7 @@ class AzureChatModel(OpenAIChatModel):
             azure_endpoint=cfg.endpoint,
             azure_deployment=cfg.deployment,
             api_version=cfg.api_version,
-            max_retries=cfg.max_retries,
+            max_retries=0,  # the adapter retries (see OpenAIChatModel.stream)
             timeout=self._timeout(),
             default_headers=cfg.headers or None,
             **auth,

@@ -21,6 +21,8 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from .text import scrub  # noqa: F401  (re-exported: adapters scrub details with it)
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -58,6 +60,9 @@ class Delta:
     usage: token usage (usually once, at the end).  finish_reason: why the
     model stopped ("stop", "length", "content_filter", ...).  outputs: fields
     that are not streamed (for example ``{"sources": [...]}``), merged.
+    retrying: ``(attempt, attempts)`` before any text: the upstream failed and
+    attempt ``attempt`` of ``attempts`` is about to be made (shown as
+    "retrying (2/3)…" while it waits).
     """
 
     text: str = ""
@@ -65,6 +70,7 @@ class Delta:
     usage: Usage | None = None
     finish_reason: str | None = None
     outputs: dict[str, Any] | None = None
+    retrying: tuple[int, int] | None = None
 
 
 class GenerationOptions(BaseModel):
@@ -112,14 +118,6 @@ class ModelConfig(BaseModel):
     name: str = Field(min_length=1, description="Display name in the model dropdown.")
     context_size: int = Field(8192, ge=256, description="Context window in tokens.")
     price: Price | None = Field(None, description="Price per million tokens; without one, costs show 'price unknown'.")
-
-
-def scrub(text: str, secrets: list[str] | tuple[str, ...]) -> str:
-    """``text`` with every secret value (API keys) replaced by ``***``."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 class ChatModel(abc.ABC):

@@ -1,24 +1,33 @@
 """OpenAI and every OpenAI-compatible server (Ollama, vLLM, LM Studio, llama.cpp, gateways).
 
-The openai SDK makes the request: authentication, base URL, its own retries
-with backoff (only before the first byte of a reply, which is the only time a
-retry is safe) and its status-to-exception mapping. The streamed body is then
-read with httpx-sse and ``json.loads``: the SDK's per-chunk model parsing was
-most of the CPU per token once UI updates are coalesced.
+The openai SDK makes the request: authentication, base URL and its
+status-to-exception mapping. Retries are the adapter's own (:mod:`.retry`, the
+SDK's are off): only before the first byte of a reply, which is the only time a
+retry is safe, within ``first_byte_timeout`` per attempt and ``retry_budget`` in
+all, with a ``Delta(retrying=...)`` before each. The streamed body is then read
+with httpx-sse and ``json.loads``: the SDK's per-chunk model parsing was most of
+the CPU per token once UI updates are coalesced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from contextlib import AsyncExitStack, aclosing
 from typing import Any, AsyncIterator, Literal
 
+import httpx2
 import openai
+from httpx_sse import ServerSentEvent
 from pydantic import Field, SecretStr
 
-from . import errors, register
+from . import errors, register, retry
 from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage, scrub
 from .sse import iter_events
+from .text import clip
+
+MAX_CHUNK_DETAIL = 80  # characters of an unreadable chunk kept as detail
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +37,14 @@ class HTTPModelConfig(ModelConfig):
 
     api_key: SecretStr | None = Field(None, description="API key; None for servers without auth.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
-    max_retries: int = Field(2, ge=0, le=10, description="SDK retries before the first token.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries before the first token (no connection, no "
+                                                          "first byte in time, 408, 409, 429, 5xx).")
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect.")
-    idle_timeout: float = Field(120.0, gt=0, description="Seconds to wait for the next chunk.")
+    first_byte_timeout: float = Field(30.0, gt=0, description="Seconds from sending the request until the "
+                                                               "headers and the first event arrive.")
+    idle_timeout: float = Field(120.0, gt=0, description="Seconds to wait for the next chunk mid-stream.")
+    retry_budget: float = Field(60.0, gt=0, description="Seconds all attempts together (backoff included) may "
+                                                         "take before the first token.")
     stream_usage: bool = Field(True, description="Ask for a usage chunk (stream_options).")
 
 
@@ -58,11 +72,7 @@ def map_openai_error(exc: openai.OpenAIError, secrets: list[str]) -> errors.Mode
 
 
 def _status_error(exc: openai.APIStatusError, secrets: list[str]) -> errors.ModelError:
-    retry_after = exc.response.headers.get("retry-after")
-    try:
-        seconds = float(retry_after) if retry_after else None
-    except ValueError:
-        seconds = None
+    seconds = retry.retry_after(exc.response.headers)
     body = exc.body if isinstance(exc.body, dict) else {}
     inner = body.get("error", body) if isinstance(body, dict) else {}
     code = inner.get("code") if isinstance(inner, dict) else None
@@ -70,7 +80,7 @@ def _status_error(exc: openai.APIStatusError, secrets: list[str]) -> errors.Mode
     detail = scrub(str(message or exc.message), secrets)  # a gateway may echo the key
     if code == "content_filter":
         return errors.ContentFilterError(detail, status=exc.status_code)
-    return errors.for_status(exc.status_code, detail, retry_after=seconds)
+    return retry.asks_to_wait(errors.for_status(exc.status_code, detail, retry_after=seconds), seconds)
 
 
 @register("openai")
@@ -94,7 +104,7 @@ class OpenAIChatModel(ChatModel):
         return openai.AsyncOpenAI(
             api_key=cfg.api_key.get_secret_value() if cfg.api_key else "none",
             base_url=cfg.base_url,
-            max_retries=cfg.max_retries,
+            max_retries=0,  # the adapter retries (see stream)
             timeout=self._timeout(),
             default_headers=cfg.headers or None,
         )
@@ -123,34 +133,63 @@ class OpenAIChatModel(ChatModel):
 
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
         body = self._request_body(messages, options)
+        secrets = self.secrets()
+        retrier = retry.Retrier.of(self.config)
+        while True:
+            async with AsyncExitStack() as stack:  # closes the connection on Stop, error or end
+                try:
+                    async with retrier.first_byte(limit=self.config.idle_timeout):
+                        events, first = await self._open(stack, body, secrets)
+                except errors.ModelError as exc:
+                    failure = exc
+                else:
+                    deltas = await stack.enter_async_context(aclosing(self._read(first, events, secrets)))
+                    async for delta in deltas:
+                        yield delta
+                    return
+            wait = retrier.next_wait(failure)  # raises the final error
+            yield Delta(retrying=(retrier.attempt, retrier.attempts))
+            await asyncio.sleep(wait)
+
+    async def _open(self, stack: AsyncExitStack, body: dict[str, Any],
+                    secrets: list[str]) -> tuple[AsyncIterator[ServerSentEvent], ServerSentEvent | None]:
+        """Send the request; the response's events (closed with ``stack``) and the first one."""
         try:
             request = self.client.chat.completions.with_streaming_response.create(**body)
-            async with request as response:  # closes the connection on Stop, error or end
-                async for delta in self._read(response.http_response):
-                    yield delta
+            response = await stack.enter_async_context(request)
+            events = await stack.enter_async_context(aclosing(iter_events(response.http_response)))
+            return events, await anext(events, None)
+        except openai.APITimeoutError as exc:
+            if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+                raise errors.UnreachableError(f"no connection within {self.config.connect_timeout:g} s") from exc
+            raise errors.TimeoutError("the server did not answer in time") from exc  # a first-byte timeout
         except openai.OpenAIError as exc:
-            raise map_openai_error(exc, self.secrets()) from exc
+            raise map_openai_error(exc, secrets) from exc
 
-    async def _read(self, response: Any) -> AsyncIterator[Delta]:
+    async def _read(self, first: ServerSentEvent | None, events: AsyncIterator[ServerSentEvent],
+                    secrets: list[str]) -> AsyncIterator[Delta]:
         finished = False
-        async for event in iter_events(response):
+        event = first
+        while event is not None:
             data = event.data
             if data == "[DONE]":
                 return
-            if not data:
-                continue
-            try:
-                chunk = json.loads(data)
-            except ValueError as exc:
-                raise errors.ServerError(f"unreadable chunk: {data[:80]!r}") from exc
-            if "error" in chunk:  # some servers report failures inside the stream
-                inner = chunk["error"]
-                message = inner.get("message", str(inner)) if isinstance(inner, dict) else str(inner)
-                raise errors.ServerError(message)
-            delta = self._delta(chunk)
-            if delta is not None:
-                finished = finished or delta.finish_reason is not None
-                yield delta
+            if data:
+                try:
+                    chunk = json.loads(data)
+                except ValueError as exc:
+                    raise errors.ServerError(f"unreadable chunk: {clip(data, MAX_CHUNK_DETAIL, secrets)!r}") from exc
+                if not isinstance(chunk, dict):
+                    raise errors.ServerError(f"unexpected chunk: {clip(data, MAX_CHUNK_DETAIL, secrets)!r}")
+                if "error" in chunk:  # some servers report failures inside the stream
+                    inner = chunk["error"]
+                    message = inner.get("message", str(inner)) if isinstance(inner, dict) else str(inner)
+                    raise errors.ServerError(scrub(str(message), secrets))  # it may echo the key
+                delta = self._delta(chunk)
+                if delta is not None:
+                    finished = finished or delta.finish_reason is not None
+                    yield delta
+            event = await anext(events, None)
         if not finished:
             raise errors.InterruptedError("the stream ended before [DONE]")
 
@@ -164,12 +203,11 @@ class OpenAIChatModel(ChatModel):
         finish = choice.get("finish_reason")
         if finish == "content_filter":
             raise errors.ContentFilterError("the reply was stopped by the content filter")
-        return Delta(
-            text=d.get("content") or "",
-            reasoning=d.get("reasoning_content") or d.get("reasoning") or "",
-            finish_reason=finish,
-            usage=_usage(usage) if usage else None,
-        )
+        text = d.get("content") or ""
+        reasoning = d.get("reasoning_content") or d.get("reasoning") or ""
+        if not (text or reasoning or finish or usage):  # the role chunk: nothing to show
+            return None
+        return Delta(text=text, reasoning=reasoning, finish_reason=finish, usage=_usage(usage) if usage else None)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -25,28 +25,37 @@ its first token) still goes into ``chat_history``, with an empty answer, so
 that the flow sees what the user said, as every other adapter does.
 
 Promptflow has no error event and no end marker: a stream is complete when its
-body ends cleanly; a failure after the first byte cuts the connection, which
-this adapter reports as :class:`~.errors.InterruptedError` (the streaming layer
-keeps the partial answer).
+body ends cleanly; a failure after the first byte cuts the connection. A cut
+after answer text is reported as :class:`~.errors.InterruptedError` (the
+streaming layer keeps the partial answer); a cut before any answer text is the
+flow failing before it answered, a :class:`~.errors.ServerError` (as is an
+``{"error": {...}}`` event, which some servers send instead of cutting).
+
+Retries (:mod:`.retry`) are as for the OpenAI adapter: before the first byte of
+an answer only, within ``first_byte_timeout`` per attempt and ``retry_budget``
+in all.
 """
 
 from __future__ import annotations
 
-import email.utils
+import asyncio
 import json
-import time
+from contextlib import AsyncExitStack, aclosing
 from typing import Any, AsyncIterator, Literal
 
 import httpx
+from httpx_sse import ServerSentEvent
 from pydantic import Field, SecretStr, field_validator
 
-from . import errors, register
+from . import errors, register, retry
 from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, scrub
 from .sse import iter_events
+from .text import clip
 
 ACCEPT = "text/event-stream, application/json"
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 MAX_BODY_DETAIL = 300  # characters of a non-JSON error body kept as detail
+MAX_EVENT_DETAIL = 80  # characters of an unreadable event or answer kept as detail
 
 
 class PromptflowModelConfig(ModelConfig):
@@ -62,8 +71,14 @@ class PromptflowModelConfig(ModelConfig):
     history_field: str = Field("chat_history", min_length=1, description="The flow's chat history input.")
     output_field: str = Field("answer", min_length=1, description="The flow's chat output.")
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect.")
-    idle_timeout: float = Field(120.0, gt=0, description="Seconds to wait for the next chunk; for a flow "
-                                                          "that does not stream, for the whole answer.")
+    first_byte_timeout: float = Field(30.0, gt=0, description="Seconds from sending the request until the "
+                                                               "headers and the first event arrive; for a flow "
+                                                               "that does not stream, its whole answer.")
+    idle_timeout: float = Field(120.0, gt=0, description="Seconds to wait for the next chunk mid-stream.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries before the first token (no connection, no "
+                                                          "first byte in time, 408, 409, 429, 5xx).")
+    retry_budget: float = Field(60.0, gt=0, description="Seconds all attempts together (backoff included) may "
+                                                         "take before the first token.")
 
     @field_validator("url")
     @classmethod
@@ -122,28 +137,54 @@ class PromptflowChatModel(ChatModel):
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
         body = self.request_body(messages)
         secrets = self.secrets()
-        try:
-            # `async with` closes the connection on Stop (cancellation), error or end.
-            async with self.client.stream("POST", self.config.url, json=body, headers=self.headers()) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise self._status_error(response, secrets)
-                content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-                if content_type == "text/event-stream":
-                    async for delta in self._read_sse(response):
-                        yield delta
-                elif content_type == "application/json" or content_type.endswith("+json"):
-                    yield self._whole(await response.aread())
+        retrier = retry.Retrier.of(self.config)
+        while True:
+            async with AsyncExitStack() as stack:  # closes the connection on Stop (cancellation), error or end
+                try:
+                    async with retrier.first_byte(limit=self.config.idle_timeout):
+                        opened = await self._open(stack, body, secrets)
+                except errors.ModelError as exc:
+                    failure = exc
                 else:
-                    raise errors.ServerError(
-                        f"the endpoint answered {content_type or 'no Content-Type'}, "
-                        "neither an event stream nor JSON: is the URL the flow's scoring URL?",
-                        status=response.status_code)
+                    if isinstance(opened, Delta):  # a JSON answer, whole
+                        yield opened
+                        return
+                    events, first = opened
+                    deltas = await stack.enter_async_context(aclosing(self._read_sse(first, events, secrets)))
+                    async for delta in deltas:
+                        yield delta
+                    return
+            wait = retrier.next_wait(failure)  # raises the final error
+            yield Delta(retrying=(retrier.attempt, retrier.attempts))
+            await asyncio.sleep(wait)
+
+    async def _open(self, stack: AsyncExitStack, body: dict[str, Any], secrets: list[str]
+                    ) -> Delta | tuple[AsyncIterator[ServerSentEvent], ServerSentEvent | None]:
+        """Send the request and wait for the answer's first byte: a JSON answer whole, or the
+        events of a stream (closed with ``stack``) and the first of them."""
+        try:
+            response = await stack.enter_async_context(
+                self.client.stream("POST", self.config.url, json=body, headers=self.headers()))
+            if response.status_code >= 400:
+                await response.aread()
+                raise self._status_error(response, secrets)
+            content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if content_type == "text/event-stream":
+                events = await stack.enter_async_context(aclosing(iter_events(response)))
+                try:
+                    return events, await anext(events, None)  # a cut or stalled body raises a ModelError
+                except errors.InterruptedError as exc:  # not one event: the flow failed before it answered
+                    raise errors.ServerError(_flow_failed("the endpoint closed the stream", secrets)) from exc
+            if content_type == "application/json" or content_type.endswith("+json"):
+                return self._whole(await response.aread(), secrets)
+            raise errors.ServerError(
+                f"the endpoint answered {content_type or 'no Content-Type'}, "
+                "neither an event stream nor JSON: is the URL the flow's scoring URL?",
+                status=response.status_code)
         except httpx.ConnectTimeout as exc:
             raise errors.UnreachableError(f"no connection within {self.config.connect_timeout:g} s") from exc
-        except httpx.TimeoutException as exc:  # waiting for the headers, or for a JSON body
-            raise errors.TimeoutError(
-                f"no answer from the endpoint within the idle timeout ({self.config.idle_timeout:g} s)") from exc
+        except httpx.TimeoutException as exc:  # waiting for the headers or a JSON body: a first-byte timeout
+            raise errors.TimeoutError("no answer from the endpoint in time") from exc
         except httpx.ConnectError as exc:
             raise errors.UnreachableError(scrub(str(exc) or type(exc).__name__, secrets)) from exc
         except (httpx.TransportError, httpx.StreamError) as exc:  # cut while reading a JSON body
@@ -151,44 +192,58 @@ class PromptflowChatModel(ChatModel):
         except httpx.InvalidURL as exc:
             raise errors.BadRequestError(f"invalid endpoint URL: {scrub(str(exc), secrets)}") from exc
 
-    async def _read_sse(self, response: httpx.Response) -> AsyncIterator[Delta]:
+    async def _read_sse(self, first: ServerSentEvent | None, events: AsyncIterator[ServerSentEvent],
+                        secrets: list[str]) -> AsyncIterator[Delta]:
         field = self.config.output_field
-        answered = False
+        answered = False  # an event of the chat output came
+        spoke = False  # ...with text
         index = -1
-        async for event in iter_events(response):  # a cut or stalled body raises a ModelError
-            if not event.data:
-                continue
-            index += 1
-            try:
-                data = json.loads(event.data)
-            except ValueError as exc:
-                raise errors.ServerError(f"unreadable event: {event.data[:80]!r}") from exc
-            if not isinstance(data, dict):
-                raise errors.ServerError(f"unexpected event: {event.data[:80]!r}")
-            if field in data:
-                answered = True
-                piece = _text(data.pop(field))
-                if piece:
-                    yield Delta(text=piece)
-            elif index > 0 and not answered:
-                # pf sends the non-streamed outputs once, first; every later event is a
-                # piece of the streamed output. Not ours: the flow streams another output.
-                raise self._no_output(set(data))
-            if data:
-                yield Delta(outputs=data)
+        event = first
+        try:
+            while event is not None:
+                if event.data:
+                    index += 1
+                    try:
+                        data = json.loads(event.data)
+                    except ValueError as exc:
+                        raise errors.ServerError(
+                            f"unreadable event: {clip(event.data, MAX_EVENT_DETAIL, secrets)!r}") from exc
+                    if not isinstance(data, dict):
+                        raise errors.ServerError(f"unexpected event: {clip(event.data, MAX_EVENT_DETAIL, secrets)!r}")
+                    if field not in data and _is_error(data):
+                        why = f"it sent: {_error_text(data['error'])}"
+                        raise errors.ServerError(_flow_failed(why, secrets, before=not spoke))
+                    if field in data:
+                        answered = True
+                        piece = _text(data.pop(field))
+                        if piece:
+                            spoke = True
+                            yield Delta(text=piece)
+                    elif index > 0 and not answered:
+                        # pf sends the non-streamed outputs once, first; every later event is a
+                        # piece of the streamed output. Not ours: the flow streams another output.
+                        raise self._no_output(set(data))
+                    if data:
+                        yield Delta(outputs=data)
+                event = await anext(events, None)
+        except errors.InterruptedError as exc:
+            if spoke:
+                raise
+            # Nothing of the answer came: the flow failed before it answered (pf cuts the stream).
+            raise errors.ServerError(_flow_failed("the endpoint closed the stream", secrets)) from exc
         # No end marker exists in this protocol: a body that ended cleanly is a complete answer
         # (possibly empty: a generator that yielded nothing sends no event of its output at all).
         yield Delta(finish_reason="stop")
 
-    def _whole(self, raw: bytes) -> Delta:
+    def _whole(self, raw: bytes, secrets: list[str]) -> Delta:
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            raise errors.ServerError(f"unreadable JSON answer: {raw[:80]!r}") from exc
+            raise errors.ServerError(f"unreadable JSON answer: {_clip_bytes(raw, secrets)}") from exc
         if isinstance(data, str):  # a flex flow that returns a bare string
             return Delta(text=data, finish_reason="stop")
         if not isinstance(data, dict):
-            raise errors.ServerError(f"unexpected JSON answer: {raw[:80]!r}")
+            raise errors.ServerError(f"unexpected JSON answer: {_clip_bytes(raw, secrets)}")
         if self.config.output_field not in data:
             raise self._no_output(set(data))
         text = _text(data.pop(self.config.output_field))
@@ -204,7 +259,7 @@ class PromptflowChatModel(ChatModel):
     def _status_error(self, response: httpx.Response, secrets: list[str]) -> errors.ModelError:
         status = response.status_code
         code, message = _error_body(response)
-        detail = scrub(message, secrets)  # a gateway may echo the key
+        detail = clip(message, MAX_BODY_DETAIL, secrets)  # a gateway may echo the key
         if status == 406 or (message and "in Accept header is not acceptable" in message):
             # Our Accept takes both formats a flow can answer, so something between us and the
             # flow (a proxy, a gateway's rewrite) or the endpoint's set-up is wrong.
@@ -214,7 +269,8 @@ class PromptflowChatModel(ChatModel):
             if code == "UserError":
                 return errors.BadRequestError(detail, status=status)
             return errors.ServerError(detail, status=status)
-        return errors.for_status(status, detail, retry_after=_retry_after(response.headers.get("retry-after")))
+        seconds = retry.retry_after(response.headers)
+        return retry.asks_to_wait(errors.for_status(status, detail, retry_after=seconds), seconds)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -244,21 +300,30 @@ def _error_body(response: httpx.Response) -> tuple[str | None, str]:
             return None, inner
     content_type = response.headers.get("content-type", "")
     if content_type.startswith("text/plain") and response.content:
-        text = response.text.strip()
-        return None, text[:MAX_BODY_DETAIL]
+        return None, response.text.strip()  # clipped (after scrubbing) by the caller
     return None, ""
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+def _flow_failed(why: str, secrets: list[str], before: bool = True) -> str:
+    """The detail of a flow that failed in its stream, ``why`` scrubbed and clipped."""
+    what = "the flow failed before it answered" if before else "the flow failed while it answered"
+    return f"{what} ({clip(why, MAX_BODY_DETAIL, secrets)})"
+
+
+def _is_error(data: dict[str, Any]) -> bool:
+    """An ``{"error": {"code": ..., "message": ...}}`` event (a server reporting the flow's failure)."""
+    if set(data) != {"error"}:
+        return False
+    inner = data["error"]
+    return isinstance(inner, dict) and bool({"code", "message"} & set(inner))
+
+
+def _error_text(inner: Any) -> str:
+    if isinstance(inner, dict):
+        code, message = inner.get("code"), inner.get("message")
+        return ": ".join(str(part) for part in (code, message) if part) or json.dumps(inner)
+    return str(inner)
+
+
+def _clip_bytes(raw: bytes, secrets: list[str]) -> str:
+    return repr(clip(raw.decode("utf-8", "replace"), MAX_EVENT_DETAIL, secrets))

@@ -3,8 +3,10 @@
 It speaks the wire format of ``../shared/PROTOCOLS.md`` §2 (and §3's Azure
 paths and ``api-key`` header): ``data: {chunk}`` events and ``data: [DONE]``,
 an optional usage chunk, reasoning deltas, error statuses with the OpenAI
-error body and ``Retry-After``, delays, and a connection cut mid-stream. It
-records every request and when a client went away before the end.
+error body and ``Retry-After``, delays, a connection cut mid-stream, and a
+server that never answers (``stall``, ``stall_after_headers``). It records
+every request and when a client went away before the end (``disconnected``,
+``disconnects``; ``stalled`` is set when a stalling request has arrived).
 
 Script its replies with ``enqueue()`` (first in, first out); with an empty
 script it answers ``default_script`` if given, else "Hello from the fake server."
@@ -53,6 +55,9 @@ class Script:
     prompt_filter_chunk: bool = False  # Azure: a first chunk with empty choices
     fragment: int | None = None  # split the byte stream into pieces of this size
     pace: bool = False  # keep ``delay`` on a fixed schedule (token i at i * delay), so slow sends don't stretch it
+    stall: bool = False  # accept the request and never answer: no status, no byte, until the client goes away
+    stall_after_headers: bool = False  # send 200 and the event-stream headers, then nothing until the client goes away
+    raw: list[str] = field(default_factory=list)  # ``data:`` payloads sent as they are after the role chunk
 
 
 @dataclass
@@ -80,6 +85,9 @@ class FakeOpenAIServer(ThreadedServer):
         self.disconnected_at: float | None = None
         self.completed = threading.Event()
         self.chunks_sent = 0
+        self.stalled = threading.Event()  # a request with ``stall`` or ``stall_after_headers`` has arrived
+        self.disconnects = 0  # clients that went away before the end of their answer
+        self._left_changed = threading.Condition()
         super().__init__()
 
     # -- scripting ------------------------------------------------------------------------
@@ -128,6 +136,14 @@ class FakeOpenAIServer(ThreadedServer):
         if not self._auth_ok(request):
             return self._error(401, "Incorrect API key provided.", "invalid_api_key")
         script = self.script.popleft() if self.script else (self.default_script or Script())
+        if script.stall:
+            self.stalled.set()
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self._left()
+            return Response(status_code=499)  # nobody is there to read it
+        if script.stall_after_headers:
+            return StreamingResponse(self._silence(), media_type="text/event-stream")
         if script.status >= 400:
             headers = {"Retry-After": script.retry_after} if script.retry_after else None
             err = script.error or {"message": f"fake error {script.status}", "code": None}
@@ -161,6 +177,7 @@ class FakeOpenAIServer(ThreadedServer):
                 pieces.append(b'data: {"id":"","object":"","created":0,"model":"","choices":[],'
                               b'"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}\n\n')
             pieces.append(self._chunk(model, {"role": "assistant", "content": ""}))
+            pieces.extend(b"data: " + data.encode("utf-8") + b"\n\n" for data in script.raw)
             async for piece in self._send(pieces, script):
                 yield piece
             if script.first_delay:
@@ -195,9 +212,31 @@ class FakeOpenAIServer(ThreadedServer):
                 yield piece
             self.completed.set()
         except asyncio.CancelledError:
+            self._left()
+            raise
+
+    def _left(self) -> None:
+        """A client went away before the end of its answer."""
+        with self._left_changed:
+            self.disconnects += 1
             self.disconnected_at = time.monotonic()
             self.disconnected.set()
+            self._left_changed.notify_all()
+
+    def wait_disconnects(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` clients have gone away before the end (False after ``timeout`` s)."""
+        with self._left_changed:
+            return self._left_changed.wait_for(lambda: self.disconnects >= count, timeout)
+
+    async def _silence(self):
+        """A body that never comes (after the headers), until the client goes away."""
+        self.stalled.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self._left()
             raise
+        yield b""  # never reached: makes this an async generator
 
     @staticmethod
     async def _send(pieces: list[bytes], script: Script):

@@ -17,10 +17,13 @@ and an Azure ML online endpoint do, per ``../shared/PROTOCOLS.md`` §4:
   ``Retry-After``, ...) with a plain-text body;
 * a failure in the middle of the stream: the connection is cut (the chunked
   body never ends), no error event;
-* stalls (before the answer, or after some pieces) for idle timeouts.
+* stalls (before the answer, or after some pieces) for idle timeouts, and an
+  endpoint that never answers (``silent``: no status; ``silent_after_headers``:
+  the event-stream headers, then nothing) until the client goes away.
 
 It records every request (headers, body, hence the ``chat_history``) and sets
-``disconnected`` when a client goes away before the end of a stream.
+``disconnected`` when a client goes away before the end of a stream (counted in
+``disconnects``; ``stalled`` is set once a silent request has arrived).
 
 Script replies with ``enqueue()`` (first in, first out); with an empty script
 every request gets ``default_script`` (reused, never consumed).
@@ -69,6 +72,9 @@ class Script:
     comments: bool = False  # ": ping" heartbeats between events (pf sends none; servers may)
     raw_utf8: bool = False  # write non-ASCII as UTF-8 bytes instead of pf's \\u escapes
     fragment: int | None = None  # split the byte stream into writes of this size
+    silent: bool = False  # accept the request and never answer: no status, no byte, until the client goes away
+    silent_after_headers: bool = False  # send 200 and the event-stream headers, then nothing until the client goes away
+    raw_events: list[str] = field(default_factory=list)  # ``data:`` payloads sent as they are, after the outputs
 
 
 @dataclass
@@ -127,6 +133,9 @@ class FakePromptflowServer(ThreadedServer):
         self.disconnected = threading.Event()
         self.completed = threading.Event()
         self.pieces_sent = 0
+        self.stalled = threading.Event()  # a request with ``silent`` or ``silent_after_headers`` has arrived
+        self.disconnects = 0  # clients that went away before the end of their answer
+        self._left_changed = threading.Condition()
         super().__init__()
 
     # -- scripting ------------------------------------------------------------------------
@@ -173,6 +182,16 @@ class FakePromptflowServer(ThreadedServer):
             return PlainTextResponse(f"Deployment {deployment} not found", status_code=404)
 
         script = self.script.popleft() if self.script else (self.default_script or Script())
+        if script.silent:
+            self.stalled.set()
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self._left()
+            return Response(status_code=499)  # nobody is there to read it
+        if script.silent_after_headers:
+            seen.answered = "sse"
+            return StreamingResponse(self._silence(), media_type="text/event-stream; charset=utf-8",
+                                     headers={"Connection": "close"})
         if script.first_delay and await self._client_left_within(request, script.first_delay):
             return Response(status_code=499)  # nobody is there to read it
         if script.page is not None:
@@ -225,8 +244,30 @@ class FakePromptflowServer(ThreadedServer):
             await asyncio.wait_for(disconnect(), seconds)
         except asyncio.TimeoutError:
             return False
-        self.disconnected.set()
+        self._left()
         return True
+
+    def _left(self) -> None:
+        """A client went away before the end of its answer."""
+        with self._left_changed:
+            self.disconnects += 1
+            self.disconnected.set()
+            self._left_changed.notify_all()
+
+    def wait_disconnects(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` clients have gone away before the end (False after ``timeout`` s)."""
+        with self._left_changed:
+            return self._left_changed.wait_for(lambda: self.disconnects >= count, timeout)
+
+    async def _silence(self):
+        """A body that never comes (after the headers), until the client goes away."""
+        self.stalled.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self._left()
+            raise
+        yield b""  # never reached: makes this an async generator
 
     @staticmethod
     def _pieces(script: Script) -> list[str]:
@@ -243,6 +284,9 @@ class FakePromptflowServer(ThreadedServer):
             if script.outputs:
                 async for chunk in self._send(self._event(script.outputs, script), script):
                     yield chunk
+            for data in script.raw_events:
+                async for chunk in self._send(f"data: {data}\n\n".encode("utf-8"), script):
+                    yield chunk
             for i, piece in enumerate(pieces):
                 if script.cut_after is not None and i >= script.cut_after:
                     raise ConnectionAbortedError("fake flow fails mid-stream: the connection is cut")
@@ -255,7 +299,7 @@ class FakePromptflowServer(ThreadedServer):
                     await asyncio.sleep(script.delay)
             self.completed.set()
         except asyncio.CancelledError:
-            self.disconnected.set()
+            self._left()
             raise
 
     @staticmethod
