@@ -88,6 +88,19 @@ class APIConfig(_Section):
         return origins
 
 
+class LimitsConfig(_Section):
+    """Bounds on what one request may ask of the app (the page, /chat and the HTTP API)."""
+
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description=(
+        "Largest HTTP API request body, in bytes; a larger one is refused (413) before it is read."))
+    max_message_chars: int = Field(200_000, ge=100, description=(
+        "Longest message, in characters, on the page, /chat and the HTTP API; a longer one is "
+        "refused with a sentence saying so (on the page it stays in the box)."))
+    heartbeat_seconds: float = Field(15.0, gt=0, le=300, description=(
+        "While a reply waits for its first token (or its upstream stalls), the page and /chat check this "
+        "often that their client is still there; a client that has gone stops the reply."))
+
+
 class HistoryConfig(_Section):
     """Where conversations are kept, and whose they are."""
 
@@ -144,6 +157,7 @@ class AppConfig(_Section):
     ui: UIConfig = Field(default_factory=UIConfig)
     openai: OpenAISection = Field(default_factory=OpenAISection)
     api: APIConfig = Field(default_factory=APIConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -55,15 +55,19 @@ def title_from(text: str) -> str:
 class Conversation:
     turns: list[Turn] = field(default_factory=list)
     id: str = ""  # given when first saved (gr.State copies its initial value into every session)
+    # Set again by the first message: the page's initial copy is made once, when the app starts.
     owner: str = ""  # whose history this belongs to; "" until the session knows
     title: str = ""
     titled_by_model: bool = False
     created_at: float = field(default_factory=time.time)
     params: dict[str, Any] = field(default_factory=dict)  # the generation options last used
     summary: tuple[int, str] | None = None  # (rounds summarised, summary) for the "summarize" strategy
+    notice: str = ""  # a sentence for the status line once the current event chain ends (not saved)
 
     def add_user(self, text: str, user_tokens: int | None = None) -> Turn:
         turn = Turn(user=text, user_tokens=user_tokens)
+        if not self.turns and not self.id:  # a new conversation is created by its first message
+            self.created_at = turn.created_at
         self.turns.append(turn)
         if not self.title:
             self.title = title_from(text)

@@ -43,9 +43,9 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Literal, Mapping
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
@@ -56,10 +56,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from . import render, tokens
-from .config import APIConfig
+from .config import APIConfig, LimitsConfig
 from .i18n import Translator, language_from_header
 from .models import ChatModel, GenerationOptions, Message, errors
-from .models.base import scrub
+from .models.text import repair, scrub, scrub_value
 from .streaming import Reply
 
 if TYPE_CHECKING:
@@ -288,6 +288,10 @@ class _Run:
         try:
             async with aclosing(self.model.stream(messages, options)) as deltas:
                 async for delta in deltas:
+                    if delta.retrying is not None and not (delta.text or delta.reasoning or delta.outputs):
+                        continue  # a retry before the first token: the client just waits (pings)
+                    if delta.outputs:
+                        delta.outputs = scrub_value(delta.outputs, self.model.secrets())
                     await self.queue.put(delta)
             await self.queue.put(_END)
         except errors.ModelError as exc:
@@ -350,9 +354,10 @@ class Gateway:
     """The HTTP API over a set of adapters; ``routes()`` go into the app Gradio creates."""
 
     def __init__(self, models: Mapping[str, ChatModel], config: APIConfig, *, translator: Translator,
-                 default_model: str, system_prompt: str = ""):
+                 default_model: str, system_prompt: str = "", limits: LimitsConfig | None = None):
         self.models = models
         self.config = config
+        self.limits = limits or LimitsConfig()
         self.t = translator
         self.default_model = default_model
         self.system_prompt = system_prompt
@@ -369,7 +374,7 @@ class Gateway:
     @classmethod
     def for_app(cls, app: "ChatApp") -> "Gateway":
         return cls(app.models, app.config.api, translator=app.t, default_model=app.default_model,
-                   system_prompt=app.config.ui.system_prompt)
+                   system_prompt=app.config.ui.system_prompt, limits=app.config.limits)
 
     def app_kwargs(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``launch(app_kwargs=...)`` with the API's routes added (before any given ones)."""
@@ -426,18 +431,68 @@ class Gateway:
                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                     else:
                         try:
+                            await gateway._read_body(request)
                             response = await handler(request)
                         except RequestValidationError as exc:
                             response = gateway._error(style, 400, _validation_message(exc), code="invalid_request")
                         except Problem as exc:
                             response = gateway._error(style, exc.status, exc.message, code=exc.code,
                                                       param=exc.param, headers=exc.headers)
+                        except HTTPException as exc:  # FastAPI's own (e.g. a body nested too deeply to parse)
+                            response = gateway._error(style, exc.status_code, f"Invalid request: {exc.detail}",
+                                                      code="invalid_request")
                     gateway._cors(request, response.headers)
                     return response
 
                 return guarded
 
         return GatewayRoute
+
+    async def _read_body(self, request: Request) -> None:
+        """Read the body, refusing it (413) as soon as it is larger than ``limits.max_request_bytes``:
+        by its Content-Length before a byte is read, else while it arrives. FastAPI then parses
+        the body read here (Starlette keeps it on the request)."""
+        if request.method in ("GET", "HEAD"):
+            return
+        limit = self.limits.max_request_bytes
+        too_large = Problem(413, f"The request body is larger than {limit:,} bytes (limits.max_request_bytes).",
+                            code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        request._body = b"".join(chunks)  # what Request.body() returns from now on
+
+    def _text(self, text: str, where: str) -> str:
+        """A message from a client: repaired (lone surrogates), refused when longer than the limit."""
+        limit = self.limits.max_message_chars
+        if len(text) > limit:
+            raise Problem(400, f"{where} has {len(text):,} characters; the limit is {limit:,} "
+                               "(limits.max_message_chars).", code="string_above_max_length", param=where)
+        return repair(text)
+
+    def _question(self, messages: list[Message], where: str) -> list[Message]:
+        """``messages`` whose last user message (the question) is not blank; else a 400."""
+        last = next((m for m in reversed(messages) if m.role == "user"), None)
+        if last is None or not last.content.strip():
+            what = "there is no user message" if last is None else "the last user message is empty"
+            raise Problem(400, f"Nothing to answer: {what}.", code="invalid_request", param=where)
+        return messages
+
+    def _clean(self, messages: list[Message], where: str) -> list[Message]:
+        """Every message's text checked by :meth:`_text`, and the question by :meth:`_question`."""
+        out = [Message(m.role, self._text(m.content, f"{where}[{i}]"), m.outputs) for i, m in enumerate(messages)]
+        return self._question(out, where)
+
+    def _fits(self, model: ChatModel, options: GenerationOptions) -> None:
+        if options.max_tokens is not None and options.max_tokens >= model.context_size:
+            raise Problem(400, f"max_tokens ({options.max_tokens}) must be less than the model's context size "
+                               f"({model.context_size} tokens).", code="invalid_parameter", param="max_tokens")
 
     # -- shared helpers ----------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:
@@ -506,14 +561,15 @@ class Gateway:
         finally:
             run.close()
 
-    async def _answer(self, request: Request, run: _Run, *, whole: Callable[[Reply], Response] | None = None,
+    async def _answer(self, request: Request, run: _Run, *,
+                      whole: Callable[[Reply], Awaitable[Response]] | None = None,
                       events: Callable[[Any], AsyncIterator[ServerSentEvent]] | None = None) -> Response:
         """The response for ``run``: ``whole(reply)`` once it has ended, or an SSE response of
         ``events(first item)``. A failure before anything was sent is an HTTP error status;
         a client gone meanwhile gets 499 (nobody reads it)."""
         try:
             if whole is not None:
-                return whole(await self._whole(request, run))
+                return await whole(await self._whole(request, run))
             first = await self._first(request, run)
         except errors.ModelError as exc:
             raise self._failure(request, exc) from None
@@ -563,24 +619,25 @@ class Gateway:
         if body.tools:
             raise Problem(400, "Tools (function calling) are not supported.", code="invalid_parameter",
                           param="tools")
-        messages = [_openai_message(i, m) for i, m in enumerate(body.messages)]
+        messages = self._clean([_openai_message(i, m) for i, m in enumerate(body.messages)], "messages")
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         options = self._options(
             temperature=body.temperature, top_p=body.top_p,
             max_tokens=body.max_completion_tokens or body.max_tokens, stop=stop,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, seed=body.seed)
+        self._fits(model, options)
         name = body.model or model.name
         run = self._start(model, messages, options)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if not body.stream:
-            def whole(reply: Reply) -> Response:
+            async def whole(reply: Reply) -> Response:
                 message: dict[str, Any] = {"role": "assistant", "content": reply.text}
                 if reply.reasoning:
                     message["reasoning_content"] = reply.reasoning
                 return JSONResponse({
                     **meta, "object": "chat.completion",
                     "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason or "stop"}],
-                    "usage": _usage(reply, model, messages),
+                    "usage": await _usage(reply, model, messages),
                 })
 
             return await self._answer(request, run, whole=whole)
@@ -604,7 +661,7 @@ class Gateway:
                     yield chunk({}, reply.finish_reason or "stop")
                     if include_usage:
                         yield _data({**meta, "object": "chat.completion.chunk", "choices": [],
-                                     "usage": _usage(reply, run.model, messages)})
+                                     "usage": await _usage(reply, run.model, messages)})
                     yield _data("[DONE]")
                     return
                 elif isinstance(item, errors.ModelError):
@@ -648,11 +705,15 @@ class Gateway:
             answer = _as_text(outputs.pop("answer", ""))
             if answer or outputs:
                 history.append(Message("assistant", answer, outputs or None))
-        messages = self._with_system([*history, Message("user", body.question)])
+        history = [Message(m.role, self._text(m.content, "chat_history"), m.outputs) for m in history]
+        question = self._question([Message("user", self._text(body.question, "question"))], "question")
+        messages = self._with_system([*history, *question])
         run = self._start(model, messages, GenerationOptions())
         if mode == "json":
-            return await self._answer(request, run, whole=lambda reply: JSONResponse({**reply.outputs,
-                                                                                      "answer": reply.text}))
+            async def whole(reply: Reply) -> Response:
+                return JSONResponse({**reply.outputs, "answer": reply.text})
+
+            return await self._answer(request, run, whole=whole)
         return await self._answer(request, run, events=lambda first: self._promptflow_events(request, run, first))
 
     async def _promptflow_events(self, request: Request, run: _Run, item: Any) -> AsyncIterator[ServerSentEvent]:
@@ -695,11 +756,15 @@ class Gateway:
         failure, and the end of the body as the end. Otherwise one JSON object, `{"text": "..."}`
         or `{"error": "..."}` with an error status."""
         model = self._model(body.model)
-        messages = self._with_system([_deepchat_message(i, m) for i, m in enumerate(body.messages)])
+        messages = self._with_system(self._clean([_deepchat_message(i, m) for i, m in enumerate(body.messages)],
+                                                 "messages"))
         stream = body.stream if body.stream is not None else _lists_event_stream(request.headers.get("accept"))
         run = self._start(model, messages, GenerationOptions())
         if not stream:
-            return await self._answer(request, run, whole=lambda reply: JSONResponse({"text": reply.text}))
+            async def whole(reply: Reply) -> Response:
+                return JSONResponse({"text": reply.text})
+
+            return await self._answer(request, run, whole=whole)
         return self._sse(self._text_events(request, run, done=False))
 
     async def stream(
@@ -724,8 +789,10 @@ class Gateway:
             return Response(status_code=204)
         chat_model = self._model(model)
         earlier = _history(history)
-        messages = self._with_system([*earlier, Message("user", message)], system)
+        messages = self._clean([*earlier, Message("user", message)], "history")
+        messages = self._with_system(messages, None if system is None else self._text(system, "system"))
         options = self._options(temperature=temperature, max_tokens=max_tokens)
+        self._fits(chat_model, options)
         run = self._start(chat_model, messages, options)
         return self._sse(self._text_events(request, run, done=True))
 
@@ -852,12 +919,14 @@ def _history(raw: str | None) -> list[Message]:
     return messages
 
 
-def _usage(reply: Reply, model: ChatModel, messages: list[Message]) -> dict[str, int]:
-    """The reply's usage; counted here when the model reported none."""
+async def _usage(reply: Reply, model: ChatModel, messages: list[Message]) -> dict[str, int]:
+    """The reply's usage; counted here (off the event loop when long) when the model reported none."""
     if reply.usage is not None:
         prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
     else:
-        prompt = tokens.count_messages([m.as_dict() for m in messages], model.model_id)[0]
+        dicts = [m.as_dict() for m in messages]
+        chars = sum(len(m.content) for m in messages)
+        prompt = (await tokens.off_loop(tokens.count_messages, dicts, model.model_id, chars=chars))[0]
         generated = reply.text + reply.reasoning
-        completion = tokens.count(generated, model.model_id)[0] if generated else 0
+        completion = (await tokens.off_loop(tokens.count, generated, model.model_id, chars=len(generated)))[0]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from .conversation import Conversation, Turn
 from .i18n import Translator
 from .models import errors
-from .models.base import scrub
+from .models.text import clip, scrub
 from .context import format_cost
 from .streaming import Counts, Reply
 
@@ -24,17 +24,18 @@ def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: I
     kind = error.kind
     if kind == "stored":  # read back from history: already the sentence the user saw
         return scrub(error.detail, tuple(secrets))
-    values: dict[str, Any] = {"status": error.status or "?"}
+    values: dict[str, Any] = {"status": error.status}
+    if kind in ("auth", "server") and error.status is None:
+        kind = f"{kind}_no_status"  # a failure inside a stream has no HTTP status to name
     if isinstance(error, errors.ContextOverflowError):
         values.update(tokens=f"{error.tokens:,}", limit=f"{error.limit:,}")
     if isinstance(error, errors.RateLimitError) and error.retry_after:
         kind, values["seconds"] = "rate_limit_retry", f"{error.retry_after:g}"
     message = t.text(lang, f"error.{kind}", **values)
     # Upstream's own words help for these; for the rest our sentence says it all.
-    if kind in ("bad_request", "model_load", "unknown", "server", "content_filter") and error.detail:
-        detail = scrub(error.detail, tuple(secrets))
-        if len(detail) > MAX_DETAIL:
-            detail = detail[:MAX_DETAIL] + "…"
+    if kind in ("bad_request", "model_load", "unknown", "server", "server_no_status", "content_filter") \
+            and error.detail:
+        detail = clip(error.detail, MAX_DETAIL, secrets)
         if detail not in message:
             message = t.text(lang, "error.detail", message=message, detail=detail)
     return message
@@ -136,6 +137,8 @@ def status_line(reply: Reply, t: Translator, lang: str) -> str:
     """"Generating…" while the reply streams; then
     "model · tokens in 12 · out 40 · first token 0.21 s · 35.2 tokens/s"."""
     if reply.active:
+        if reply.retrying is not None:
+            return t.text(lang, "status.retrying", attempt=reply.retrying[0], attempts=reply.retrying[1])
         return t.text(lang, "status.generating")
     na = t.text(lang, "status.na")
     if reply.counts is not None:

@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Iterator, Literal
 
 from .models import ChatModel, Delta, GenerationOptions, Message, Usage
 from .models import errors
+from .models.text import scrub_value
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,20 @@ class Reply:
     started_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
+    retrying: tuple[int, int] | None = None  # (attempt, attempts) while the adapter retries before any text
 
     @property
     def active(self) -> bool:
         return self.status in ("waiting", "streaming")
 
     def apply(self, delta: Delta) -> None:
+        if delta.retrying is not None:
+            self.retrying = delta.retrying
         if delta.text or delta.reasoning:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
                 self.status = "streaming"
+                self.retrying = None
             if delta.text:
                 self.text += delta.text
                 self.deltas += 1
@@ -141,6 +146,8 @@ async def _read(model: ChatModel, messages: list[Message], options: GenerationOp
     try:
         async with aclosing(model.stream(messages, options)) as deltas:
             async for delta in deltas:
+                if delta.outputs:  # fields an upstream sent beside the answer: shown, saved, exported
+                    delta.outputs = scrub_value(delta.outputs, model.secrets())
                 reply.apply(delta)
                 changed.set()
         reply.status = "done"
@@ -161,12 +168,16 @@ async def stream_reply(
     *,
     pacer: Pacer | None = None,
     reply: Reply | None = None,
+    heartbeat: float | None = None,
 ) -> AsyncIterator[Reply]:
     """Yield ``reply`` as it grows, at most once per ``pacer.interval()``.
 
     The same object is yielded each time (read it, don't keep snapshots). The
     last one yielded has a final status. Closing this generator early stops the
-    model and marks the reply "stopped".
+    model and marks the reply "stopped". With ``heartbeat``, the reply is also
+    yielded after that many seconds without a change (waiting for a first
+    token, or a stalled upstream): the consumer (a Gradio event) then gets the
+    chance to notice that its client has gone, and to close this generator.
     """
     pacer = pacer if pacer is not None else Pacer()
     reply = reply if reply is not None else Reply(model=model.name)
@@ -175,7 +186,12 @@ async def stream_reply(
     try:
         with pacer.streaming():
             while True:
-                await changed.wait()
+                if heartbeat is None:
+                    await changed.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(heartbeat):
+                            await changed.wait()
                 changed.clear()
                 yield reply
                 # The reader may have finished while the consumer held the last update:

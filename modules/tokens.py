@@ -10,6 +10,7 @@ an estimate (cl100k_base) for the rest, which the UI marks with "≈".
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gzip
 import hashlib
@@ -18,8 +19,13 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 import tiktoken
+
+T = TypeVar("T")
+PIECE = 16_384  # characters encoded at once (longer texts: piece by piece)
+INLINE_CHARS = 8_192  # texts up to this long are counted on the event loop (well under a millisecond)
 
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 _ENCODINGS = ("cl100k_base", "o200k_base")
@@ -72,10 +78,43 @@ def encoding_for_model(model: str) -> tuple[tiktoken.Encoding, bool]:
     return encoding(name), True
 
 
+def _pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """``text`` in pieces of at most ``PIECE`` characters, each with whether it was cut at a
+    word boundary (before a space that follows a non-space and precedes one): there, tiktoken's
+    pre-tokeniser splits anyway, so the counts of the pieces add up to the count of the whole."""
+    start, end = 0, len(text)
+    while end - start > PIECE:
+        hi = start + PIECE
+        lo = start + PIECE // 2
+        cut = text.rfind(" ", lo, hi)
+        while cut > lo and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", lo, cut)
+        clean = cut > lo
+        if not clean:
+            cut = hi  # no word boundary (one long run of a character): cut anyway
+        yield text[start:cut], clean
+        start = cut
+    yield text[start:], True
+
+
+def _encoded_length(enc: tiktoken.Encoding, text: str) -> tuple[int, bool]:
+    """Tokens in ``text``, counted piece by piece: linear time whatever the text (tiktoken takes
+    seconds on megabytes of one repeated character, and fails on long runs of spaces)."""
+    if len(text) <= PIECE:
+        return len(enc.encode(text, disallowed_special=())), True
+    total, exact = 0, True
+    for piece, clean in _pieces(text):
+        total += len(enc.encode(piece, disallowed_special=()))
+        exact = exact and clean
+    return total, exact
+
+
 def count(text: str, model: str = "") -> tuple[int, bool]:
-    """Tokens in ``text`` for ``model``: (count, exact)."""
+    """Tokens in ``text`` for ``model``: (count, exact). Long texts cost time in proportion to
+    their length; call it through :func:`off_loop` from async code."""
     enc, exact = encoding_for_model(model)
-    return len(enc.encode(text, disallowed_special=())), exact
+    n, whole = _encoded_length(enc, text)
+    return n, exact and whole
 
 
 def count_messages(messages: list[dict[str, str]], model: str = "") -> tuple[int, bool]:
@@ -83,5 +122,17 @@ def count_messages(messages: list[dict[str, str]], model: str = "") -> tuple[int
     enc, exact = encoding_for_model(model)
     total = 3  # every reply is primed with <|start|>assistant<|message|>
     for message in messages:
-        total += 3 + sum(len(enc.encode(v, disallowed_special=())) for v in message.values())
+        total += 3
+        for value in message.values():
+            n, whole = _encoded_length(enc, value)
+            total += n
+            exact = exact and whole
     return total, exact
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, chars: int) -> T:
+    """``fn(*args)`` for counting ``chars`` characters: inline when that is quick, else on a
+    worker thread (tiktoken releases the GIL), so that a long text never stalls other users."""
+    if chars <= INLINE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)

@@ -254,6 +254,8 @@ def _load_json(text: str | bytes) -> Any:
         raise ImportProblem(f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except ValueError as exc:
         raise ImportProblem(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ImportProblem("not a conversation export: its JSON is nested far too deeply") from None
     try:  # "\ud800" is valid JSON but no text: it could not be stored or shown
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import math
 import sys
 from pathlib import Path
 from contextlib import aclosing
@@ -24,6 +25,7 @@ from .config import AppConfig
 from .conversation import Conversation
 from .i18n import Translator
 from .models import ChatModel, GenerationOptions, Message, errors
+from .models.text import guard_logs, repair
 from .store import open_store
 from .streaming import Pacer, Reply, stream_reply
 from .templates import load_templates
@@ -31,9 +33,9 @@ from .ui_history import HistoryHandlers
 
 log = logging.getLogger(__name__)
 
+# No single-$ delimiters: "$5 or $10" and a footer's "$0.00021" are prices, not math.
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
-    {"left": "$", "right": "$", "display": False},
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "\\[", "right": "\\]", "display": True},
 ]
@@ -70,6 +72,7 @@ class ChatApp(HistoryHandlers):
         self.t = Translator(config.language)
         self.models: dict[str, ChatModel] = {m.name: registry.create(m) for m in config.models}
         self.secrets = [s for m in self.models.values() for s in m.secrets()]  # scrubbed from what users see
+        guard_logs([*self.secrets, *(k.get_secret_value() for k in config.api.keys)])  # ... and from the log
         self.pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
         self.default_model = config.ui.default_model or next(
             (name for name, model in self.models.items() if model.available()), next(iter(self.models))
@@ -89,21 +92,39 @@ class ChatApp(HistoryHandlers):
     def _model(self, name: str | None, lang: str) -> ChatModel:
         model = self.models.get(name or self.default_model)
         if model is None:
-            raise gr.Error(self.t.text(lang, "error.unknown_model", model=name))
+            raise self._error(lang, "error.unknown_model", model=name)
         return model
 
     def _chatbot(self, conversation: Conversation, lang: str) -> list[dict[str, Any]]:
         return render.chatbot(conversation, self.t, lang, self.secrets)
 
-    def _options(self, lang: str, temperature: float, top_p: float, max_tokens: float, stop: str,
-                 presence: float, frequency: float, seed: float) -> GenerationOptions:
-        """UI values to options; a control left at its neutral value is not sent."""
+    def _options(self, lang: str, temperature: Any, top_p: Any, max_tokens: Any, stop: Any,
+                 presence: Any, frequency: Any, seed: Any) -> GenerationOptions:
+        """UI values to options; a control left at its neutral value is not sent. A value that is
+        not a number (an API caller can send anything) gets a sentence naming the control."""
+        def number(key: str, value: Any, default: float) -> float:
+            if value is None or value == "":
+                return default
+            try:
+                result = float(value)
+            except (TypeError, ValueError):
+                result = math.nan
+            if not math.isfinite(result) or isinstance(value, bool):
+                raise self._error(lang, "error.not_a_number", name=self.t.text(lang, key), value=repr(value)[:40])
+            return result
+
+        temperature = number("label.temperature", temperature, 1.0)
+        top_p = number("label.top_p", top_p, 1.0)
+        max_tokens = number("label.max_tokens", max_tokens, 0)
+        presence = number("label.presence_penalty", presence, 0)
+        frequency = number("label.frequency_penalty", frequency, 0)
+        seed = number("label.seed", seed, -1)
         try:
             return GenerationOptions(
                 temperature=None if temperature == 1.0 else temperature,
                 top_p=None if top_p >= 1.0 else top_p,
                 max_tokens=int(max_tokens) if max_tokens and max_tokens > 0 else None,
-                stop=[s for s in (stop or "").splitlines() if s.strip()],
+                stop=[s for s in str(stop or "").splitlines() if s.strip()],
                 presence_penalty=presence or None,
                 frequency_penalty=frequency or None,
                 seed=int(seed) if seed is not None and seed >= 0 else None,
@@ -111,7 +132,26 @@ class ChatApp(HistoryHandlers):
         except ValidationError as exc:
             err = exc.errors()[0]
             name = ".".join(str(p) for p in err["loc"])
-            raise gr.Error(self.t.text(lang, "error.invalid_option", name=name, problem=err["msg"])) from None
+            raise self._error(lang, "error.invalid_option", name=name, problem=err["msg"]) from None
+
+    def _error(self, lang: str, key: str, **values: Any) -> gr.Error:
+        """A gr.Error with a sentence for the user; the server log gets one line, not a traceback."""
+        message = self.t.text(lang, key, **values)
+        log.info("refused: %s", message)
+        return gr.Error(message, print_exception=False)
+
+    def _check_options(self, lang: str, model: ChatModel, options: GenerationOptions) -> None:
+        if options.max_tokens is not None and options.max_tokens >= model.context_size:
+            raise self._error(lang, "error.max_tokens_too_large", max_tokens=options.max_tokens,
+                              context=f"{model.context_size:,}")
+
+    def _message(self, lang: str, text: Any) -> tuple[str, str]:
+        """(the message as typed, repaired of lone surrogates; the sentence refusing it, or "")."""
+        text = repair(str(text or ""))
+        limit = self.config.limits.max_message_chars
+        if len(text) > limit:
+            return text, self.t.text(lang, "error.message_too_long", length=f"{len(text):,}", limit=f"{limit:,}")
+        return text, ""
 
     async def _generate(self, conversation: Conversation, model: ChatModel, messages: list[Message],
                         options: GenerationOptions, reply: Reply | None = None) -> AsyncIterator[Reply]:
@@ -121,7 +161,8 @@ class ChatApp(HistoryHandlers):
             reply = Reply(model=model.name,
                           prompt_estimate=tokens.count_messages([m.as_dict() for m in messages], model.model_id))
         turn.reply = reply
-        async with aclosing(stream_reply(model, messages, options, pacer=self.pacer, reply=turn.reply)) as replies:
+        async with aclosing(stream_reply(model, messages, options, pacer=self.pacer, reply=turn.reply,
+                                         heartbeat=self.config.limits.heartbeat_seconds)) as replies:
             async for reply in replies:
                 yield reply
 
@@ -129,7 +170,9 @@ class ChatApp(HistoryHandlers):
                    options: GenerationOptions) -> context.Fit:
         """The request for the pending question, trimmed (or summarised) to fit the model's context."""
         reserve = context.reserve_for_reply(model.context_size, options, self.config.context.reserve_output_tokens)
-        fit = context.fit(conversation.messages(system_prompt), model.model_id, model.context_size, reserve)
+        messages = conversation.messages(system_prompt)
+        fit = await tokens.off_loop(context.fit, messages, model.model_id, model.context_size, reserve,
+                                    chars=sum(len(m.content) for m in messages))
         if not fit.dropped_rounds or self.config.context.strategy != "summarize":
             return fit
         covered, summary = conversation.summary or (0, "")
@@ -154,10 +197,14 @@ class ChatApp(HistoryHandlers):
     async def _add_message(self, text: str, conversation: Conversation, model_name: str, system_prompt: str,
                            query: str, request: gr.Request):
         """Keep the user's words first (in the session and on disk); only then clear the box and reply."""
-        if text.strip() and conversation.streaming is None:
+        if str(text or "").strip() and conversation.streaming is None:
             lang = self.t.language_for(request)
+            text, problem = self._message(lang, text)
+            if problem:  # the text stays in the box; the status line says why (until the chain ends)
+                conversation.notice = "⚠️ " + problem
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip()
             self._owner(conversation, request)
-            conversation.add_user(text, self._count_user(text, model_name))
+            conversation.add_user(text, await self._count_user(text, model_name))
             self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
             return "", *self._generating(conversation, lang), self._history(conversation, query, lang)
         return (gr.skip(),) * 6
@@ -170,8 +217,10 @@ class ChatApp(HistoryHandlers):
         if turn is None:  # nothing to answer (empty input, or already streaming)
             return
         self._owner(conversation, request)
+        system_prompt = repair(str(system_prompt or ""))
         model = self._model(model_name, lang)
         options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
+        self._check_options(lang, model, options)
         position = len(conversation.turns) - 1
         try:
             fit = await self._fit(conversation, model, system_prompt, options)
@@ -179,14 +228,19 @@ class ChatApp(HistoryHandlers):
                 turn.reply = Reply(model=model.name)
                 turn.reply.fail(errors.ContextOverflowError(fit.prompt_tokens, fit.budget))
                 turn.reply.finished_at = turn.reply.started_at
-                yield self._chatbot(conversation, lang)
+                yield self._chatbot(conversation, lang), gr.skip()
                 return
             reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
                           dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
+            status = self.t.text(lang, "status.generating")  # what add_message put in the status line
             async for update in self._generate(conversation, model, fit.messages, options, reply):
                 if not update.active:
                     context.settle(update, model)  # the last update shows the reply's tokens and cost
-                yield self._chatbot(conversation, lang)  # only the chatbot: every output costs per update
+                # The status line changes only while the adapter retries ("retrying (2/3)…"): every
+                # other update skips it, as every output costs per update.
+                now = render.status_line(update, self.t, lang) if update.active else status
+                yield self._chatbot(conversation, lang), (now if now != status else gr.skip())
+                status = now
         finally:
             # Runs on Stop and on a closed tab too (cancellation), so a partial reply is kept.
             reply = turn.reply
@@ -209,6 +263,8 @@ class ChatApp(HistoryHandlers):
         lang = self.t.language_for(request)
         reply = conversation.turns[-1].reply if conversation.turns else None
         status = gr.skip() if reply is None else render.status_line(reply, self.t, lang)
+        if conversation.notice:  # what add_message refused, said until the next event chain
+            status, conversation.notice = conversation.notice, ""
         return (gr.Button(visible=True), gr.Button(visible=False), status,
                 self._usage(conversation, model_name, lang), self._history(conversation, query, lang))
 
@@ -226,8 +282,8 @@ class ChatApp(HistoryHandlers):
         owner = self._owner(conversation, request)
         if conversation.delete_last_round() is not None and conversation.id:
             self.store.truncate(owner, conversation.id, len(conversation.turns))
-        return self._chatbot(conversation, lang), self._usage(conversation, model_name, lang), self._history(
-            conversation, query, lang)
+        # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
+        return (*self._shown(conversation, model_name, lang), self._history(conversation, query, lang))
 
     async def _new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         """A new, empty conversation; the old one stays in the history."""
@@ -245,16 +301,28 @@ class ChatApp(HistoryHandlers):
         """
         lang = self.t.language_for(request)
         chat_model = self._model(model, lang)
+        message, problem = self._message(lang, message)
+        if problem:
+            log.info("refused: %s", problem)
+            raise gr.Error(problem, print_exception=False)
+        if not message.strip():
+            raise self._error(lang, "error.empty_message")
         conversation = Conversation()
         conversation.add_user(message)
-        messages = conversation.messages(system_prompt or self.config.ui.system_prompt)
-        reply, sent = None, ""
+        messages = conversation.messages(repair(str(system_prompt or "")) or self.config.ui.system_prompt)
+        reply, sent, seen = None, "", None
         async for reply in self._generate(conversation, chat_model, messages, GenerationOptions()):
-            if reply.text != sent:
+            state = (len(reply.text), len(reply.reasoning), reply.deltas, reply.status, reply.retrying)
+            # New text goes out; so does the heartbeat's update (nothing changed): while no token
+            # comes, it is how Gradio finds out that the client has gone (and then closes this).
+            if reply.text != sent or state == seen:
                 sent = reply.text
                 yield sent
+            seen = state
         if reply is not None and reply.error is not None:
-            raise gr.Error(render.error_message(self.t, lang, reply.error, chat_model.secrets()))
+            sentence = render.error_message(self.t, lang, reply.error, chat_model.secrets())
+            log.info("/chat: %s", sentence)  # one line: the caller got the sentence
+            raise gr.Error(sentence, print_exception=False)
 
     # -- layout and wiring --------------------------------------------------------------
     def _render_sidebar(self) -> dict[str, Any]:
@@ -317,6 +385,8 @@ class ChatApp(HistoryHandlers):
         limit = self.config.server.concurrency
         ready = self.t.text("en_US" if self.t.language == "auto" else self.t.language, "status.ready")
         with gr.Blocks(title="ChuanhuStyleChat") as demo:
+            # Copied into each session; what depends on time (created_at) is set by the first message.
+            # (Not gr.State(factory): Gradio would reset the state with a load event, racing a first send.)
             conversation = gr.State(Conversation())
             browser_token = gr.BrowserState("", storage_key=ownership.STORAGE_KEY,
                                             secret=self.browser_secret or None)
@@ -365,7 +435,10 @@ class ChatApp(HistoryHandlers):
                 inputs=[conversation, model, system_prompt, settings["temperature"], settings["top_p"],
                         settings["max_tokens"], settings["stop_seqs"], settings["presence"], settings["frequency"],
                         settings["seed"]],
-                outputs=[chatbot],
+                outputs=[chatbot, status],
+                # Raw values: _options checks the numbers itself and names a wrong one (Gradio's
+                # preprocessing would refuse it with a generic error), and ten thread hops are saved.
+                preprocess=False,
                 concurrency_limit=limit,
                 concurrency_id="generate",
                 show_progress="hidden",
@@ -382,6 +455,9 @@ class ChatApp(HistoryHandlers):
                               api_visibility="private")
             shown = [chatbot, status, usage]
             undocumented: dict[str, Any] = dict(queue=False, api_visibility="undocumented")
+            # Handlers that tell the user something with gr.Warning / gr.Info run queued: an
+            # unqueued event has no channel for them (they would only reach the server's stderr).
+            notifying: dict[str, Any] = dict(queue=True, api_visibility="undocumented", show_progress="hidden")
 
             # -- chatting --
             streams = []
@@ -397,7 +473,7 @@ class ChatApp(HistoryHandlers):
             regen.then(**done_args)
             stop.click(self._stop, [conversation, model, search], [send, stop, status, usage, history, chatbot],
                        cancels=streams, **private)
-            delete_last.click(self._delete_last, [conversation, model, search], [chatbot, usage, history], **private)
+            delete_last.click(self._delete_last, [conversation, model, search], [*shown, history], **private)
             new_chat_args = dict(fn=self._new_chat, inputs=[conversation, model, search],
                                  outputs=[*shown, side["title"], history])
             side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented)
@@ -409,7 +485,7 @@ class ChatApp(HistoryHandlers):
             search.change(self._search, [conversation, search], [history], api_name="search",
                           trigger_mode="always_last", **undocumented)
             history.input(self._open, [history, conversation, search],
-                          [*shown, model, system_prompt, side["title"], history], api_name="open", **undocumented)
+                          [*shown, model, system_prompt, side["title"], history], api_name="open", **notifying)
             rename_args = dict(fn=self._rename, inputs=[side["title"], conversation, search], outputs=[history])
             side["rename"].click(**rename_args, api_name="rename", **undocumented)
             side["title"].submit(**rename_args, **private)
@@ -419,11 +495,11 @@ class ChatApp(HistoryHandlers):
             side["confirm"].click(self._delete, [conversation, model, search],
                                   [side["confirm_row"], *shown, history], api_name="delete", **undocumented)
             side["export_md"].click(self._export_markdown, [conversation], [side["export_file"]],
-                                    api_name="export_markdown", **undocumented)
+                                    api_name="export_markdown", **notifying)
             side["export_json"].click(self._export_json, [conversation], [side["export_file"]],
-                                      api_name="export_json", **undocumented)
+                                      api_name="export_json", **notifying)
             side["import"].upload(self._import, [side["import"], conversation, search],
-                                  [*shown, model, system_prompt, history], api_name="import", **undocumented
+                                  [*shown, model, system_prompt, history], api_name="import", **notifying
                                   ).then(lambda: None, None, [side["import"]], **private)  # ready for the next file
 
             model.change(self._model_changed, [conversation, model], [usage], **private)  # the gauge's context size

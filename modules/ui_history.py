@@ -9,6 +9,7 @@ list, open, rename, delete or export its owner's conversations.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import gradio as gr
 
 from . import ownership, render, tokens, transfer
 from .conversation import Conversation, new_id
+from .models.text import clip, repair
 from .records import ConversationRecord
 from .templates import find
 
@@ -58,6 +60,7 @@ class HistoryHandlers:
         """Save one turn and the conversation's details in one transaction. Never raises."""
         if not conversation.owner or position >= len(conversation.turns):
             return
+        system_prompt = repair(str(system_prompt or ""))  # lone surrogates could not be stored
         conversation.id = conversation.id or new_id()
         record = conversation.turn_record(
             position, lambda error: render.error_message(self.t, lang, error, self.secrets)
@@ -115,6 +118,9 @@ class HistoryHandlers:
         if problem.kind == "moved":
             return self.t.text(lang, "history.store_moved", path=problem.path, moved_to=problem.moved_to,
                                reason=problem.reason)
+        if problem.kind == "wal_moved":
+            return self.t.text(lang, "history.wal_moved", path=problem.path, moved_to=problem.moved_to,
+                               reason=problem.reason)
         return self.t.text(lang, "history.store_unavailable", path=problem.path, reason=problem.reason)
 
     # -- sidebar actions ----------------------------------------------------------------
@@ -141,7 +147,7 @@ class HistoryHandlers:
     async def _rename(self, title: str, conversation: Conversation, query: str, request: gr.Request):
         lang = self.t.language_for(request)
         owner = self._owner(conversation, request)
-        title = clean_title(title)
+        title = clean_title(repair(str(title or "")))
         if title:
             conversation.title = title
             conversation.titled_by_model = True  # the user's name wins over the model's
@@ -190,16 +196,23 @@ class HistoryHandlers:
         lang = self.t.language_for(request)
         owner = self._owner(conversation, request)
         skip = (gr.skip(),) * 6
-        if not file or conversation.streaming is not None:
+        if not file:
+            return skip
+        if conversation.streaming is not None:
+            gr.Warning(self.t.text(lang, "history.busy"))
             return skip
         name = Path(file).name
-        try:
-            size = Path(file).stat().st_size
-            if size > MAX_IMPORT_BYTES:
+
+        def read() -> ConversationRecord:  # disk and a JSON parse of up to 5 MB: off the event loop
+            if Path(file).stat().st_size > MAX_IMPORT_BYTES:
                 raise transfer.ImportProblem("file is larger than 5 MB")
-            record: ConversationRecord = transfer.from_json(Path(file).read_bytes(), owner=owner, new_id=new_id())
-        except (transfer.ImportProblem, OSError) as exc:
-            gr.Warning(self.t.text(lang, "history.import_failed", file=name, problem=str(exc)))
+            return transfer.from_json(Path(file).read_bytes(), owner=owner, new_id=new_id())
+
+        try:
+            record = await asyncio.to_thread(read)
+        except (transfer.ImportProblem, OSError, RecursionError) as exc:
+            problem = "nested far too deeply" if isinstance(exc, RecursionError) else str(exc)
+            gr.Warning(self.t.text(lang, "history.import_failed", file=name, problem=problem))
             return skip
         self.store.import_record(record)
         conversation.replace(Conversation.from_record(record))
@@ -223,7 +236,7 @@ class HistoryHandlers:
         try:
             title = clean_title(await write_title(model, first.user, first.reply.text))
         except Exception as exc:  # a title is a nicety: keep the one from the first question
-            log.warning("title model %r failed: %s", model.name, exc)
+            log.warning("title model %r failed: %s", model.name, clip(str(exc), 300, model.secrets()))
             return gr.skip()
         conversation.titled_by_model = True
         if title:
@@ -242,6 +255,6 @@ class HistoryHandlers:
         return prompt if prompt is not None else gr.skip()
 
     # -- tokens ---------------------------------------------------------------------------
-    def _count_user(self, text: str, model_name: str | None) -> int:
+    async def _count_user(self, text: str, model_name: str | None) -> int:
         model = self.models.get(model_name or self.default_model)
-        return tokens.count(text, model.model_id if model else "")[0]
+        return (await tokens.off_loop(tokens.count, text, model.model_id if model else "", chars=len(text)))[0]

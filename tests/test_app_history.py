@@ -56,7 +56,8 @@ class Session:
         return self.client.predict(text, self.model, self.system_prompt, query, api_name="/add_message")
 
     def respond(self, model: str | None = None) -> list[dict[str, Any]]:
-        return self.client.predict(model or self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
+        chatbot, _status = self.client.predict(model or self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
+        return chatbot
 
     def submit_respond(self):
         return self.client.submit(self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
@@ -249,7 +250,7 @@ def test_a_reply_stopped_mid_stream_is_saved_as_stopped(fake_openai, launch_app,
 
     def shown() -> str:
         outputs = job.outputs()
-        last = outputs[-1] if outputs else []
+        last = outputs[-1][0] if outputs else []  # (chatbot, status)
         return message_text(last[-1]) if len(last) == 2 else ""
 
     wait_until(lambda: "word3" in shown() or job.done(), "a few tokens of the reply")
