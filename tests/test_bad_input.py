@@ -196,3 +196,16 @@ def test_a_failing_chat_call_logs_one_line_not_a_traceback(fake_openai, launch_a
     client.close()
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err + captured.out, captured.err[-2000:]
+
+
+def test_the_readme_pattern_surfaces_a_failed_reply(fake_openai, launch_app):
+    """README's /chat snippet: iterating a job never raises; job.result() raises AppError."""
+    url = launch_app(app_config(fake_openai))
+    client = Client(url, verbose=False)
+    fake_openai.enqueue(status=500)
+    job = client.submit("Write a haiku about tea.", MODEL, api_name="/chat")
+    streamed = list(job)  # does not raise
+    with pytest.raises(AppError) as failed:
+        job.result()
+    assert "model server failed" in str(failed.value) and streamed == []
+    client.close()
