@@ -20,7 +20,6 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from tests.conftest import fake_model_entry
 from tests.test_app_history import MODEL, NEUTRAL, SYSTEM, Session, config, message_text
 from tests.test_app_api import assert_clear_sentence
 

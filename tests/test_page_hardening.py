@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from playwright.sync_api import Page, expect
 
 from tests.conftest import fake_model_entry
-from tests.test_browser import BOTS, LOCALE, TIMEOUT_MS, last_bot, page, plain, send  # noqa: F401
+from tests.test_browser import BOTS, LOCALE, TIMEOUT_MS, last_bot, page, send  # noqa: F401  (page: a fixture)
 
 expect.set_options(timeout=TIMEOUT_MS)
 

@@ -11,7 +11,6 @@ the CPU per token once UI updates are coalesced.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from contextlib import AsyncExitStack, aclosing
@@ -134,22 +133,14 @@ class OpenAIChatModel(ChatModel):
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
         body = self._request_body(messages, options)
         secrets = self.secrets()
-        retrier = retry.Retrier.of(self.config)
-        while True:
-            async with AsyncExitStack() as stack:  # closes the connection on Stop, error or end
-                try:
-                    async with retrier.first_byte(limit=self.config.idle_timeout):
-                        events, first = await self._open(stack, body, secrets)
-                except errors.ModelError as exc:
-                    failure = exc
-                else:
-                    deltas = await stack.enter_async_context(aclosing(self._read(first, events, secrets)))
-                    async for delta in deltas:
-                        yield delta
-                    return
-            wait = retrier.next_wait(failure)  # raises the final error
-            yield Delta(retrying=(retrier.attempt, retrier.attempts))
-            await asyncio.sleep(wait)
+
+        async def attempt(stack: AsyncExitStack) -> AsyncIterator[Delta]:  # closes the connection with stack
+            events, first = await self._open(stack, body, secrets)
+            return self._read(first, events, secrets)
+
+        async with aclosing(retry.with_retries(self.config, attempt)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def _open(self, stack: AsyncExitStack, body: dict[str, Any],
                     secrets: list[str]) -> tuple[AsyncIterator[ServerSentEvent], ServerSentEvent | None]:

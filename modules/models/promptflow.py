@@ -38,7 +38,6 @@ in all.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from contextlib import AsyncExitStack, aclosing
 from typing import Any, AsyncIterator, Literal
@@ -137,26 +136,17 @@ class PromptflowChatModel(ChatModel):
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
         body = self.request_body(messages)
         secrets = self.secrets()
-        retrier = retry.Retrier.of(self.config)
-        while True:
-            async with AsyncExitStack() as stack:  # closes the connection on Stop (cancellation), error or end
-                try:
-                    async with retrier.first_byte(limit=self.config.idle_timeout):
-                        opened = await self._open(stack, body, secrets)
-                except errors.ModelError as exc:
-                    failure = exc
-                else:
-                    if isinstance(opened, Delta):  # a JSON answer, whole
-                        yield opened
-                        return
-                    events, first = opened
-                    deltas = await stack.enter_async_context(aclosing(self._read_sse(first, events, secrets)))
-                    async for delta in deltas:
-                        yield delta
-                    return
-            wait = retrier.next_wait(failure)  # raises the final error
-            yield Delta(retrying=(retrier.attempt, retrier.attempts))
-            await asyncio.sleep(wait)
+
+        async def attempt(stack: AsyncExitStack) -> AsyncIterator[Delta]:  # closes the connection with stack
+            opened = await self._open(stack, body, secrets)
+            if isinstance(opened, Delta):  # a JSON answer, whole
+                return _once(opened)
+            events, first = opened
+            return self._read_sse(first, events, secrets)
+
+        async with aclosing(retry.with_retries(self.config, attempt)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def _open(self, stack: AsyncExitStack, body: dict[str, Any], secrets: list[str]
                     ) -> Delta | tuple[AsyncIterator[ServerSentEvent], ServerSentEvent | None]:
@@ -276,6 +266,10 @@ class PromptflowChatModel(ChatModel):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+async def _once(delta: Delta) -> AsyncIterator[Delta]:
+    yield delta
 
 
 def _text(value: Any) -> str:

@@ -11,21 +11,16 @@ headers, and the first SSE event (or a JSON body). Three limits apply:
 * ``max_retries``: how many attempts after the first.
 
 Mid-stream reads keep the transport's idle timeout only, and are never retried.
+An adapter gives :func:`with_retries` one function that makes an attempt:
 
-    retrier = Retrier.of(config)
-    while True:
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                async with retrier.first_byte(limit=config.idle_timeout):
-                    first = await open_response(stack)     # same task: opened and closed here
-            except errors.ModelError as exc:
-                failure = exc
-            else:
-                ...                                        # read and yield; never retried
-                return
-        wait = retrier.next_wait(failure)                  # raises the final error
-        yield Delta(retrying=(retrier.attempt, retrier.attempts))
-        await asyncio.sleep(wait)
+    async def attempt(stack: AsyncExitStack) -> AsyncIterator[Delta]:
+        response = await stack.enter_async_context(open_response())  # closed with the stack
+        first = await first_event(response)                        # inside the first-byte wait
+        return read(first, response)                               # the deltas; never retried
+
+    async with aclosing(retry.with_retries(config, attempt)) as deltas:
+        async for delta in deltas:
+            yield delta
 """
 
 from __future__ import annotations
@@ -36,11 +31,12 @@ import email.utils
 import math
 import random
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from datetime import timezone
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from . import errors
+from .base import Delta
 
 RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx: what the openai SDK retries
 FIRST_BACKOFF = 0.5  # seconds before the second attempt; doubled for each later one
@@ -188,3 +184,30 @@ class Retrier:
         if error is not self._timeout or self.attempt == 1:
             return error
         return errors.TimeoutError(f"no answer within {_seconds(self._waited)} s ({self.attempt} attempts)")
+
+
+async def with_retries(config: Any, attempt: Callable[[AsyncExitStack], Awaitable[AsyncIterator[Delta]]]
+                       ) -> AsyncIterator[Delta]:
+    """The deltas of the first attempt that opens, after ``Delta(retrying=(n, m))`` for each retry.
+
+    ``attempt(stack)`` opens the response (everything it enters into ``stack`` is closed when
+    the attempt ends: on Stop, error or end, in this task) and returns its deltas; it runs
+    inside the first-byte wait, so it should read up to the first event. ``config`` has
+    ``max_retries``, ``retry_budget``, ``first_byte_timeout`` and ``idle_timeout``.
+    """
+    retrier = Retrier.of(config)
+    while True:
+        async with AsyncExitStack() as stack:
+            try:
+                async with retrier.first_byte(limit=config.idle_timeout):
+                    deltas = await attempt(stack)
+            except errors.ModelError as exc:
+                failure = exc
+            else:
+                async with aclosing(deltas) as opened:  # type: ignore[type-var]
+                    async for delta in opened:
+                        yield delta
+                return
+        wait = retrier.next_wait(failure)  # raises the final error
+        yield Delta(retrying=(retrier.attempt, retrier.attempts))
+        await asyncio.sleep(wait)
