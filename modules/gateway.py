@@ -43,7 +43,7 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Literal, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,9 +61,6 @@ from .i18n import Translator, language_from_header
 from .models import ChatModel, GenerationOptions, Message, errors
 from .models.text import repair, scrub, scrub_value
 from .streaming import Reply
-
-if TYPE_CHECKING:
-    from .ui import ChatApp
 
 log = logging.getLogger(__name__)
 
@@ -370,11 +367,6 @@ class Gateway:
         self._created = int(time.time())
         self._bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                                   description="One of `api.keys` in config.yaml (or CHUANHU_API_KEYS).")
-
-    @classmethod
-    def for_app(cls, app: "ChatApp") -> "Gateway":
-        return cls(app.models, app.config.api, translator=app.t, default_model=app.default_model,
-                   system_prompt=app.config.ui.system_prompt, limits=app.config.limits)
 
     def app_kwargs(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``launch(app_kwargs=...)`` with the API's routes added (before any given ones)."""

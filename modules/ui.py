@@ -525,7 +525,9 @@ class ChatApp(HistoryHandlers):
         if self.config.api.enabled:
             from .gateway import Gateway
 
-            kwargs["app_kwargs"] = Gateway.for_app(self).app_kwargs(kwargs.get("app_kwargs"))
+            gateway = Gateway(self.models, self.config.api, translator=self.t, default_model=self.default_model,
+                              system_prompt=self.config.ui.system_prompt, limits=self.config.limits)
+            kwargs["app_kwargs"] = gateway.app_kwargs(kwargs.get("app_kwargs"))
         # -- end of the HTTP API --
         if self.mode == "users":
             from .auth import Authenticator
