@@ -81,6 +81,8 @@ def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str
         content = t.text(lang, "error.prefix", message=error_message(t, lang, reply.error, secrets))
     elif reply.status == "done" and reply.finish_reason == "length":
         content += "\n\n*" + t.text(lang, "mark.length") + "*"
+    elif reply.active and reply.retrying is not None and not (content or out):  # until the first token
+        content = "*" + t.text(lang, "status.retrying", attempt=reply.retrying[0], attempts=reply.retrying[1]) + "*"
     if reply.counts is not None and not reply.active:
         content += "\n\n<sub>" + usage_text(reply.counts, reply.cost, t, lang) + "</sub>"
     if content or not out:
@@ -137,8 +139,6 @@ def status_line(reply: Reply, t: Translator, lang: str) -> str:
     """"Generating…" while the reply streams; then
     "model · tokens in 12 · out 40 · first token 0.21 s · 35.2 tokens/s"."""
     if reply.active:
-        if reply.retrying is not None:
-            return t.text(lang, "status.retrying", attempt=reply.retrying[0], attempts=reply.retrying[1])
         return t.text(lang, "status.generating")
     na = t.text(lang, "status.na")
     if reply.counts is not None:

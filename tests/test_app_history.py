@@ -56,8 +56,7 @@ class Session:
         return self.client.predict(text, self.model, self.system_prompt, query, api_name="/add_message")
 
     def respond(self, model: str | None = None) -> list[dict[str, Any]]:
-        chatbot, _status = self.client.predict(model or self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
-        return chatbot
+        return self.client.predict(model or self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
 
     def submit_respond(self):
         return self.client.submit(self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
@@ -250,7 +249,7 @@ def test_a_reply_stopped_mid_stream_is_saved_as_stopped(fake_openai, launch_app,
 
     def shown() -> str:
         outputs = job.outputs()
-        last = outputs[-1][0] if outputs else []  # (chatbot, status)
+        last = outputs[-1] if outputs else []
         return message_text(last[-1]) if len(last) == 2 else ""
 
     wait_until(lambda: "word3" in shown() or job.done(), "a few tokens of the reply")

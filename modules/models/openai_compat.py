@@ -180,7 +180,10 @@ class OpenAIChatModel(ChatModel):
                 if delta is not None:
                     finished = finished or delta.finish_reason is not None
                     yield delta
-            event = await anext(events, None)
+            try:  # (the hot path: __anext__ itself, no anext() wrapper per chunk)
+                event = await events.__anext__()
+            except StopAsyncIteration:
+                break
         if not finished:
             raise errors.InterruptedError("the stream ended before [DONE]")
 
