@@ -130,13 +130,9 @@ class FakePromptflowServer(ThreadedServer):
         self.default_script = default_script
         self.script: deque[Script] = deque()
         self.requests: list[Seen] = []
-        self.disconnected = threading.Event()
         self.completed = threading.Event()
         self.pieces_sent = 0
-        self.stalled = threading.Event()  # a request with ``silent`` or ``silent_after_headers`` has arrived
-        self.disconnects = 0  # clients that went away before the end of their answer
-        self._left_changed = threading.Condition()
-        super().__init__()
+        super().__init__()  # disconnected, disconnects, stalled (``silent``, ``silent_after_headers``)
 
     # -- scripting ------------------------------------------------------------------------
     def enqueue(self, *pieces: str, **kwargs: Any) -> Script:
@@ -246,28 +242,6 @@ class FakePromptflowServer(ThreadedServer):
             return False
         self._left()
         return True
-
-    def _left(self) -> None:
-        """A client went away before the end of its answer."""
-        with self._left_changed:
-            self.disconnects += 1
-            self.disconnected.set()
-            self._left_changed.notify_all()
-
-    def wait_disconnects(self, count: int, timeout: float) -> bool:
-        """Block until ``count`` clients have gone away before the end (False after ``timeout`` s)."""
-        with self._left_changed:
-            return self._left_changed.wait_for(lambda: self.disconnects >= count, timeout)
-
-    async def _silence(self):
-        """A body that never comes (after the headers), until the client goes away."""
-        self.stalled.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self._left()
-            raise
-        yield b""  # never reached: makes this an async generator
 
     @staticmethod
     def _pieces(script: Script) -> list[str]:

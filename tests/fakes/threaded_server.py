@@ -7,8 +7,10 @@ has to wait for the server to be "ready".
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
+import time
 from typing import Any, TypeVar
 
 import uvicorn
@@ -25,6 +27,35 @@ class ThreadedServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
+        # Clients that went away before the end of their answer, and requests left unanswered.
+        self.disconnected = threading.Event()
+        self.disconnected_at: float | None = None
+        self.disconnects = 0
+        self.stalled = threading.Event()  # a request the script says to leave unanswered has arrived
+        self._left_changed = threading.Condition()
+
+    def _left(self) -> None:
+        """A client went away before the end of its answer."""
+        with self._left_changed:
+            self.disconnects += 1
+            self.disconnected_at = time.monotonic()
+            self.disconnected.set()
+            self._left_changed.notify_all()
+
+    def wait_disconnects(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` clients have gone away before the end (False after ``timeout`` s)."""
+        with self._left_changed:
+            return self._left_changed.wait_for(lambda: self.disconnects >= count, timeout)
+
+    async def _silence(self) -> Any:
+        """A body that never comes (after the headers), until the client goes away."""
+        self.stalled.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self._left()
+            raise
+        yield b""  # never reached: makes this an async generator
 
     def app(self) -> Starlette:
         raise NotImplementedError
