@@ -36,6 +36,7 @@ from modules.i18n import Translator
 from modules.records import ConversationMeta, TurnRecord
 from modules.store import FILENAME, BackupError, SQLiteStore, StoreProblem, backup, backup_path, open_store
 from tests.conftest import fake_model_entry, free_port
+from tests.test_app_api import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = "local"
@@ -44,19 +45,6 @@ TEXT = "一段相当长的历史记录, with some ASCII too. " * 40  # ~2 KB a t
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``condition`` until it is truthy; fail with ``what`` after ``timeout`` s."""
-    pause = threading.Event()  # never set: a bounded pause between polls
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        pause.wait(0.02)
-
-
 def meta(conversation_id: str, title: str = "") -> ConversationMeta:
     return ConversationMeta(conversation_id, OWNER, title or conversation_id, "fake", "", {}, 1.0, 2.0)
 
