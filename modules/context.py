@@ -10,11 +10,13 @@ the model writes (:func:`summarize`), one system message after the prompt.
 
 from __future__ import annotations
 
+import logging
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Literal
 
 from . import tokens
-from .models import ChatModel, GenerationOptions, Message
+from .models import ChatModel, GenerationOptions, Message, errors
 from .models.base import Price
 from .streaming import Counts, Reply
 
@@ -23,6 +25,8 @@ SUMMARY_INSTRUCTION = (
     "the user's preferences and open questions. Be brief. Write in the conversation's language."
 )
 SUMMARY_PREFIX = "Summary of the earlier conversation (older rounds were left out to fit the context):\n"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,6 +108,36 @@ def with_summary(result: Fit, summary: str, model_id: str) -> Fit:
     messages = [*system, note, *result.messages[len(system):]]
     prompt, exact = count(messages, model_id)
     return Fit(messages, result.dropped, result.dropped_rounds, prompt, exact, result.budget, summarized=True)
+
+
+async def fit_request(messages: list[Message], model: ChatModel, options: GenerationOptions, *,
+                      reserve_default: int, strategy: Literal["trim", "summarize"] = "trim",
+                      summary: tuple[int, str] | None = None) -> tuple[Fit, tuple[int, str] | None]:
+    """The request for the last question, fitted to ``model``'s context: what every front end sends.
+
+    Counting runs off the event loop for long histories. With the "summarize" strategy the
+    rounds left out are summarised by the model; ``summary`` is a cache, ``(rounds covered,
+    text)``, extended only when more rounds drop (a conversation keeps it; a one-off request
+    passes None). Returns the fit (``overflows`` when the question alone is too long) and the
+    summary cache to keep. A failed summary leaves the rounds simply out.
+    """
+    reserve = reserve_for_reply(model.context_size, options, reserve_default)
+    result = await tokens.off_loop(fit, messages, model.model_id, model.context_size, reserve,
+                                   chars=sum(len(m.content) for m in messages))
+    if not result.dropped_rounds or strategy != "summarize":
+        return result, summary
+    covered, text = summary or (0, "")
+    try:
+        if covered != result.dropped_rounds:
+            if covered > result.dropped_rounds:  # the history got shorter: summarise afresh
+                covered, text = 0, ""
+            text = await summarize(model, result.dropped[covered:], text)
+            summary = (result.dropped_rounds, text)
+    except errors.ModelError as exc:  # no summary: the rounds are simply left out
+        log.warning("could not summarise %d rounds with %r: %s", result.dropped_rounds, model.name, exc)
+        return result, summary
+    summarized = with_summary(result, text, model.model_id)
+    return (summarized if not summarized.overflows else result), summary
 
 
 def transcript(messages: list[Message]) -> str:

@@ -55,8 +55,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
-from . import render, tokens
-from .config import APIConfig, LimitsConfig
+from . import context, render, tokens
+from .config import APIConfig, ContextConfig, LimitsConfig
 from .i18n import Translator, language_from_header
 from .models import ChatModel, GenerationOptions, Message, errors
 from .models.text import repair, scrub, scrub_value
@@ -351,10 +351,12 @@ class Gateway:
     """The HTTP API over a set of adapters; ``routes()`` go into the app Gradio creates."""
 
     def __init__(self, models: Mapping[str, ChatModel], config: APIConfig, *, translator: Translator,
-                 default_model: str, system_prompt: str = "", limits: LimitsConfig | None = None):
+                 default_model: str, system_prompt: str = "", limits: LimitsConfig | None = None,
+                 context: ContextConfig | None = None):
         self.models = models
         self.config = config
         self.limits = limits or LimitsConfig()
+        self.context = context or ContextConfig()
         self.t = translator
         self.default_model = default_model
         self.system_prompt = system_prompt
@@ -480,6 +482,22 @@ class Gateway:
         """Every message's text checked by :meth:`_text`, and the question by :meth:`_question`."""
         out = [Message(m.role, self._text(m.content, f"{where}[{i}]"), m.outputs) for i, m in enumerate(messages)]
         return self._question(out, where)
+
+    async def _fitted(self, request: Request, model: ChatModel, messages: list[Message],
+                      options: GenerationOptions) -> list[Message]:
+        """``messages`` fitted to the model's context as the page fits them (the oldest rounds left
+        out, or summarised, as ``context.strategy`` says); a question too long alone is a 400
+        ``context_length_exceeded`` with the page's sentence."""
+        fit, _ = await context.fit_request(messages, model, options, strategy=self.context.strategy,
+                                           reserve_default=self.context.reserve_output_tokens)
+        if fit.overflows:
+            sentence = render.error_message(self.t, self._lang(request),
+                                            errors.ContextOverflowError(fit.prompt_tokens, fit.budget))
+            raise Problem(400, sentence, code="context_length_exceeded", param="messages")
+        if fit.dropped_rounds:
+            log.info("API %s: %d oldest round(s) %s to fit %r's context", request.url.path, fit.dropped_rounds,
+                     "summarised" if fit.summarized else "left out", model.name)
+        return fit.messages
 
     def _fits(self, model: ChatModel, options: GenerationOptions) -> None:
         if options.max_tokens is not None and options.max_tokens >= model.context_size:
@@ -619,6 +637,7 @@ class Gateway:
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, seed=body.seed)
         self._fits(model, options)
         name = body.model or model.name
+        messages = await self._fitted(request, model, messages, options)  # what is sent, and counted
         run = self._start(model, messages, options)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if not body.stream:
@@ -700,7 +719,8 @@ class Gateway:
         history = [Message(m.role, self._text(m.content, "chat_history"), m.outputs) for m in history]
         question = self._question([Message("user", self._text(body.question, "question"))], "question")
         messages = self._with_system([*history, *question])
-        run = self._start(model, messages, GenerationOptions())
+        run = self._start(model, await self._fitted(request, model, messages, GenerationOptions()),
+                          GenerationOptions())
         if mode == "json":
             async def whole(reply: Reply) -> Response:
                 return JSONResponse({**reply.outputs, "answer": reply.text})
@@ -751,7 +771,8 @@ class Gateway:
         messages = self._with_system(self._clean([_deepchat_message(i, m) for i, m in enumerate(body.messages)],
                                                  "messages"))
         stream = body.stream if body.stream is not None else _lists_event_stream(request.headers.get("accept"))
-        run = self._start(model, messages, GenerationOptions())
+        run = self._start(model, await self._fitted(request, model, messages, GenerationOptions()),
+                          GenerationOptions())
         if not stream:
             async def whole(reply: Reply) -> Response:
                 return JSONResponse({"text": reply.text})
@@ -785,7 +806,7 @@ class Gateway:
         messages = self._with_system(messages, None if system is None else self._text(system, "system"))
         options = self._options(temperature=temperature, max_tokens=max_tokens)
         self._fits(chat_model, options)
-        run = self._start(chat_model, messages, options)
+        run = self._start(chat_model, await self._fitted(request, chat_model, messages, options), options)
         return self._sse(self._text_events(request, run, done=True))
 
     async def _text_events(self, request: Request, run: _Run, *, done: bool) -> AsyncIterator[ServerSentEvent]:

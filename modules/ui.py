@@ -169,24 +169,10 @@ class ChatApp(HistoryHandlers):
     async def _fit(self, conversation: Conversation, model: ChatModel, system_prompt: str,
                    options: GenerationOptions) -> context.Fit:
         """The request for the pending question, trimmed (or summarised) to fit the model's context."""
-        reserve = context.reserve_for_reply(model.context_size, options, self.config.context.reserve_output_tokens)
-        messages = conversation.messages(system_prompt)
-        fit = await tokens.off_loop(context.fit, messages, model.model_id, model.context_size, reserve,
-                                    chars=sum(len(m.content) for m in messages))
-        if not fit.dropped_rounds or self.config.context.strategy != "summarize":
-            return fit
-        covered, summary = conversation.summary or (0, "")
-        try:
-            if covered != fit.dropped_rounds:
-                if covered > fit.dropped_rounds:  # the history got shorter: summarise afresh
-                    covered, summary = 0, ""
-                summary = await context.summarize(model, fit.dropped[covered:], summary)
-                conversation.summary = (fit.dropped_rounds, summary)
-        except errors.ModelError as exc:  # no summary: the rounds are simply left out
-            log.warning("could not summarise %d rounds with %r: %s", fit.dropped_rounds, model.name, exc)
-            return fit
-        summarized = context.with_summary(fit, summary, model.model_id)
-        return summarized if not summarized.overflows else fit
+        fit, conversation.summary = await context.fit_request(
+            conversation.messages(system_prompt), model, options, summary=conversation.summary,
+            reserve_default=self.config.context.reserve_output_tokens, strategy=self.config.context.strategy)
+        return fit
 
     # -- event handlers -----------------------------------------------------------------
     def _generating(self, conversation: Conversation, lang: str):
@@ -523,7 +509,8 @@ class ChatApp(HistoryHandlers):
             from .gateway import Gateway
 
             gateway = Gateway(self.models, self.config.api, translator=self.t, default_model=self.default_model,
-                              system_prompt=self.config.ui.system_prompt, limits=self.config.limits)
+                              system_prompt=self.config.ui.system_prompt, limits=self.config.limits,
+                              context=self.config.context)
             kwargs["app_kwargs"] = gateway.app_kwargs(kwargs.get("app_kwargs"))
         # -- end of the HTTP API --
         if self.mode == "users":
