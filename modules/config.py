@@ -63,6 +63,9 @@ class APIConfig(_Section):
     enabled: bool = Field(False, description="Serve the HTTP API beside the page, on the same port.")
     keys: list[SecretStr] = Field(default_factory=list, description="Accepted Bearer keys; CHUANHU_API_KEYS overrides.")
     heartbeat_seconds: float = Field(15.0, gt=0, le=300, description="Idle seconds before a stream gets a ': ping'.")
+    resume_grace_seconds: float = Field(30.0, ge=0, le=3600, description=(
+        "GET /stream: how long a reply whose EventSource lost its connection goes on, waiting for the "
+        "browser to reconnect with Last-Event-ID; then it is cancelled."))
     cors_origins: list[str] = Field(default_factory=list, description="Origins whose pages may call the API.")
 
     @field_validator("keys")

@@ -60,6 +60,7 @@ from .config import APIConfig, ContextConfig, LimitsConfig
 from .i18n import Translator, language_from_header
 from .models import ChatModel, GenerationOptions, Message, errors
 from .models.text import repair, scrub, scrub_value
+from .runs import RecordedRun, RunRegistry
 from .streaming import Reply
 
 log = logging.getLogger(__name__)
@@ -366,6 +367,7 @@ class Gateway:
         self._secrets = [s for m in models.values() for s in m.secrets()] + [k.decode() for k in self._keys]
         self._origins = set(config.cors_origins)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._runs = RunRegistry(grace=config.resume_grace_seconds)  # GET /stream replies, kept for reconnection
         self._created = int(time.time())
         self._bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                                   description="One of `api.keys` in config.yaml (or CHUANHU_API_KEYS).")
@@ -778,7 +780,7 @@ class Gateway:
                 return JSONResponse({"text": reply.text})
 
             return await self._answer(request, run, whole=whole)
-        return self._sse(self._text_events(request, run, done=False))
+        return self._sse(self._text_events(request, run))
 
     async def stream(
         self,
@@ -795,29 +797,63 @@ class Gateway:
     ) -> Response:
         """The streaming endpoint for the browser's `EventSource` (GET only, no headers):
         `data: {"text": "<delta>"}` events (each with an `id`), `data: {"error": "..."}` on a
-        failure, and `data: [DONE]` at the end, where the page closes the EventSource. A
-        reconnection (`Last-Event-ID`) is answered 204, which stops the EventSource: a reply
-        is never generated twice."""
+        failure, and `data: [DONE]` at the end, where the page closes the EventSource. The
+        reply is a run kept for reconnection: when the connection drops, the browser reconnects
+        with `Last-Event-ID` and the same reply continues from the next event (never a second
+        generation); the run is cancelled if no reconnection comes within
+        `api.resume_grace_seconds`. A reconnection to a reply unknown or long over gets 204,
+        which stops the EventSource."""
         if last_event_id is not None:
-            return Response(status_code=204)
+            return self._resume(last_event_id)
         chat_model = self._model(model)
         earlier = _history(history)
         messages = self._clean([*earlier, Message("user", message)], "history")
         messages = self._with_system(messages, None if system is None else self._text(system, "system"))
         options = self._options(temperature=temperature, max_tokens=max_tokens)
         self._fits(chat_model, options)
-        run = self._start(chat_model, await self._fitted(request, chat_model, messages, options), options)
-        return self._sse(self._text_events(request, run, done=True))
+        messages = await self._fitted(request, chat_model, messages, options)
+        if self._runs.full():
+            raise Problem(503, "Too many replies are streaming for EventSource pages; try again shortly.",
+                          code="overloaded", headers={"Retry-After": "5"})
+        run = self._runs.start(self._stream_events(request, chat_model, messages, options))
+        return self._sse(self._follow(run, 0))
 
-    async def _text_events(self, request: Request, run: _Run, *, done: bool) -> AsyncIterator[ServerSentEvent]:
-        """Deep Chat's events; ``done``: numbered, and ``[DONE]`` at the end (for EventSource)."""
-        count = 0
+    async def _stream_events(self, request: Request, model: ChatModel, messages: list[Message],
+                             options: GenerationOptions) -> AsyncIterator[Any]:
+        """The events of a ``GET /stream`` reply, made in the run's own task (which opens and
+        closes the upstream): text pieces, an error sentence, then ``[DONE]``."""
+        try:
+            async with aclosing(model.stream(messages, options)) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        yield {"text": delta.text}
+        except errors.ModelError as exc:
+            yield {"error": self._message_of(request, exc)}
+        except Exception as exc:  # an adapter bug must still end the reply
+            log.exception("model %r failed", model.name)
+            yield {"error": self._message_of(request, errors.ModelError(type(exc).__name__))}
+        yield "[DONE]"
 
-        def event(payload: Any) -> ServerSentEvent:
-            nonlocal count
-            count += 1
-            return _data(payload, id=str(count)) if done else _data(payload)
+    def _resume(self, last_event_id: str) -> Response:
+        """A reconnection: the run named by ``Last-Event-ID`` (``<run>:<n>``) from event n + 1."""
+        run_id, _, number = last_event_id.strip().partition(":")
+        run = self._runs.get(run_id)
+        if run is None or not number.isdigit():
+            return Response(status_code=204)
+        return self._sse(self._follow(run, int(number)))
 
+    async def _follow(self, run: RecordedRun, after: int) -> AsyncIterator[ServerSentEvent]:
+        async with aclosing(run.follow(after, self.heartbeat)) as events:
+            async for item in events:
+                if item is None:
+                    yield _ping()
+                    continue
+                number, payload = item
+                # retry: how soon (ms) a browser reconnects after a drop (its default is ~3 s)
+                yield _data(payload, id=f"{run.id}:{number}", **({"retry": 1000} if number == after + 1 else {}))
+
+    async def _text_events(self, request: Request, run: _Run) -> AsyncIterator[ServerSentEvent]:
+        """Deep Chat's events: text pieces, an error, then the end of the body."""
         try:
             while True:
                 item = await run.next(self.heartbeat)
@@ -826,12 +862,10 @@ class Gateway:
                 elif item is _END:
                     break
                 elif isinstance(item, errors.ModelError):
-                    yield event({"error": self._message_of(request, item)})
+                    yield _data({"error": self._message_of(request, item)})
                     break
                 elif item.text:
-                    yield event({"text": item.text})
-            if done:
-                yield event("[DONE]")
+                    yield _data({"text": item.text})
         finally:
             run.close()
 
@@ -872,7 +906,7 @@ class Gateway:
             summary="Deep Chat custom server")
         add("/stream", self.stream, "GET", "text", "EventSource",
             {200: _sse_doc("Text events, then [DONE].", 'id: 1\ndata: {"text": "Hel"}\n\nid: 2\ndata: [DONE]\n\n'),
-             204: {"description": "A reconnection (Last-Event-ID): the EventSource stops."},
+             204: {"description": "A reconnection (Last-Event-ID) to a reply unknown or over: the EventSource stops."},
              **{code: {"model": TextError} for code in (400, 404)}},
             query_key=True, summary="Stream for EventSource (GET)")
         return list(router.routes)

@@ -32,6 +32,7 @@ TOKENS = [f" w{i}" for i in range(400)]
 DELAY = 0.05  # 400 tokens at 20/s: 20 s, far longer than any wait here
 WAIT = 30.0
 HEARTBEAT = 0.5  # seconds: how often idle streams check their client
+GRACE = 1.0  # seconds GET /stream waits for an EventSource to reconnect before it cancels
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
@@ -59,7 +60,7 @@ def app_url(upstream: CountingOpenAIServer, tmp_path_factory: pytest.TempPathFac
     config = build_config({
         "models": [{"provider": "openai", "name": "fake", "model": "fake-model", "base_url": upstream.base_url,
                     "api_key": FAKE_KEY, "max_retries": 0}],
-        "api": {"enabled": True, "keys": [API_KEY], "heartbeat_seconds": HEARTBEAT},
+        "api": {"enabled": True, "keys": [API_KEY], "heartbeat_seconds": HEARTBEAT, "resume_grace_seconds": GRACE},
         "limits": {"heartbeat_seconds": HEARTBEAT},
         "server": {"port": free_port()},
         "history": {"data_dir": str(tmp_path_factory.mktemp("data"))},

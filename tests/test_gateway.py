@@ -90,8 +90,10 @@ def assert_no_key(*texts: Any) -> None:
 
 @pytest.fixture
 def gateway(fake_openai: FakeOpenAIServer, launch_app) -> tuple[FakeOpenAIServer, str]:
-    """The app with the API on and one fake OpenAI model (the default); its url without a slash."""
-    return fake_openai, launch_app(api(fake_model_entry(fake_openai))).rstrip("/")
+    """The app with the API on and one fake OpenAI model (the default); its url without a slash.
+    GET /stream keeps no reply for reconnection here (grace 0): a client that leaves cancels at
+    once, as on every other route (tests/test_stream_resume.py tests the grace)."""
+    return fake_openai, launch_app(api(fake_model_entry(fake_openai), resume_grace_seconds=0)).rstrip("/")
 
 
 @pytest.fixture
@@ -459,9 +461,10 @@ def test_get_stream_for_eventsource(gateway):
         with connect_sse(client, "GET", "/stream", params={"message": "More", "api_key": API_KEY,
                                                            "history": history, "system": "Be brief."}) as source:
             seen = [(sse.id, sse.data) for sse in source.iter_sse()]
-    assert seen[-1] == (str(len(TOKENS) + 1), "[DONE]")
+    run = seen[0][0].rsplit(":", 1)[0]  # ids are "<run>:<n>", what Last-Event-ID sends back
+    assert seen[-1] == (f"{run}:{len(TOKENS) + 1}", "[DONE]")
     assert [json.loads(data) for _, data in seen[:-1]] == [{"text": t} for t in TOKENS]
-    assert [i for i, _ in seen] == [str(n) for n in range(1, len(TOKENS) + 2)]
+    assert [i for i, _ in seen] == [f"{run}:{n}" for n in range(1, len(TOKENS) + 2)]
     assert fake.requests[-1].body["messages"] == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]
