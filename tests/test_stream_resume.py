@@ -6,11 +6,10 @@ Chromium for the browser's own reconnection, through a TCP proxy that cuts the c
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import fake_model_entry
