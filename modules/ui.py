@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -32,6 +33,8 @@ from .templates import load_templates
 from .ui_history import HistoryHandlers
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_SECONDS = 1.0  # a streaming reply is saved (as "interrupted by a stop of the app") this often
 
 # No single-$ delimiters: "$5 or $10" and a footer's "$0.00021" are prices, not math.
 LATEX = [
@@ -218,12 +221,18 @@ class ChatApp(HistoryHandlers):
                 return
             reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
                           dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
+            checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
             async for update in self._generate(conversation, model, fit.messages, options, reply):
                 if not update.active:
                     context.settle(update, model)  # the last update shows the reply's tokens and cost
                 # Only the chatbot: every output costs per update (a second one, the status line,
                 # cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place.
                 yield self._chatbot(conversation, lang)
+                if update.active and time.monotonic() >= checkpoint_at:  # a crash loses at most a second
+                    checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+                    if conversation.turns[position] is turn:
+                        await self._checkpoint(conversation, position, lang, model.name, system_prompt,
+                                               options.openai_params())
         finally:
             # Runs on Stop and on a closed tab too (cancellation), so a partial reply is kept.
             reply = turn.reply

@@ -73,6 +73,28 @@ class HistoryHandlers:
         except Exception:  # a full disk must not break the chat: the session still has it
             log.exception("could not save turn %d of conversation %s", position, conversation.id)
 
+    async def _checkpoint(self, conversation: Conversation, position: int, lang: str, model: str,
+                          system_prompt: str, params: dict[str, Any]) -> None:
+        """Save a reply that is still streaming as the app would find it after a crash: its text so
+        far, marked "the app stopped before this reply ended", with estimated counts. The reply's
+        own save when it ends overwrites it. The write runs on a worker thread. Never raises."""
+        if not conversation.owner or position >= len(conversation.turns) or not conversation.id:
+            return
+        reply = conversation.turns[position].reply
+        if reply is None or not reply.active:
+            return
+        record = conversation.turn_record(position, lambda error: "")
+        record.status, record.error = "interrupted", self.t.text(lang, "error.app_stopped")
+        if reply.prompt_estimate is not None:  # counts so far (≈): what was generated until the crash
+            record.prompt_tokens, record.completion_tokens = reply.prompt_estimate[0], reply.deltas
+            record.tokens_exact = False
+        record.finished_at = None
+        meta = conversation.meta(model, repair(str(system_prompt or "")), params)
+        try:
+            await asyncio.to_thread(self.store.save_turn, meta, position, record)
+        except Exception:
+            log.exception("could not checkpoint turn %d of conversation %s", position, conversation.id)
+
     # -- rendering the sidebar ----------------------------------------------------------
     def _history(self, conversation: Conversation, query: str, lang: str) -> Any:
         """The sidebar's list: the owner's conversations, newest first, filtered by ``query``."""

@@ -626,3 +626,52 @@ def test_the_app_stopped_by_a_signal_leaves_every_conversation_in_the_main_file(
         s.close()
     assert found == [("will this survive a stop?", "Kept after the signal.", "done")]
     assert len(contents(tmp_path / "during.sqlite3", owner)) == 1
+
+
+def test_a_crash_mid_reply_loses_at_most_a_second_and_the_reply_says_the_app_stopped(
+        app_process: Callable[[], tuple[subprocess.Popen[bytes], str]], fake_openai: Any, tmp_path: Path) -> None:
+    """kill -9 while a reply streams; after a restart the reply is there as far as it had come
+    (checkpointed every second), marked "the app stopped before this reply ended", with counts."""
+    from gradio_client import Client
+
+    from tests.test_app_history import NEUTRAL, Session, message_text
+
+    tokens = [f" w{i}" for i in range(400)]
+    proc, url = app_process()
+    path = tmp_path / "data" / FILENAME
+    client = Client(url, verbose=False)
+    fake_openai.enqueue(*tokens, delay=0.05)  # 20 s: the crash comes long before the end
+    page = Session(client, model="fake")
+    page.add("Tell me a long story")
+    client.submit("fake", page.system_prompt, *NEUTRAL, api_name="/respond")
+
+    def checkpointed() -> str:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT reply FROM turns WHERE status = 'interrupted'").fetchone()
+        return row[0] if row and len(row[0]) > 20 else ""
+
+    wait_until(checkpointed, "a checkpoint of the streaming reply", timeout=30)
+    proc.kill()  # SIGKILL: no finally, no shutdown, no last save
+    proc.wait()
+    assert not fake_openai.completed.is_set()
+    client.close()
+    _, url = app_process()  # the same data folder
+    client = Client(url, verbose=False)
+    try:
+        page = Session(client, model="fake")
+        [(_, conversation_id)] = page.search()
+        chatbot = page.open(conversation_id)[0]
+    finally:
+        client.close()
+    shown = message_text(chatbot[-1])
+    streamed = "".join(tokens)
+    partial = shown.split("\n\n")[0]
+    assert len(partial) > 20 and streamed.lstrip().startswith(partial.strip()), shown  # the text so far
+    assert "The app stopped before this reply ended." in shown
+    s = SQLiteStore(path)
+    try:
+        [summary] = s.list("local")
+        [turn] = s.load("local", summary.id).turns
+    finally:
+        s.close()
+    assert turn.status == "interrupted" and turn.completion_tokens and turn.prompt_tokens
