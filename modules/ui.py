@@ -7,6 +7,7 @@ holds only what every session shares (config, adapters, translations).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib.util
 import logging
@@ -194,7 +195,7 @@ class ChatApp(HistoryHandlers):
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip()
             self._owner(conversation, request)
             conversation.add_user(text, await self._count_user(text, model_name))
-            self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+            await self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
             return "", *self._generating(conversation, lang), self._history(conversation, query, lang)
         return (gr.skip(),) * 6
 
@@ -239,7 +240,7 @@ class ChatApp(HistoryHandlers):
             if reply is not None and not reply.active:
                 context.settle(reply, model)  # again: after Stop, tokens may have come until the upstream closed
             if reply is not None and position < len(conversation.turns) and conversation.turns[position] is turn:
-                self._save_turn(conversation, position, lang, model.name, system_prompt, options.openai_params())
+                await self._save_turn(conversation, position, lang, model.name, system_prompt, options.openai_params())
 
     async def _stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         """Mark the streaming reply stopped; ``cancels=`` closes the upstream."""
@@ -266,14 +267,14 @@ class ChatApp(HistoryHandlers):
         if conversation.forget_last_reply() is None:
             return (gr.skip(),) * 4
         self._owner(conversation, request)
-        self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+        await self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
         return self._generating(conversation, lang)
 
     async def _delete_last(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         lang = self.t.language_for(request)
         owner = self._owner(conversation, request)
         if conversation.delete_last_round() is not None and conversation.id:
-            self.store.truncate(owner, conversation.id, len(conversation.turns))
+            await asyncio.to_thread(self.store.truncate, owner, conversation.id, len(conversation.turns))
         # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
         return (*self._shown(conversation, model_name, lang), self._history(conversation, query, lang))
 

@@ -55,9 +55,10 @@ class HistoryHandlers:
             conversation.owner = owner
         return owner
 
-    def _save_turn(self, conversation: Conversation, position: int, lang: str, model: str,
-                   system_prompt: str, params: dict[str, Any] | None = None) -> None:
-        """Save one turn and the conversation's details in one transaction. Never raises."""
+    async def _save_turn(self, conversation: Conversation, position: int, lang: str, model: str,
+                         system_prompt: str, params: dict[str, Any] | None = None) -> None:
+        """Save one turn and the conversation's details in one transaction, on a worker thread (an
+        fsync'd commit must not hold up every other stream). Never raises."""
         if not conversation.owner or position >= len(conversation.turns):
             return
         system_prompt = repair(str(system_prompt or ""))  # lone surrogates could not be stored
@@ -69,7 +70,7 @@ class HistoryHandlers:
         if params is not None:
             conversation.params = dict(params)
         try:
-            self.store.save_turn(meta, position, record)
+            await asyncio.to_thread(self.store.save_turn, meta, position, record)
         except Exception:  # a full disk must not break the chat: the session still has it
             log.exception("could not save turn %d of conversation %s", position, conversation.id)
 
@@ -174,7 +175,7 @@ class HistoryHandlers:
             conversation.title = title
             conversation.titled_by_model = True  # the user's name wins over the model's
             if conversation.id:
-                self.store.rename(owner, conversation.id, title)
+                await asyncio.to_thread(self.store.rename, owner, conversation.id, title)
         return self._history(conversation, query, lang)
 
     async def _ask_delete(self, conversation: Conversation, request: gr.Request):
@@ -191,7 +192,7 @@ class HistoryHandlers:
         owner = self._owner(conversation, request)
         if conversation.streaming is None:
             if conversation.id:
-                self.store.delete(owner, conversation.id)
+                await asyncio.to_thread(self.store.delete, owner, conversation.id)
             conversation.clear()
         return (gr.Row(visible=False), *self._shown(conversation, model_name, lang),
                 self._history(conversation, query, lang))
@@ -236,7 +237,7 @@ class HistoryHandlers:
             problem = "nested far too deeply" if isinstance(exc, RecursionError) else str(exc)
             gr.Warning(self.t.text(lang, "history.import_failed", file=name, problem=problem))
             return skip
-        self.store.import_record(record)
+        await asyncio.to_thread(self.store.import_record, record)
         conversation.replace(Conversation.from_record(record))
         conversation.params = dict(record.params)
         gr.Info(self.t.text(lang, "history.imported", title=record.title))
@@ -263,7 +264,7 @@ class HistoryHandlers:
         conversation.titled_by_model = True
         if title:
             conversation.title = title
-            self.store.rename(conversation.owner, conversation.id, title)
+            await asyncio.to_thread(self.store.rename, conversation.owner, conversation.id, title)
         return self._history(conversation, query, lang)
 
     # -- templates ------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""History writes never run on the event loop (an fsync'd commit would hold up every stream).
+
+The real app on a real port, driven through gradio_client; its store is wrapped to record,
+for each write, whether it ran in a thread with a running event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from gradio_client import Client
+
+from modules.config import build_config
+from tests.conftest import fake_model_entry, free_port
+from tests.test_app_history import Session
+
+WRITES = {"save_turn", "truncate", "save_meta", "rename", "delete", "import_record"}
+
+
+class RecordingStore:
+    def __init__(self, store: Any):
+        self.store = store
+        self.writes: list[tuple[str, bool]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.store, name)
+        if name not in WRITES:
+            return attribute
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop = True
+            except RuntimeError:
+                on_loop = False
+            self.writes.append((name, on_loop))
+            return attribute(*args, **kwargs)
+
+        return write
+
+
+def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path):
+    from modules.ui import ChatApp
+
+    app = ChatApp(build_config({"models": [fake_model_entry(fake_openai, "fake")], "server": {"port": free_port()},
+                                "history": {"data_dir": str(tmp_path), "mode": "shared"}}, env={}))
+    recording = RecordingStore(app.store)
+    app.store = recording
+    app.build()
+    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        page = Session(client, model="fake")
+        page.say("First question")
+        page.rename("A new name")
+        exported = tmp_path / "plain.json"
+        exported.write_text(json.dumps([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]))
+        page.import_file(exported)
+        page.delete()
+        client.close()
+    finally:
+        app.demo.close()
+    names = {name for name, _ in recording.writes}
+    assert {"save_turn", "rename", "import_record", "delete"} <= names, recording.writes
+    assert not [w for w in recording.writes if w[1]], f"writes on the event loop: {recording.writes}"
