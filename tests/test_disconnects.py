@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -24,6 +22,7 @@ import pytest
 from tests.conftest import FAKE_KEY
 from tests.fakes.counting_server import CountingOpenAIServer
 from tests.fakes.openai_server import Script
+from tests.test_app_api import wait_until
 
 API_KEY = "disc-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -33,16 +32,6 @@ DELAY = 0.05  # 400 tokens at 20/s: 20 s, far longer than any wait here
 WAIT = 30.0
 HEARTBEAT = 0.5  # seconds: how often idle streams check their client
 GRACE = 1.0  # seconds GET /stream waits for an EventSource to reconnect before it cancels
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    pause = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        pause.wait(0.02)
-    return value
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +118,7 @@ def _run_clients(make: Callable[[httpx.AsyncClient], Any]) -> None:
 
 
 def _assert_all_aborted(upstream: CountingOpenAIServer, what: str) -> None:
-    counts = wait_for(lambda: (c := upstream.counts())["open"] == 0 and c, f"{what}: every upstream stream closed")
+    counts = wait_until(lambda: (c := upstream.counts())["open"] == 0 and c, f"{what}: every upstream stream closed", WAIT)
     assert counts["started"] == CLIENTS, counts
     assert counts["aborted"] == CLIENTS and counts["finished"] == 0, f"{what}: {counts}"
 

@@ -158,6 +158,23 @@ def test_what_is_retried(error, again):
     assert retry.retryable(error) is again
 
 
+async def assert_cancel_in_the_wait_closes_the_upstream(server: Any, model: Any) -> None:
+    """Stop (the reply's task cancelled) while the adapter waits on a silent ``server``: the
+    upstream connection is closed, and no second attempt is made."""
+    async def drain() -> None:
+        async with aclosing(model.stream(MESSAGES, GenerationOptions())) as deltas:
+            async for _ in deltas:
+                pass
+
+    task = asyncio.ensure_future(drain())
+    assert await asyncio.to_thread(server.stalled.wait, STEP)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(server.disconnected.wait, STEP)
+    assert len(server.requests) == 1
+
+
 # -- OpenAI: a silent server --------------------------------------------------------------------
 @pytest.mark.parametrize("silence", ["stall", "stall_after_headers"])
 async def test_a_silent_server_fails_within_the_budget(models, silence):
@@ -361,19 +378,7 @@ async def test_stop_during_a_first_byte_wait_closes_the_upstream(openai_server, 
 async def test_cancelling_the_adapter_in_a_first_byte_wait_closes_the_upstream(openai_server, models):
     openai_server.enqueue(stall_after_headers=True)
     model = models(openai_entry(openai_server, first_byte_timeout=30, retry_budget=60))
-
-    async def drain() -> None:
-        async with aclosing(model.stream(MESSAGES, GenerationOptions())) as deltas:
-            async for _ in deltas:
-                pass
-
-    task = asyncio.ensure_future(drain())
-    assert await asyncio.to_thread(openai_server.stalled.wait, STEP)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await asyncio.to_thread(openai_server.disconnected.wait, STEP)
-    assert len(openai_server.requests) == 1
+    await assert_cancel_in_the_wait_closes_the_upstream(openai_server, model)
 
 
 # -- Azure: the same through its paths ----------------------------------------------------------------------
@@ -511,19 +516,7 @@ async def test_a_flow_error_event_before_its_answer_is_the_flow_failing(flow_ser
 async def test_stop_while_a_flow_is_silent_closes_the_upstream(flow_server, models):
     flow_server.enqueue(silent=True)
     model = models(flow_entry(flow_server, first_byte_timeout=30))
-
-    async def drain() -> None:
-        async with aclosing(model.stream(MESSAGES, GenerationOptions())) as deltas:
-            async for _ in deltas:
-                pass
-
-    task = asyncio.ensure_future(drain())
-    assert await asyncio.to_thread(flow_server.stalled.wait, STEP)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await asyncio.to_thread(flow_server.disconnected.wait, STEP)
-    assert len(flow_server.requests) == 1
+    await assert_cancel_in_the_wait_closes_the_upstream(flow_server, model)
 
 
 # -- details: scrubbed, then clipped ---------------------------------------------------------------------------

@@ -21,8 +21,6 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from .text import scrub  # noqa: F401  (re-exported: adapters scrub details with it)
-
 Role = Literal["system", "user", "assistant"]
 
 

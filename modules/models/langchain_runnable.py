@@ -30,7 +30,8 @@ from typing import Any, AsyncIterator, Callable, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from . import errors, register
-from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage, scrub
+from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
+from .text import scrub
 
 BUILTIN_CLASSES = {"ChatOpenAI": "langchain_openai:ChatOpenAI", "AzureChatOpenAI": "langchain_openai:AzureChatOpenAI"}
 

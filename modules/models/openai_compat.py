@@ -22,9 +22,9 @@ from httpx_sse import ServerSentEvent
 from pydantic import Field, SecretStr
 
 from . import errors, register, retry
-from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage, scrub
+from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
 from .sse import iter_events
-from .text import clip
+from .text import clip, scrub
 
 MAX_CHUNK_DETAIL = 80  # characters of an unreadable chunk kept as detail
 

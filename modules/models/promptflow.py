@@ -47,9 +47,9 @@ from httpx_sse import ServerSentEvent
 from pydantic import Field, SecretStr, field_validator
 
 from . import errors, register, retry
-from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, scrub
+from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig
 from .sse import iter_events
-from .text import clip
+from .text import clip, scrub
 
 ACCEPT = "text/event-stream, application/json"
 DEPLOYMENT_HEADER = "azureml-model-deployment"
