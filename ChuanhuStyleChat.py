@@ -50,7 +50,7 @@ def backup_main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"ChuanhuStyleChat: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    from modules.store import FILENAME, BackupError, backup, backup_path
+    from modules.history.store import FILENAME, BackupError, backup, backup_path
 
     source = Path(config.history.data_dir).expanduser().resolve() / FILENAME
     target = backup_path(Path(args.path)).absolute()
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ChuanhuStyleChat: invalid configuration: {exc}", file=sys.stderr)
         return 2
 
-    from modules.ui import ChatApp  # gradio is slow to import: only once the config is good
+    from modules.web.page import ChatApp  # gradio is slow to import: only once the config is good
 
     app = ChatApp(config)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals can be set only there

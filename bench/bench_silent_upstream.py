@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules import models as registry  # noqa: E402
+from modules import providers as registry  # noqa: E402
 from modules.config import build_config  # noqa: E402
-from modules.models import GenerationOptions, Message  # noqa: E402
+from modules.providers import GenerationOptions, Message  # noqa: E402
 
 
 def main() -> int:

@@ -195,7 +195,7 @@ async def discover(client: httpx.AsyncClient, url: str) -> AppInfo:
     deps = {d.get("api_name"): d for d in config["dependencies"]}
     for name in ("chat", "add_message", "respond"):
         if name not in deps:
-            raise SystemExit(f"the app has no event with api_name {name!r}: is modules/ui.py up to date?")
+            raise SystemExit(f"the app has no event with api_name {name!r}: is modules/web/page.py up to date?")
     add, respond = deps["add_message"], deps["respond"]
 
     def defaults(dep: dict[str, Any]) -> list[Any]:
@@ -240,7 +240,7 @@ def apply_diff(value: Any, diff: list[list[Any]]) -> Any:
     return value
 
 
-USAGE_FOOTER = re.compile(r"\n\n<sub>[^<]*</sub>$")  # a finished reply's tokens and cost (modules/render.py)
+USAGE_FOOTER = re.compile(r"\n\n<sub>[^<]*</sub>$")  # a finished reply's tokens and cost (modules/web/render.py)
 
 
 def chatbot_reply(messages: Any) -> str:

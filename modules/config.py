@@ -15,8 +15,8 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .models import ModelConfig, validate_entry
-from .models.base import Price
+from modules.providers import ModelConfig, validate_entry
+from modules.providers.base import Price
 
 DEFAULT_CONFIG_FILE = "config.yaml"
 LANGUAGES = ("auto", "en_US", "zh_CN", "zh_TW", "ja_JP")
@@ -58,7 +58,7 @@ class OpenAISection(_Section):
 
 
 class APIConfig(_Section):
-    """The HTTP API (``modules/gateway.py``): OpenAI-compatible, Promptflow, Deep Chat, EventSource."""
+    """The HTTP API (``modules/api/gateway.py``): OpenAI-compatible, Promptflow, Deep Chat, EventSource."""
 
     enabled: bool = Field(False, description="Serve the HTTP API beside the page, on the same port.")
     keys: list[SecretStr] = Field(default_factory=list, description="Accepted Bearer keys; CHUANHU_API_KEYS overrides.")
@@ -104,6 +104,24 @@ class LimitsConfig(_Section):
         "often that their client is still there; a client that has gone stops the reply."))
 
 
+class RunsConfig(_Section):
+    """Replies are runs on the server: they outlive the page that asked for them (a reload, a closed
+    tab, a second tab or device of the same owner shows the same reply, as far as it has come)."""
+
+    unwatched: Literal["continue", "stop"] = Field("continue", description=(
+        "A page's reply that nobody watches any more (its tab was closed): continue to its end and save "
+        "it, so that it is there when the user comes back; or stop it after unwatched_grace_seconds "
+        "(for those who pay per token). Replies to the HTTP API and /chat belong to their request and "
+        "stop as soon as their client disconnects."))
+    unwatched_grace_seconds: float = Field(30.0, ge=0, le=3600, description=(
+        "With unwatched: stop, how long a reply goes on without a viewer (a reload comes back in time)."))
+    max_seconds: float = Field(1800.0, gt=0, description=(
+        "Longest a reply may run, watched or not; it is then stopped and saved as stopped."))
+    max_per_owner: int = Field(4, ge=1, le=1000, description=(
+        "Replies one owner (a user, a browser, or everyone on a desktop) may have streaming at once; "
+        "past it, a new message gets a sentence saying so."))
+
+
 class HistoryConfig(_Section):
     """Where conversations are kept, and whose they are."""
 
@@ -137,7 +155,7 @@ class AuthConfig(_Section):
     @field_validator("users")
     @classmethod
     def _hashed(cls, users: dict[str, str]) -> dict[str, str]:
-        from .auth import is_password_hash
+        from modules.auth import is_password_hash
 
         for name, hashed in users.items():
             if not name.strip() or name != name.strip():
@@ -161,6 +179,7 @@ class AppConfig(_Section):
     openai: OpenAISection = Field(default_factory=OpenAISection)
     api: APIConfig = Field(default_factory=APIConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    runs: RunsConfig = Field(default_factory=RunsConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

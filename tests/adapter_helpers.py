@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from contextlib import aclosing
 
-from modules.models import ChatModel, Delta, GenerationOptions, Message, errors
-from modules.streaming import Pacer, Reply, stream_reply
+from modules.providers import ChatModel, Delta, GenerationOptions, Message, errors
+from modules.core.streaming import Pacer, Reply, stream_reply
 
 
 async def collect_deltas(model: ChatModel, messages: list[Message], options: GenerationOptions | None = None,

@@ -18,10 +18,10 @@ import pytest
 
 from modules.config import ConfigError, build_config
 from modules.i18n import Translator
-from modules.models import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
-from modules.models.azure import AzureChatModel
-from modules.render import error_message
-from modules.streaming import Pacer, Reply, stream_reply
+from modules.providers import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
+from modules.providers.azure import AzureChatModel
+from modules.core.sentences import error_message
+from modules.core.streaming import Pacer, Reply, stream_reply
 from tests.adapter_helpers import collect_deltas, final_reply as shared_final_reply, texts
 from tests.conftest import FAKE_KEY
 from tests.fakes.openai_server import FakeOpenAIServer

@@ -177,7 +177,7 @@ def test_each_session_gets_its_own_conversation_created_when_its_first_message_i
     first.say("one")
     between = time.time()
     second.say("two")
-    from modules.transfer import parse_time
+    from modules.history.transfer import parse_time
 
     a, b = (parse_time(session.export_json()["created_at"]) for session in (first, second))
     assert before <= a <= between <= b, (before, a, between, b)  # not the time the app started

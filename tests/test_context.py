@@ -1,5 +1,5 @@
-"""Fitting a conversation into the context, summaries, titles and cost (``modules/context.py``),
-and what a conversation adds up and keeps of them (``modules/conversation.py``).
+"""Fitting a conversation into the context, summaries, titles and cost (``modules/core/context.py``),
+and what a conversation adds up and keeps of them (``modules/history/conversation.py``).
 
 Token counts are checked against ``tokens.count_messages`` (itself checked against
 published values in ``test_tokens.py``) or counted by hand; prices by hand.
@@ -14,12 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modules import context, tokens
-from modules.conversation import TITLE_LENGTH, Conversation, StoredError, title_from
-from modules.models import GenerationOptions, Message, ModelConfig, Usage, errors
-from modules.models.base import Price
-from modules.records import ConversationRecord
-from modules.streaming import Counts, Reply
+from modules.core import context
+from modules.core import accounting
+from modules.core import tokens
+from modules.history.conversation import TITLE_LENGTH, Conversation, StoredError, title_from
+from modules.providers import GenerationOptions, Message, ModelConfig, Usage, errors
+from modules.providers.base import Price
+from modules.history.records import ConversationRecord
+from modules.core.streaming import Counts, Reply
 from tests.fakes.scripted_model import ScriptedModel
 
 MODEL = "gpt-4o"
@@ -265,7 +267,7 @@ async def test_write_title_returns_the_first_line() -> None:
 
 
 async def test_write_title_strips_the_first_line() -> None:
-    """BUG (modules/context.py, ``write_title``, last line): the whole output is stripped before it is
+    """BUG (modules/core/context.py, ``write_title``, last line): the whole output is stripped before it is
     split, so spaces at the end of a first line that is followed by more lines stay in the title."""
     model = scripted().enqueue("Green tea preferences  \nBecause the conversation is about tea.").end()
     assert await asyncio.wait_for(context.write_title(model, "q", "a"), STEP) == "Green tea preferences"
@@ -282,15 +284,15 @@ async def test_write_title_of_nothing_is_empty() -> None:
 def test_cost_is_per_million_tokens() -> None:
     # 1000 × $0.15/M + 500 × $0.60/M = $0.00015 + $0.00030
     assert PRICE.cost(1000, 500) == pytest.approx(0.00045)
-    assert context.cost(PRICE, 1000, 500) == pytest.approx(0.00045)
-    assert context.cost(PRICE, 1_000_000, 0) == pytest.approx(0.15)
-    assert context.cost(PRICE, 0, 0) == 0
+    assert accounting.cost(PRICE, 1000, 500) == pytest.approx(0.00045)
+    assert accounting.cost(PRICE, 1_000_000, 0) == pytest.approx(0.15)
+    assert accounting.cost(PRICE, 0, 0) == 0
 
 
 def test_cost_without_a_price_or_a_count_is_unknown() -> None:
-    assert context.cost(None, 1000, 500) is None
-    assert context.cost(PRICE, None, 500) is None
-    assert context.cost(PRICE, 1000, None) is None
+    assert accounting.cost(None, 1000, 500) is None
+    assert accounting.cost(PRICE, None, 500) is None
+    assert accounting.cost(PRICE, 1000, None) is None
 
 
 @pytest.mark.parametrize(
@@ -309,7 +311,7 @@ def test_cost_without_a_price_or_a_count_is_unknown() -> None:
     ],
 )
 def test_format_cost(value: float, shown: str) -> None:
-    assert context.format_cost(value) == shown
+    assert accounting.format_cost(value) == shown
 
 
 # -- settle ----------------------------------------------------------------------------------------------
@@ -319,32 +321,32 @@ def test_settle_prefers_the_api_usage() -> None:
     model = scripted(price=PRICE)
     reply = Reply(model=MODEL, text="hello world", status="done", usage=Usage(1000, 500, True),
                   prompt_estimate=(9, True))
-    context.settle(reply, model)
+    accounting.settle(reply, model)
     assert reply.counts == Counts(1000, 500, True)
     assert reply.cost == pytest.approx(0.00045)
 
 
 def test_settle_keeps_an_estimated_usage_an_estimate() -> None:
     reply = Reply(model=MODEL, text="hello world", status="done", usage=Usage(10, 2, False))
-    context.settle(reply, scripted(price=PRICE))
+    accounting.settle(reply, scripted(price=PRICE))
     assert reply.counts == Counts(10, 2, False)
 
 
 def test_settle_without_usage_counts_the_reply_with_tiktoken() -> None:
     # "hello world" is [24912, 2375] in o200k_base: 2 tokens, reasoning and text together.
     reply = Reply(model=MODEL, reasoning="hello", text=" world", status="done", prompt_estimate=(9, True))
-    context.settle(reply, scripted(price=PRICE))
+    accounting.settle(reply, scripted(price=PRICE))
     assert reply.counts == Counts(9, 2, True)
     assert reply.cost == pytest.approx((9 * 0.15 + 2 * 0.60) / 1_000_000)
 
 
 def test_settle_without_usage_is_exact_only_if_both_counts_are() -> None:
     reply = Reply(text="hello world", status="stopped", prompt_estimate=(9, False))
-    context.settle(reply, scripted())
+    accounting.settle(reply, scripted())
     assert reply.counts == Counts(9, 2, False)
 
     reply = Reply(text="hello world", status="done", prompt_estimate=(9, True))
-    context.settle(reply, scripted("llama3.1:8b"))  # not an OpenAI model: cl100k_base, an estimate
+    accounting.settle(reply, scripted("llama3.1:8b"))  # not an OpenAI model: cl100k_base, an estimate
     assert reply.counts == Counts(9, 2, False)
 
 
@@ -352,7 +354,7 @@ def test_settle_an_interrupted_reply_is_counted() -> None:
     reply = Reply(text="hello world", prompt_estimate=(9, True))
     reply.fail(errors.InterruptedError("cut"))
     assert reply.status == "interrupted"
-    context.settle(reply, scripted(price=PRICE))
+    accounting.settle(reply, scripted(price=PRICE))
     assert reply.counts == Counts(9, 2, True) and reply.cost is not None
 
 
@@ -360,13 +362,13 @@ def test_settle_an_error_gets_no_counts_and_no_cost() -> None:
     reply = Reply(prompt_estimate=(9, True), usage=Usage(9, 0, True), counts=Counts(1, 1, True), cost=1.0)
     reply.fail(errors.ServerError("boom"))
     assert reply.status == "error"
-    context.settle(reply, scripted(price=PRICE))
+    accounting.settle(reply, scripted(price=PRICE))
     assert reply.counts is None and reply.cost is None
 
 
 def test_settle_without_a_price_has_counts_but_no_cost() -> None:
     reply = Reply(text="hello world", status="done", usage=Usage(1000, 500, True))
-    context.settle(reply, scripted(price=None))
+    accounting.settle(reply, scripted(price=None))
     assert reply.counts == Counts(1000, 500, True)
     assert reply.cost is None
 
@@ -376,7 +378,7 @@ def test_settle_without_a_price_has_counts_but_no_cost() -> None:
 
 def settled(model: ScriptedModel, **fields: Any) -> Reply:
     reply = Reply(model=model.name, **fields)
-    context.settle(reply, model)
+    accounting.settle(reply, model)
     return reply
 
 
@@ -387,7 +389,7 @@ def test_totals_over_settled_replies() -> None:
     conversation.add_user("b").reply = settled(priced, text="hello world", status="done", prompt_estimate=(9, True))
     failed = Reply(model=priced.name)
     failed.fail(errors.ServerError("boom"))
-    context.settle(failed, priced)
+    accounting.settle(failed, priced)
     conversation.add_user("c").reply = failed  # no counts: left out, and not "unpriced"
     conversation.add_user("d")  # pending
     # 1000 + 9 in, 500 + 2 out; $0.00045 + (9 × 0.15 + 2 × 0.60) / 1M = $0.00045255

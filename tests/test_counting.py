@@ -16,7 +16,7 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from modules import tokens
+from modules.core import tokens
 
 WORDS = ["hello", " world", " the", "  ", "\n", ", ", "é", "123", " 你好", "'s", "!!", "\t", " ", "ab"]
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from modules import render
+from modules.core import sentences
+from modules.web import render
 from modules.i18n import Translator
-from modules.models import errors
-from modules.models.text import clip, scrub
+from modules.providers import errors
+from modules.providers.text import clip, scrub
 
 KEY = "sk-canary-7Q2vX9mLp4Rz8Kw1"
 T = Translator("en_US")
@@ -16,17 +17,17 @@ T = Translator("en_US")
 @pytest.mark.parametrize("lang", ["en_US", "zh_CN", "zh_TW", "ja_JP"])
 @pytest.mark.parametrize("error", [errors.ServerError("the stream said: overloaded"), errors.AuthenticationError("")])
 def test_a_failure_without_a_status_names_no_status(error, lang):
-    sentence = render.error_message(T, lang, error)
+    sentence = sentences.error_message(T, lang, error)
     assert "?" not in sentence and "HTTP" not in sentence, sentence
 
 
 def test_a_failure_with_a_status_names_it():
-    assert "HTTP 503" in render.error_message(T, "en_US", errors.ServerError("", status=503))
+    assert "HTTP 503" in sentences.error_message(T, "en_US", errors.ServerError("", status=503))
 
 
 def test_details_are_scrubbed_then_cut():
     detail = "x" * 290 + KEY + " and more"
-    sentence = render.error_message(T, "en_US", errors.ServerError(detail, status=500), [KEY])
+    sentence = sentences.error_message(T, "en_US", errors.ServerError(detail, status=500), [KEY])
     assert not [KEY[i:i + 8] for i in range(len(KEY) - 7) if KEY[i:i + 8] in sentence]
     assert "***" in sentence
 

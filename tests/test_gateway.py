@@ -1,4 +1,4 @@
-"""The HTTP API (``modules/gateway.py``) end to end: the real app on a real port, real fake upstreams.
+"""The HTTP API (``modules/api/gateway.py``) end to end: the real app on a real port, real fake upstreams.
 
 Clients are the real ones: the official openai SDK (sync and async) for
 ``/v1``, httpx-sse for ``/score``, ``/deepchat`` and ``/stream``, raw httpx

@@ -72,7 +72,7 @@ def _keys_used_in_code() -> set[str]:
 
 
 def test_every_key_the_code_uses_is_in_english():
-    from modules.models import errors
+    from modules.providers import errors
 
     english = json.loads((LOCALE_DIR / f"{FALLBACK}.json").read_text(encoding="utf-8"))
     used = {k for k in _keys_used_in_code() if "{" not in k}

@@ -22,10 +22,10 @@ import pytest
 
 from modules.config import ConfigError, build_config
 from modules.i18n import Translator
-from modules.models import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
-from modules.models.langchain_runnable import LangChainChatModel
-from modules.render import error_message
-from modules.streaming import Pacer, Reply, stream_reply
+from modules.providers import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
+from modules.providers.langchain_runnable import LangChainChatModel
+from modules.core.sentences import error_message
+from modules.core.streaming import Pacer, Reply, stream_reply
 from tests.adapter_helpers import collect_deltas, final_reply as shared_final_reply, texts
 from tests.conftest import FAKE_KEY
 from tests.fakes import chains

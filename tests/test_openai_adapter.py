@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from modules.models import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
-from modules.models.openai_compat import OpenAIChatModel
+from modules.providers import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
+from modules.providers.openai_compat import OpenAIChatModel
 from tests.adapter_helpers import collect_deltas, texts
 from tests.conftest import FAKE_KEY, fake_model_entry
 from tests.fakes.openai_server import FakeOpenAIServer
@@ -337,8 +337,8 @@ async def test_api_key_never_appears_in_an_error(scenario, refused_port):
 
 async def test_a_key_echoed_by_upstream_is_scrubbed_before_it_is_shown(fake_openai, make_model):
     """Some gateways echo the key they rejected. The adapter exposes it through
-    ``secrets()`` so that the UI scrubs it (modules/render.py)."""
-    from modules.render import scrub
+    ``secrets()`` so that the UI scrubs it (modules/web/render.py)."""
+    from modules.web.render import scrub
 
     fake_openai.enqueue(status=401, error={"message": f"Invalid key {FAKE_KEY} for this gateway", "code": None})
     model = make_model()

@@ -22,12 +22,13 @@ import pytest
 from pydantic import ValidationError
 
 from modules.config import build_config
-from modules.conversation import Conversation
+from modules.history.conversation import Conversation
 from modules.i18n import Translator
-from modules.models import Delta, GenerationOptions, Message, create, errors, provider_class, validate_entry
-from modules.models.promptflow import PromptflowChatModel
-from modules.render import error_message, reply_messages
-from modules.streaming import Reply, stream_reply
+from modules.providers import Delta, GenerationOptions, Message, create, errors, provider_class, validate_entry
+from modules.providers.promptflow import PromptflowChatModel
+from modules.core.sentences import error_message
+from modules.web.render import reply_messages
+from modules.core.streaming import Reply, stream_reply
 from tests.adapter_helpers import collect_deltas, final_reply, texts
 from tests.fakes.promptflow_server import FakePromptflowServer, Script
 

@@ -27,10 +27,10 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from modules.conversation import Conversation
-from modules.models import Delta, GenerationOptions, Message, create, errors, validate_entry
-from modules.models.promptflow import PromptflowChatModel
-from modules.streaming import Reply, stream_reply
+from modules.history.conversation import Conversation
+from modules.providers import Delta, GenerationOptions, Message, create, errors, validate_entry
+from modules.providers.promptflow import PromptflowChatModel
+from modules.core.streaming import Reply, stream_reply
 from tests.adapter_helpers import collect_deltas
 from tests.fakes.promptflow_server import FakePromptflowServer, Script
 from tests.test_promptflow_adapter import NEGOTIATION, SSE_OR_JSON

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from modules.runs import RunRegistry
+from modules.core.runs import RunRegistry
 
 
 async def producer(items: list[str], gate: asyncio.Event, closed: list[bool]):

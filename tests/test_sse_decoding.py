@@ -1,6 +1,6 @@
 """Property-based tests of SSE decoding, through the path every HTTP adapter reads a stream by.
 
-``modules.models.sse.iter_events`` over a real ``httpx`` response whose body
+``modules.providers.sse.iter_events`` over a real ``httpx`` response whose body
 comes, in pieces, from ``httpx.MockTransport`` (httpx's own testing transport):
 the client, response, text decoding and httpx-sse's decoder are the ones a
 live request uses. Hypothesis draws streams of events (multi-line data,
@@ -29,8 +29,8 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from modules.models import errors
-from modules.models.sse import iter_events
+from modules.providers import errors
+from modules.providers.sse import iter_events
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

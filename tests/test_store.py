@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from modules import store as store_module
-from modules.records import ConversationMeta, ConversationRecord, TurnRecord
-from modules.store import FILENAME, SQLiteStore, StoreProblem, open_store
+from modules.history import store as store_module
+from modules.history.records import ConversationMeta, ConversationRecord, TurnRecord
+from modules.history.store import FILENAME, SQLiteStore, StoreProblem, open_store
 from tests.fakes import store_writer
 
 ROOT = Path(__file__).resolve().parent.parent

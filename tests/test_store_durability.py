@@ -31,10 +31,10 @@ import httpx
 import pytest
 import yaml
 
-from modules import store as store_module
+from modules.history import store as store_module
 from modules.i18n import Translator
-from modules.records import ConversationMeta, TurnRecord
-from modules.store import FILENAME, BackupError, SQLiteStore, StoreProblem, backup, backup_path, open_store
+from modules.history.records import ConversationMeta, TurnRecord
+from modules.history.store import FILENAME, BackupError, SQLiteStore, StoreProblem, backup, backup_path, open_store
 from tests.conftest import fake_model_entry, free_port
 from tests.test_app_api import wait_until
 

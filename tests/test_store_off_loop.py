@@ -41,7 +41,7 @@ class RecordingStore:
 
 
 def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path):
-    from modules.ui import ChatApp
+    from modules.web.page import ChatApp
 
     app = ChatApp(build_config({"models": [fake_model_entry(fake_openai, "fake")], "server": {"port": free_port()},
                                 "history": {"data_dir": str(tmp_path), "mode": "shared"}}, env={}))

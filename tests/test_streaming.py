@@ -14,8 +14,8 @@ from typing import AsyncIterator
 
 import pytest
 
-from modules.models import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
-from modules.streaming import Pacer, Reply, stream_reply
+from modules.providers import Delta, GenerationOptions, Message, Usage, create, errors, validate_entry
+from modules.core.streaming import Pacer, Reply, stream_reply
 from tests.conftest import fake_model_entry
 from tests.fakes.scripted_model import END, ScriptedModel
 

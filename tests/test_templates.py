@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modules.templates import (
+from modules.web.templates import (
     MAX_FILE_BYTES,
     TEMPLATES_DIR,
     Collection,

@@ -1,4 +1,4 @@
-"""Timeouts and retries before the first token (modules/models/retry.py), against real HTTP fakes.
+"""Timeouts and retries before the first token (modules/providers/retry.py), against real HTTP fakes.
 
 A silent upstream must fail within ``retry_budget`` (each attempt waiting at most
 ``first_byte_timeout`` for its first byte), not after three idle timeouts; a stream
@@ -23,9 +23,9 @@ import pytest
 from pydantic import ValidationError
 
 from modules.i18n import Translator
-from modules.models import ChatModel, Delta, GenerationOptions, Message, create, errors, retry, validate_entry
-from modules.render import error_message
-from modules.streaming import Pacer, Reply, stream_reply
+from modules.providers import ChatModel, Delta, GenerationOptions, Message, create, errors, retry, validate_entry
+from modules.core.sentences import error_message
+from modules.core.streaming import Pacer, Reply, stream_reply
 from tests.adapter_helpers import collect_deltas, texts
 from tests.conftest import FAKE_KEY
 from tests.fakes.openai_server import FakeOpenAIServer, Script

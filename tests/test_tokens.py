@@ -1,4 +1,4 @@
-"""Token counts offline (``modules/tokens.py``).
+"""Token counts offline (``modules/core/tokens.py``).
 
 Known values come from outside the code under test: the tiktoken README
 ("tiktoken is great!"), OpenAI's cookbook "How to count tokens with tiktoken"
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from modules import tokens
+from modules.core import tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def no_network(event, args):
 
 sys.addaudithook(no_network)
 
-from modules import tokens
+from modules.core import tokens
 
 out = {
     "cl100k_tiktoken": tokens.encoding("cl100k_base").encode("tiktoken is great!"),
@@ -126,7 +126,7 @@ def test_offline_without_a_cache_dir_setting_uses_the_temp_folder(tmp_path: Path
 
 
 def test_offline_with_an_empty_cache_dir_setting(tmp_path: Path) -> None:
-    """BUG (modules/tokens.py, ``_install_bpe_files``): ``TIKTOKEN_CACHE_DIR=""`` (tiktoken's documented
+    """BUG (modules/core/tokens.py, ``_install_bpe_files``): ``TIKTOKEN_CACHE_DIR=""`` (tiktoken's documented
     "disable caching", or an empty line in an env file) makes ``_cache_dir`` unpack into the temp folder,
     but ``os.environ.setdefault`` keeps the empty value, so tiktoken skips its cache and downloads:
     counting fails offline."""

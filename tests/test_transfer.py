@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from modules import transfer
-from modules.records import ConversationRecord, TurnRecord
-from modules.transfer import (
+from modules.history import transfer
+from modules.history.records import ConversationRecord, TurnRecord
+from modules.history.transfer import (
     ImportProblem,
     clean_title,
     from_json,

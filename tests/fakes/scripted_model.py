@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from modules.models import ChatModel, Delta, GenerationOptions, Message, ModelConfig
+from modules.providers import ChatModel, Delta, GenerationOptions, Message, ModelConfig
 
 END = object()
 

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from modules.records import ConversationMeta, TurnRecord
-from modules.store import open_store
+from modules.history.records import ConversationMeta, TurnRecord
+from modules.history.store import open_store
 
 OWNER = "user:writer"
 CONVERSATION_ID = "killed-mid-write"

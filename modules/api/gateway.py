@@ -55,13 +55,15 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
-from . import context, render, tokens
-from .config import APIConfig, ContextConfig, LimitsConfig
-from .i18n import Translator, language_from_header
-from .models import ChatModel, GenerationOptions, Message, errors
-from .models.text import repair, scrub, scrub_value
-from .runs import RecordedRun, RunRegistry
-from .streaming import Reply
+from modules.core import context
+from modules.core import sentences
+from modules.core import tokens
+from modules.config import APIConfig, ContextConfig, LimitsConfig
+from modules.i18n import Translator, language_from_header
+from modules.providers import ChatModel, GenerationOptions, Message, errors
+from modules.providers.text import repair, scrub, scrub_value
+from modules.core.runs import RecordedRun, RunRegistry
+from modules.core.streaming import Reply
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +495,7 @@ class Gateway:
         fit, _ = await context.fit_request(messages, model, options, strategy=self.context.strategy,
                                            reserve_default=self.context.reserve_output_tokens)
         if fit.overflows:
-            sentence = render.error_message(self.t, self._lang(request),
+            sentence = sentences.error_message(self.t, self._lang(request),
                                             errors.ContextOverflowError(fit.prompt_tokens, fit.budget))
             raise Problem(400, sentence, code="context_length_exceeded", param="messages")
         if fit.dropped_rounds:
@@ -532,7 +534,7 @@ class Gateway:
 
     def _message_of(self, request: Request, error: errors.ModelError) -> str:
         """The sentence the page would show for this failure (secrets scrubbed); logged."""
-        message = render.error_message(self.t, self._lang(request), error, self._secrets)
+        message = sentences.error_message(self.t, self._lang(request), error, self._secrets)
         log.warning("API %s: the model failed: %s", request.url.path, message)
         return message
 

@@ -1,7 +1,7 @@
 """What history keeps: plain records of conversations and turns.
 
-The store (``modules/store.py``), export/import (``modules/transfer.py``) and
-the session state (``modules/conversation.py``) meet here. Records hold only
+The store (``modules/history/store.py``), export/import (``modules/history/transfer.py``) and
+the session state (``modules/history/conversation.py``) meet here. Records hold only
 what the user saw and what it cost: no API keys, no live objects. A reply's
 marks (stopped, interrupted) are kept as its ``status`` and ``error`` text,
 never mixed into ``reply``.

@@ -21,17 +21,21 @@ from typing import Any, AsyncIterator
 import gradio as gr
 from pydantic import ValidationError
 
-from . import context, ownership, render, tokens
-from . import models as registry
-from .config import AppConfig
-from .conversation import Conversation
-from .i18n import Translator
-from .models import ChatModel, GenerationOptions, Message, errors
-from .models.text import guard_logs, repair
-from .store import open_store
-from .streaming import Pacer, Reply, stream_reply
-from .templates import load_templates
-from .ui_history import HistoryHandlers
+from modules.core import context
+from modules.core import accounting, sentences
+from modules.history import ownership
+from modules.web import render
+from modules.core import tokens
+from modules import providers as registry
+from modules.config import AppConfig
+from modules.history.conversation import Conversation
+from modules.i18n import Translator
+from modules.providers import ChatModel, GenerationOptions, Message, errors
+from modules.providers.text import guard_logs, repair
+from modules.history.store import open_store
+from modules.core.streaming import Pacer, Reply, stream_reply
+from modules.web.templates import load_templates
+from modules.web.history_handlers import HistoryHandlers
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +229,7 @@ class ChatApp(HistoryHandlers):
             checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
             async for update in self._generate(conversation, model, fit.messages, options, reply):
                 if not update.active:
-                    context.settle(update, model)  # the last update shows the reply's tokens and cost
+                    accounting.settle(update, model)  # the last update shows the reply's tokens and cost
                 # Only the chatbot: every output costs per update (a second one, the status line,
                 # cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place.
                 yield self._chatbot(conversation, lang)
@@ -238,7 +242,7 @@ class ChatApp(HistoryHandlers):
             # Runs on Stop and on a closed tab too (cancellation), so a partial reply is kept.
             reply = turn.reply
             if reply is not None and not reply.active:
-                context.settle(reply, model)  # again: after Stop, tokens may have come until the upstream closed
+                accounting.settle(reply, model)  # again: after Stop, tokens may have come until the upstream closed
             if reply is not None and position < len(conversation.turns) and conversation.turns[position] is turn:
                 await self._save_turn(conversation, position, lang, model.name, system_prompt, options.openai_params())
 
@@ -247,7 +251,7 @@ class ChatApp(HistoryHandlers):
         reply = conversation.streaming
         if reply is not None:
             reply.stop()
-            context.settle(reply, self._model(reply.model, self.t.language_for(request)))
+            accounting.settle(reply, self._model(reply.model, self.t.language_for(request)))
         done = await self._done(conversation, model_name, query, request)
         return (*done, self._chatbot(conversation, self.t.language_for(request)))
 
@@ -313,7 +317,7 @@ class ChatApp(HistoryHandlers):
                 yield sent
             seen = state
         if reply is not None and reply.error is not None:
-            sentence = render.error_message(self.t, lang, reply.error, chat_model.secrets())
+            sentence = sentences.error_message(self.t, lang, reply.error, chat_model.secrets())
             log.info("/chat: %s", sentence)  # one line: the caller got the sentence
             raise gr.Error(sentence, print_exception=False)
 
@@ -514,9 +518,9 @@ class ChatApp(HistoryHandlers):
         _tune_process()
         server = self.config.server
         demo.queue(default_concurrency_limit=server.concurrency)
-        # -- the HTTP API (modules/gateway.py): its routes join the FastAPI app Gradio creates --
+        # -- the HTTP API (modules/api/gateway.py): its routes join the FastAPI app Gradio creates --
         if self.config.api.enabled:
-            from .gateway import Gateway
+            from modules.api.gateway import Gateway
 
             gateway = Gateway(self.models, self.config.api, translator=self.t, default_model=self.default_model,
                               system_prompt=self.config.ui.system_prompt, limits=self.config.limits,
@@ -524,7 +528,7 @@ class ChatApp(HistoryHandlers):
             kwargs["app_kwargs"] = gateway.app_kwargs(kwargs.get("app_kwargs"))
         # -- end of the HTTP API --
         if self.mode == "users":
-            from .auth import Authenticator
+            from modules.auth import Authenticator
 
             kwargs.setdefault("auth", Authenticator(self.config.auth.users))
             kwargs.setdefault("auth_message", self.t.text(

@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .records import (
+from modules.history.records import (
     ConversationMeta,
     ConversationRecord,
     ConversationSummary,

@@ -1,9 +1,9 @@
 """The history side of the page: saving turns, the sidebar, export and import, templates.
 
-A mixin of :class:`modules.ui.ChatApp` (it uses the app's store, translator
+A mixin of :class:`modules.web.page.ChatApp` (it uses the app's store, translator
 and config); each handler is one small method, wired in ``ChatApp.build``.
 Every call works on the session's own :class:`Conversation` and the owner
-resolved for this request (``modules/ownership.py``), so a session can only
+resolved for this request (``modules/history/ownership.py``), so a session can only
 list, open, rename, delete or export its owner's conversations.
 """
 
@@ -16,11 +16,15 @@ from typing import Any
 
 import gradio as gr
 
-from . import ownership, render, tokens, transfer
-from .conversation import Conversation, new_id
-from .models.text import clip, repair
-from .records import ConversationRecord
-from .templates import find
+from modules.history import ownership
+from modules.web import render
+from modules.core import sentences
+from modules.core import tokens
+from modules.history import transfer
+from modules.history.conversation import Conversation, new_id
+from modules.providers.text import clip, repair
+from modules.history.records import ConversationRecord
+from modules.web.templates import find
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,7 @@ class HistoryHandlers:
         system_prompt = repair(str(system_prompt or ""))  # lone surrogates could not be stored
         conversation.id = conversation.id or new_id()
         record = conversation.turn_record(
-            position, lambda error: render.error_message(self.t, lang, error, self.secrets)
+            position, lambda error: sentences.error_message(self.t, lang, error, self.secrets)
         )
         meta = conversation.meta(model, system_prompt, params if params is not None else conversation.params)
         if params is not None:
@@ -254,7 +258,7 @@ class HistoryHandlers:
         if (model is None or conversation.titled_by_model or len(conversation.turns) != 1 or first is None
                 or first.reply is None or first.reply.status != "done" or not conversation.id):
             return gr.skip()
-        from .context import write_title
+        from modules.core.context import write_title
 
         try:
             title = clean_title(await write_title(model, first.user, first.reply.text))

@@ -15,10 +15,10 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
-from . import tokens
-from .models import ChatModel, GenerationOptions, Message, errors
-from .models.base import Price
-from .streaming import Counts, Reply
+from modules.core import tokens
+from modules.providers import ChatModel, GenerationOptions, Message, errors
+from modules.providers.base import Price
+from modules.core.streaming import Counts, Reply
 
 SUMMARY_INSTRUCTION = (
     "Summarise the conversation below for your own later reference: keep facts, names, numbers, decisions, "
@@ -163,40 +163,6 @@ async def summarize(model: ChatModel, rounds: list[list[Message]], previous: str
         async for delta in deltas:
             parts.append(delta.text)
     return "".join(parts).strip()
-
-
-def cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
-    """The cost of one reply in USD, or None when the price (or a count) is unknown."""
-    if price is None or prompt_tokens is None or completion_tokens is None:
-        return None
-    return price.cost(prompt_tokens, completion_tokens)
-
-
-def format_cost(value: float) -> str:
-    """$0.012 / $0.000045 / $1.23: two significant digits below a dollar, cents above."""
-    if value == 0:
-        return "$0"
-    if value >= 1:
-        return f"${value:,.2f}"
-    digits = 2
-    while value < 10 ** -digits and digits < 8:
-        digits += 1
-    return f"${value:.{digits + 1}f}"
-
-
-def settle(reply: Reply, model: ChatModel) -> None:
-    """Final token counts and cost of a reply that ended: the API's usage when present, else tiktoken."""
-    if reply.status == "error":  # nothing came back: nothing to count or pay
-        reply.counts, reply.cost = None, None
-        return
-    if reply.usage is not None:
-        counts = Counts(reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.exact)
-    else:
-        completion, exact = tokens.count(reply.reasoning + reply.text, model.model_id)
-        prompt, prompt_exact = reply.prompt_estimate or (0, False)
-        counts = Counts(prompt, completion, exact and prompt_exact)
-    reply.counts = counts
-    reply.cost = cost(model.config.price, counts.prompt, counts.completion)
 
 
 TITLE_INSTRUCTION = (

@@ -9,37 +9,13 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable
 
-from .conversation import Conversation, Turn
-from .i18n import Translator
-from .models import errors
-from .models.text import clip, scrub
-from .context import format_cost
-from .streaming import Counts, Reply
-
-MAX_DETAIL = 300
-
-
-def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: Iterable[str] = ()) -> str:
-    """A short, clear sentence for a failure; upstream detail only where it helps."""
-    kind = error.kind
-    if kind == "stored":  # read back from history: already the sentence the user saw
-        return scrub(error.detail, tuple(secrets))
-    values: dict[str, Any] = {"status": error.status}
-    if kind in ("auth", "server") and error.status is None:
-        kind = f"{kind}_no_status"  # a failure inside a stream has no HTTP status to name
-    if isinstance(error, errors.ContextOverflowError):
-        values.update(tokens=f"{error.tokens:,}", limit=f"{error.limit:,}")
-    if isinstance(error, errors.RateLimitError) and error.retry_after:
-        kind, values["seconds"] = "rate_limit_retry", f"{error.retry_after:g}"
-    message = t.text(lang, f"error.{kind}", **values)
-    # Upstream's own words help for these; for the rest our sentence says it all.
-    if kind in ("bad_request", "model_load", "unknown", "server", "server_no_status", "content_filter") \
-            and error.detail:
-        detail = clip(error.detail, MAX_DETAIL, secrets)
-        if detail not in message:
-            message = t.text(lang, "error.detail", message=message, detail=detail)
-    return message
-
+from modules.history.conversation import Conversation, Turn
+from modules.i18n import Translator
+from modules.providers import errors
+from modules.providers.text import clip, scrub
+from modules.core.accounting import format_cost
+from modules.core.sentences import error_message
+from modules.core.streaming import Counts, Reply
 
 def _sources(outputs: dict[str, Any], label: str) -> str:
     lines = []

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from .records import ConversationRecord, TurnRecord
+from modules.history.records import ConversationRecord, TurnRecord
 
 FORMAT = "chuanhustylechat.conversation"
 VERSION = 1

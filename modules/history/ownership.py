@@ -18,7 +18,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .config import AppConfig
+from modules.config import AppConfig
 
 SHARED_OWNER = "local"
 STORAGE_KEY = "chuanhustylechat-browser"

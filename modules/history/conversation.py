@@ -3,7 +3,7 @@
 Nothing here is shared between sessions, and nothing is secret: a turn holds
 the user's words, the reply as it grew, and which model answered. A
 conversation also knows whose it is (``owner``) and converts to and from the
-plain records the history store keeps (``modules/records.py``).
+plain records the history store keeps (``modules/history/records.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .models import Message, errors
-from .records import ConversationMeta, ConversationRecord, TurnRecord
-from .streaming import Counts, Reply
+from modules.providers import Message, errors
+from modules.history.records import ConversationMeta, ConversationRecord, TurnRecord
+from modules.core.streaming import Counts, Reply
 
 TITLE_LENGTH = 48
 

@@ -1,0 +1,87 @@
+"""The chat service: how every front end gets a reply (the page, ``/chat``, the HTTP API).
+
+One pipeline: :meth:`ChatService.fit` fits the request to the model's context (the oldest
+rounds left out, or summarised, as ``context.strategy`` says); :meth:`ChatService.start`
+starts a :class:`~modules.core.streaming.ReplyRun` in the registry of live runs, which
+streams, and when the reply ends in any way settles its token counts and cost once, then
+calls the front end's ``save``. Errors get their sentence from :meth:`sentence`. Nothing
+here knows Gradio, HTTP or the history store: a front end passes ``save`` and
+``checkpoint`` (what keeps the reply) and says whose the run is.
+
+A run belongs either to its request (``owner=None``: the HTTP API and ``/chat``; a client
+that disconnects stops it at once, as OpenAI's API does) or to an owner (the page: the run
+outlives the page, as ``runs.unwatched`` says, and is bounded by ``runs.max_per_owner``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable, Hashable, Mapping
+
+from modules.config import ContextConfig, RunsConfig
+from modules.core import accounting, context, tokens
+from modules.core.runs import ReplyRuns
+from modules.core.sentences import error_message
+from modules.core.streaming import Pacer, Reply, ReplyRun
+from modules.i18n import Translator
+from modules.providers import ChatModel, GenerationOptions, Message, errors
+
+log = logging.getLogger(__name__)
+
+Save = Callable[[ReplyRun], Awaitable[None]]
+
+
+class ChatService:
+    def __init__(self, models: Mapping[str, ChatModel], *, translator: Translator,
+                 context_config: ContextConfig | None = None, runs_config: RunsConfig | None = None,
+                 pacer: Pacer | None = None, max_live_runs: int = 1024, checkpoint_seconds: float = 1.0):
+        self.models = models
+        self.t = translator
+        self.context = context_config or ContextConfig()
+        self.config = runs_config or RunsConfig()
+        self.pacer = pacer or Pacer()
+        self.checkpoint_seconds = checkpoint_seconds
+        self.runs = ReplyRuns(limit=max_live_runs, max_per_owner=self.config.max_per_owner,
+                              keep_seconds=max(30.0, self.config.unwatched_grace_seconds))
+        self.secrets = [s for m in models.values() for s in m.secrets()]
+
+    # -- the steps ---------------------------------------------------------------------------------
+    async def fit(self, model: ChatModel, messages: list[Message], options: GenerationOptions,
+                  summary: tuple[int, str] | None = None) -> tuple[context.Fit, tuple[int, str] | None]:
+        """``messages`` fitted to ``model``'s context, and the summary to keep for next time."""
+        return await context.fit_request(messages, model, options, summary=summary,
+                                         reserve_default=self.context.reserve_output_tokens,
+                                         strategy=self.context.strategy)
+
+    def start(self, model: ChatModel, fit: context.Fit, options: GenerationOptions, *,
+              owner: str | None = None, key: Hashable | None = None, save: Save | None = None,
+              checkpoint: Save | None = None) -> ReplyRun:
+        """Stream a reply to ``fit.messages`` (check ``fit.overflows`` first). With ``owner`` the
+        run outlives its viewers as ``runs.unwatched`` says; without, it stops when its last viewer
+        leaves. Raises RunLimitError past ``runs.max_per_owner`` or the app's limit."""
+        reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
+                      dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
+
+        async def finish(run: ReplyRun) -> None:
+            await self.settle(run.reply, model)
+            if save is not None:
+                await save(run)
+
+        kept = owner is not None
+        return self.runs.start(
+            model, fit.messages, options, key=key, owner=owner, reply=reply, finish=finish,
+            checkpoint=checkpoint, checkpoint_seconds=self.checkpoint_seconds,
+            unwatched=self.config.unwatched if kept else "stop",
+            grace=self.config.unwatched_grace_seconds if kept else 0.0, max_seconds=self.config.max_seconds)
+
+    async def settle(self, reply: Reply, model: ChatModel) -> None:
+        """The reply's final counts and cost (tiktoken runs off the event loop for a long reply)."""
+        await tokens.off_loop(accounting.settle, reply, model, chars=len(reply.text) + len(reply.reasoning))
+
+    # -- words ---------------------------------------------------------------------------------------
+    def sentence(self, lang: str, error: errors.ModelError) -> str:
+        """The sentence a user reads for ``error`` (secrets scrubbed)."""
+        return error_message(self.t, lang, error, self.secrets)
+
+    def overflow(self, fit: context.Fit) -> errors.ContextOverflowError:
+        return errors.ContextOverflowError(fit.prompt_tokens, fit.budget)

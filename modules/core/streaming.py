@@ -1,0 +1,363 @@
+"""The streaming layer between adapters and the UI.
+
+``stream_reply`` runs an adapter in a reader task that folds deltas into a
+:class:`Reply`, and yields that reply to its consumer (the Gradio handler) at
+most once per interval however fast tokens come: the first token at once,
+then on a fixed timer while anything changed. A :class:`Pacer` shared by all
+sessions sets the interval: the configured one (40 ms), stretched when so
+many replies stream at once that their updates would exceed the app's budget
+of UI updates per second (each update costs Gradio a fixed amount of CPU).
+It measures time to first token and tokens per second, and it owns
+cancellation: when the consumer stops (Stop, a closed tab, an error) the
+reader is cancelled, which leaves the adapter's ``async with`` and closes the
+upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import math
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Literal
+
+from modules.providers import ChatModel, Delta, GenerationOptions, Message, Usage
+from modules.providers import errors
+from modules.providers.text import scrub_value
+
+log = logging.getLogger(__name__)
+
+Status = Literal["waiting", "streaming", "done", "stopped", "interrupted", "error"]
+
+
+@dataclass(slots=True, frozen=True)
+class Counts:
+    """Token counts of a finished reply: the API's usage when it sent one, else tiktoken's."""
+
+    prompt: int
+    completion: int
+    exact: bool
+
+
+@dataclass(slots=True)
+class Reply:
+    """An assistant reply as it grows, with its measurements."""
+
+    model: str = ""
+    text: str = ""
+    reasoning: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    status: Status = "waiting"
+    error: errors.ModelError | None = None
+    deltas: int = 0  # content deltas received: a token count when usage is absent
+    prompt_estimate: tuple[int, bool] | None = None  # (tokens, exact) counted here, for servers without usage
+    dropped_rounds: int = 0  # earlier rounds left out of the request to fit the context
+    summarized: bool = False  # ...replaced by a summary
+    counts: Counts | None = None  # final token counts, set once the reply ends (see ``settle``)
+    cost: float | None = None  # USD, when the model has a price
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    retrying: tuple[int, int] | None = None  # (attempt, attempts) while the adapter retries before any text
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("waiting", "streaming")
+
+    def apply(self, delta: Delta) -> None:
+        if delta.retrying is not None:
+            self.retrying = delta.retrying
+        if delta.text or delta.reasoning:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+                self.status = "streaming"
+                self.retrying = None
+            if delta.text:
+                self.text += delta.text
+                self.deltas += 1
+            if delta.reasoning:
+                self.reasoning += delta.reasoning
+        if delta.usage is not None:
+            self.usage = delta.usage
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        if delta.outputs:
+            self.outputs.update(delta.outputs)
+
+    def fail(self, error: errors.ModelError) -> None:
+        self.error = error
+        # Text already shown stays; it is then an interrupted reply, not a failed one.
+        self.status = "interrupted" if (self.text or self.reasoning) else "error"
+
+    def stop(self) -> None:
+        if self.active:
+            self.status = "stopped"
+            self.finished_at = self.finished_at or time.monotonic()
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens if self.usage else self.deltas
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.first_token_at is None or self.finished_at is None:
+            return None
+        elapsed = self.finished_at - self.first_token_at
+        tokens = self.completion_tokens
+        # The first token starts the clock; a burst too short to time gives no rate.
+        return (tokens - 1) / elapsed if elapsed >= 0.05 and tokens > 1 else None
+
+
+class Pacer:
+    """Spreads a budget of UI updates per second over the replies streaming now.
+
+    One per app, shared by every session (like a connection pool); it only
+    counts streams. All users are served by one event loop, so no lock.
+    """
+
+    def __init__(self, interval: float = 0.04, updates_per_second: float = math.inf):
+        self.base = interval
+        self.budget = updates_per_second
+        self.active = 0
+
+    def interval(self) -> float:
+        return max(self.base, self.active / self.budget)
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+async def _read(model: ChatModel, messages: list[Message], options: GenerationOptions, reply: Reply,
+                changed: asyncio.Event) -> None:
+    try:
+        async with aclosing(model.stream(messages, options)) as deltas:
+            async for delta in deltas:
+                if delta.outputs:  # fields an upstream sent beside the answer: shown, saved, exported
+                    delta.outputs = scrub_value(delta.outputs, model.secrets())
+                reply.apply(delta)
+                changed.set()
+        reply.status = "done"
+    except errors.ModelError as exc:
+        reply.fail(exc)
+    except Exception as exc:  # an adapter bug must not lose the reply either
+        log.exception("model %r failed", model.name)
+        reply.fail(errors.ModelError(type(exc).__name__))
+    finally:
+        reply.finished_at = time.monotonic()
+        changed.set()
+
+
+async def stream_reply(
+    model: ChatModel,
+    messages: list[Message],
+    options: GenerationOptions,
+    *,
+    pacer: Pacer | None = None,
+    reply: Reply | None = None,
+    heartbeat: float | None = None,
+) -> AsyncIterator[Reply]:
+    """Yield ``reply`` as it grows, at most once per ``pacer.interval()``: a run with one viewer.
+
+    The same object is yielded each time (read it, don't keep snapshots). The
+    last one yielded has a final status. Closing this generator early stops the
+    model and marks the reply "stopped". With ``heartbeat``, the reply is also
+    yielded after that many seconds without a change (see :meth:`ReplyRun.watch`).
+    """
+    pacer = pacer if pacer is not None else Pacer()
+    run = ReplyRun(model, messages, options, reply=reply)
+    async with aclosing(run.watch(pacer=pacer, heartbeat=heartbeat, at_once=False)) as updates:
+        async for update in updates:
+            yield update if update is not None else run.reply
+
+
+class ReplyRun:
+    """One reply being generated, watched by any number of viewers (or none).
+
+    A task of its own reads the adapter (so its ``async with``, the upstream
+    connection, opens and closes in that task whoever watches) and folds the
+    deltas into :attr:`reply`. :meth:`watch` gives a viewer the reply at once
+    (the text so far: a viewer that comes back resumes here) and then as it
+    grows. :meth:`stop` cancels the reader, which closes the upstream at once.
+    When the reader ends (done, failed, stopped, out of time) ``finish(run)`` is
+    awaited (settle the counts, save), and only then do viewers get the final
+    state. ``checkpoint(run)`` is awaited at most every ``checkpoint_seconds``
+    while the reply grows, never at the same time as another one or ``finish``.
+
+    ``unwatched``: what happens when the last viewer leaves: "continue" (the
+    reply goes on to its end), or "stop" after ``grace`` seconds unless a
+    viewer comes back meanwhile. ``max_seconds`` bounds the run in any case.
+    """
+
+    def __init__(self, model: ChatModel, messages: list[Message], options: GenerationOptions, *,
+                 reply: Reply | None = None, run_id: str = "", unwatched: Literal["continue", "stop"] = "stop",
+                 grace: float = 0.0, max_seconds: float | None = None,
+                 finish: Callable[["ReplyRun"], Awaitable[None]] | None = None,
+                 checkpoint: Callable[["ReplyRun"], Awaitable[None]] | None = None,
+                 checkpoint_seconds: float = 1.0):
+        self.id = run_id
+        self.model = model
+        self.reply = reply if reply is not None else Reply(model=model.name)
+        self.unwatched, self.grace, self.max_seconds = unwatched, grace, max_seconds
+        self.viewers = 0
+        self.done = False  # the reader ended and ``finish`` returned: the reply is final
+        self.timed_out = False
+        self._finish, self._checkpoint = finish, checkpoint
+        self._checkpoint_seconds = checkpoint_seconds
+        self._next_checkpoint = time.monotonic() + checkpoint_seconds
+        self._saving: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader = asyncio.create_task(self._read(messages, options))
+        self.task = asyncio.create_task(self._run())
+
+    # -- the run's own tasks ----------------------------------------------------------------------
+    async def _read(self, messages: list[Message], options: GenerationOptions) -> None:
+        await _read(self.model, messages, options, self.reply, _Signal(self._grew))
+
+    async def _run(self) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self.max_seconds):
+                    await asyncio.shield(self._reader)
+            except TimeoutError:
+                self.timed_out = True
+                await self._cancel_reader()
+            except asyncio.CancelledError:  # the app stops: the reply is still settled and saved
+                await self._cancel_reader()
+            if self._saving is not None:  # a checkpoint must not land after the final save
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await self._saving
+            if self._finish is not None:
+                try:
+                    await self._finish(self)
+                except Exception:
+                    log.exception("finishing the reply of model %r failed", self.model.name)
+        finally:
+            self.done = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self._wake()
+
+    async def _cancel_reader(self) -> None:
+        self.reply.stop()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+    def _grew(self) -> None:
+        self._wake()
+        if (self._checkpoint is not None and self.reply.active and self._saving is None
+                and time.monotonic() >= self._next_checkpoint):
+            self._next_checkpoint = time.monotonic() + self._checkpoint_seconds
+            self._saving = asyncio.create_task(self._save_checkpoint())
+
+    async def _save_checkpoint(self) -> None:
+        try:
+            await self._checkpoint(self)  # type: ignore[misc]
+        except Exception:
+            log.exception("checkpoint of a reply of model %r failed", self.model.name)
+        finally:
+            self._saving = None
+
+    def _wake(self) -> None:
+        """Wake every viewer waiting for a change (each waits on the event it saw)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- control ------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop the reply now: the upstream is closed, the partial reply kept (and finished)."""
+        if not self._reader.done():
+            self.reply.stop()
+            self._reader.cancel()
+
+    async def wait(self) -> Reply:
+        """The reply, once the run is over (finished included)."""
+        await asyncio.shield(self.task)
+        return self.reply
+
+    async def started(self, timeout: float | None = None) -> bool:
+        """Wait until the reply has something to show (text, reasoning, outputs) or the reader
+        ended; False when ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (self._reader.done() or self.reply.text or self.reply.reasoning or self.reply.outputs):
+            changed = self._changed
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
+        return True
+
+    # -- viewers ------------------------------------------------------------------------------------
+    async def watch(self, *, pacer: Pacer | None = None, heartbeat: float | None = None,
+                    at_once: bool = True) -> AsyncIterator[Reply | None]:
+        """The reply now (unless ``at_once`` is False), then each time it changed, at most once per
+        ``pacer.interval()`` once text flows (the first text at once), until the final state
+        (after ``finish``); ``None`` after ``heartbeat`` seconds without a change, so that a
+        viewer (a Gradio event) can notice that its client has gone. Leaving early only stops
+        watching; what happens to the run then is ``unwatched``'s."""
+        self.viewers += 1
+        if self._timer is not None:  # back within the grace: keep it going
+            self._timer.cancel()
+            self._timer = None
+        pacer = pacer if pacer is not None else Pacer(0.0)
+        try:
+            with pacer.streaming():
+                changed = self._changed
+                if at_once:
+                    final = self.done
+                    yield self.reply
+                    if final:
+                        return
+                while True:
+                    if not changed.is_set():
+                        if heartbeat is None:
+                            await changed.wait()
+                        else:
+                            try:
+                                async with asyncio.timeout(heartbeat):
+                                    await changed.wait()
+                            except TimeoutError:
+                                yield None
+                                continue
+                    changed = self._changed  # set by the next change, while this one is shown
+                    showed_text, final = bool(self.reply.text or self.reply.reasoning), self.done
+                    yield self.reply
+                    if final:
+                        return
+                    # Fixed timer once text flows: let deltas pile up for one interval, but finish
+                    # at once (a role-only first chunk must not hold the first text back an interval).
+                    if showed_text:
+                        await asyncio.wait((self.task,), timeout=pacer.interval())
+        finally:
+            self.viewers -= 1
+            if self.viewers == 0 and not self.done and self.unwatched == "stop":
+                if self.grace > 0:
+                    self._timer = asyncio.get_running_loop().call_later(self.grace, self.stop)
+                else:
+                    self.stop()
+
+
+class _Signal:
+    """What :func:`_read` calls ``set()`` on: a callback."""
+
+    __slots__ = ("set",)
+
+    def __init__(self, callback: Callable[[], None]):
+        self.set = callback
