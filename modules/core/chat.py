@@ -55,10 +55,11 @@ class ChatService:
 
     def start(self, model: ChatModel, fit: context.Fit, options: GenerationOptions, *,
               owner: str | None = None, key: Hashable | None = None, save: Save | None = None,
-              checkpoint: Save | None = None) -> ReplyRun:
+              checkpoint: Save | None = None, grace: float | None = None) -> ReplyRun:
         """Stream a reply to ``fit.messages`` (check ``fit.overflows`` first). With ``owner`` the
         run outlives its viewers as ``runs.unwatched`` says; without, it stops when its last viewer
-        leaves. Raises RunLimitError past ``runs.max_per_owner`` or the app's limit."""
+        leaves (``grace``: that many seconds later, unless a viewer comes back; for a reconnecting
+        EventSource). Raises RunLimitError past ``runs.max_per_owner`` or the app's limit."""
         reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
                       dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
 
@@ -72,7 +73,8 @@ class ChatService:
             model, fit.messages, options, key=key, owner=owner, reply=reply, finish=finish,
             checkpoint=checkpoint, checkpoint_seconds=self.checkpoint_seconds,
             unwatched=self.config.unwatched if kept else "stop",
-            grace=self.config.unwatched_grace_seconds if kept else 0.0, max_seconds=self.config.max_seconds)
+            grace=self.config.unwatched_grace_seconds if kept else (grace or 0.0),
+            max_seconds=self.config.max_seconds)
 
     async def settle(self, reply: Reply, model: ChatModel) -> None:
         """The reply's final counts and cost (tiktoken runs off the event loop for a long reply)."""

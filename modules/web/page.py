@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from modules.core import context
 from modules.core import accounting, sentences
+from modules.core.chat import ChatService
 from modules.history import ownership
 from modules.web import render
 from modules.core import tokens
@@ -82,6 +83,10 @@ class ChatApp(HistoryHandlers):
         self.secrets = [s for m in self.models.values() for s in m.secrets()]  # scrubbed from what users see
         guard_logs([*self.secrets, *(k.get_secret_value() for k in config.api.keys)])  # ... and from the log
         self.pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
+        # One chat pipeline for the page, /chat and the HTTP API (fit, run, settle; runs outlive pages).
+        self.chat = ChatService(self.models, translator=self.t, context_config=config.context,
+                                runs_config=config.runs, pacer=self.pacer,
+                                max_live_runs=config.server.concurrency)
         self.default_model = config.ui.default_model or next(
             (name for name, model in self.models.items() if model.available()), next(iter(self.models))
         )
