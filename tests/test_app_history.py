@@ -58,6 +58,10 @@ class Session:
     def respond(self, model: str | None = None) -> list[dict[str, Any]]:
         return self.client.predict(model or self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
 
+    def stop(self) -> tuple[Any, ...]:
+        """The Stop button: (send, stop, status, usage_html, history, chatbot)."""
+        return self.client.predict(self.model, "", api_name="/stop")
+
     def submit_respond(self):
         return self.client.submit(self.model, self.system_prompt, *NEUTRAL, api_name="/respond")
 
@@ -79,7 +83,7 @@ class Session:
     def open(self, conversation_id: str) -> tuple[Any, ...]:
         """Click ``conversation_id`` in the unfiltered list, as on the page (Gradio checks a Radio's
         value against the choices the session was last sent); (chatbot, status, usage_html, model,
-        system_prompt, title, history)."""
+        system_prompt, title, send, stop, history, open conversation id)."""
         self.search("")
         return self.client.predict(conversation_id, "", api_name="/open")
 
@@ -231,7 +235,7 @@ def test_history_survives_a_restart(fake_openai, sessions, tmp_path):
         session = sessions(url)
         listed = session.search()
         assert [t for t, _ in listed] == ["will you remember this?"]
-        chatbot, *_, title, _ = session.open(listed[0][1])
+        chatbot, _, _, _, _, title, *_ = session.open(listed[0][1])
         assert transcript(chatbot)[0] == ("user", "will you remember this?")
         assert "Kept across restarts." in transcript(chatbot)[1][1]
         assert title == "will you remember this?"
@@ -255,7 +259,7 @@ def test_a_reply_stopped_mid_stream_is_saved_as_stopped(fake_openai, launch_app,
     wait_until(lambda: "word3" in shown() or job.done(), "a few tokens of the reply")
     assert not job.done(), f"the reply ended before it could be stopped: {job.status()}"
     partial = shown()
-    job.cancel()
+    writer.stop()
     assert fake_openai.disconnected.wait(timeout=5), "the upstream was not closed"
 
     conversation_id = reader.ids()[0]

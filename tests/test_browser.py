@@ -154,8 +154,13 @@ def test_shift_enter_starts_a_new_line(chat_page):
     assert fake.requests[0].body["messages"][-1]["content"] == "line one\nline two"
 
 
-def test_closing_the_tab_stops_the_upstream(chat_page):
-    fake, page = chat_page
+def test_closing_the_tab_stops_the_upstream_with_unwatched_stop(fake_openai, launch_app, page):
+    """With ``runs.unwatched: stop`` (for those who pay per token) a closed tab stops its reply;
+    the default, ``continue``, is tested in test_runs_browser.py."""
+    fake = fake_openai
+    page.goto(launch_app({"models": [fake_model_entry(fake)],
+                          "runs": {"unwatched": "stop", "unwatched_grace_seconds": 0}}))
+    expect(page.locator("#user-input textarea")).to_be_editable()
     fake.enqueue(*TOKENS, delay=DELAY)
     send(page, "Tell me a long story", "enter")
     page.wait_for_function(RECORD_GROWTH, arg=2, polling="raf", timeout=TIMEOUT_MS)

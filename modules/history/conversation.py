@@ -63,6 +63,7 @@ class Conversation:
     params: dict[str, Any] = field(default_factory=dict)  # the generation options last used
     summary: tuple[int, str] | None = None  # (rounds summarised, summary) for the "summarize" strategy
     notice: str = ""  # a sentence for the status line once the current event chain ends (not saved)
+    following: bool = False  # this session's follow event shows a run (after a load or an open; not saved)
 
     def add_user(self, text: str, user_tokens: int | None = None) -> Turn:
         turn = Turn(user=text, user_tokens=user_tokens)
@@ -147,22 +148,7 @@ class Conversation:
                                 self.created_at, time.time())
 
     def turn_record(self, position: int, error_text: Callable[[errors.ModelError], str]) -> TurnRecord:
-        turn = self.turns[position]
-        record = TurnRecord(user=turn.user, user_tokens=turn.user_tokens, created_at=turn.created_at)
-        reply = turn.reply
-        if reply is None:
-            return record
-        record.reply, record.reasoning, record.outputs = reply.text, reply.reasoning, dict(reply.outputs)
-        record.status = "stopped" if reply.active else reply.status  # a reply cut by a crash counts as stopped
-        record.error = error_text(reply.error) if reply.error is not None else ""
-        record.finish_reason, record.model = reply.finish_reason, reply.model
-        if reply.counts is not None:
-            record.prompt_tokens, record.completion_tokens = reply.counts.prompt, reply.counts.completion
-            record.tokens_exact = reply.counts.exact
-        record.cost = reply.cost
-        record.dropped_rounds, record.summarized = reply.dropped_rounds, reply.summarized
-        record.finished_at = time.time() if reply.finished_at is not None else None
-        return record
+        return turn_record(self.turns[position], error_text)
 
     @classmethod
     def from_record(cls, record: ConversationRecord) -> Conversation:
@@ -179,3 +165,36 @@ class Conversation:
                 turn.reply = reply
             conversation.turns.append(turn)
         return conversation
+
+
+def turn_record(turn: Turn, error_text: Callable[[errors.ModelError], str]) -> TurnRecord:
+    """What history keeps of a turn; ``error_text`` words a failure as the user saw it."""
+    record = TurnRecord(user=turn.user, user_tokens=turn.user_tokens, created_at=turn.created_at)
+    reply = turn.reply
+    if reply is None:
+        return record
+    record.reply, record.reasoning, record.outputs = reply.text, reply.reasoning, dict(reply.outputs)
+    record.status = "stopped" if reply.active else reply.status  # a reply cut by a crash counts as stopped
+    record.error = error_text(reply.error) if reply.error is not None else ""
+    record.finish_reason, record.model = reply.finish_reason, reply.model
+    if reply.counts is not None:
+        record.prompt_tokens, record.completion_tokens = reply.counts.prompt, reply.counts.completion
+        record.tokens_exact = reply.counts.exact
+    record.cost = reply.cost
+    record.dropped_rounds, record.summarized = reply.dropped_rounds, reply.summarized
+    record.finished_at = time.time() if reply.finished_at is not None else None
+    return record
+
+
+def checkpoint_record(turn: Turn, app_stopped: str) -> TurnRecord:
+    """A turn whose reply still streams, as the app would find it after a crash: the text so far,
+    marked ``app_stopped`` ("the app stopped before this reply ended"), with estimated counts.
+    The reply's own save when it ends overwrites it."""
+    record = turn_record(turn, lambda error: "")
+    reply = turn.reply
+    record.status, record.error = "interrupted", app_stopped
+    if reply is not None and reply.prompt_estimate is not None:  # counts so far (≈)
+        record.prompt_tokens, record.completion_tokens = reply.prompt_estimate[0], reply.deltas
+        record.tokens_exact = False
+    record.finished_at = None
+    return record

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,12 @@ import gradio as gr
 
 from modules.history import ownership
 from modules.web import render
-from modules.core import sentences
 from modules.core import tokens
 from modules.history import transfer
-from modules.history.conversation import Conversation, new_id
+from modules.core.streaming import ReplyRun
+from modules.history.conversation import Conversation, Turn, checkpoint_record, new_id, turn_record
 from modules.providers.text import clip, repair
-from modules.history.records import ConversationRecord
+from modules.history.records import ConversationRecord, TurnRecord
 from modules.web.templates import find
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class HistoryHandlers:
         system_prompt = repair(str(system_prompt or ""))  # lone surrogates could not be stored
         conversation.id = conversation.id or new_id()
         record = conversation.turn_record(
-            position, lambda error: sentences.error_message(self.t, lang, error, self.secrets)
+            position, lambda error: self.chat.sentence(lang, error)
         )
         meta = conversation.meta(model, system_prompt, params if params is not None else conversation.params)
         if params is not None:
@@ -78,27 +80,31 @@ class HistoryHandlers:
         except Exception:  # a full disk must not break the chat: the session still has it
             log.exception("could not save turn %d of conversation %s", position, conversation.id)
 
-    async def _checkpoint(self, conversation: Conversation, position: int, lang: str, model: str,
-                          system_prompt: str, params: dict[str, Any]) -> None:
-        """Save a reply that is still streaming as the app would find it after a crash: its text so
-        far, marked "the app stopped before this reply ended", with estimated counts. The reply's
-        own save when it ends overwrites it. The write runs on a worker thread. Never raises."""
-        if not conversation.owner or position >= len(conversation.turns) or not conversation.id:
-            return
-        reply = conversation.turns[position].reply
-        if reply is None or not reply.active:
-            return
-        record = conversation.turn_record(position, lambda error: "")
-        record.status, record.error = "interrupted", self.t.text(lang, "error.app_stopped")
-        if reply.prompt_estimate is not None:  # counts so far (≈): what was generated until the crash
-            record.prompt_tokens, record.completion_tokens = reply.prompt_estimate[0], reply.deltas
-            record.tokens_exact = False
-        record.finished_at = None
+    def _keepers(self, conversation: Conversation, position: int, lang: str, model: str, system_prompt: str,
+                 params: dict[str, Any]) -> tuple[Any, Any]:
+        """(save, checkpoint) for the run that answers turn ``position``: they write a detached copy
+        of the turn (the run outlives this session, and must not touch its state), on a worker thread.
+        ``checkpoint`` keeps the reply as a crash would leave it; ``save`` its final state."""
         meta = conversation.meta(model, repair(str(system_prompt or "")), params)
-        try:
-            await asyncio.to_thread(self.store.save_turn, meta, position, record)
-        except Exception:
-            log.exception("could not checkpoint turn %d of conversation %s", position, conversation.id)
+        turn = conversation.turns[position]
+        detached = Turn(user=turn.user, user_tokens=turn.user_tokens, created_at=turn.created_at)
+        app_stopped = self.t.text(lang, "error.app_stopped")
+
+        async def write(record: TurnRecord) -> None:
+            try:
+                await asyncio.to_thread(self.store.save_turn, replace(meta, updated_at=time.time()), position, record)
+            except Exception:  # a full disk must not break the chat: the session still has it
+                log.exception("could not save turn %d of conversation %s", position, meta.id)
+
+        async def save(run: ReplyRun) -> None:
+            detached.reply = run.reply
+            await write(turn_record(detached, lambda error: self.chat.sentence(lang, error)))
+
+        async def checkpoint(run: ReplyRun) -> None:
+            detached.reply = run.reply
+            await write(checkpoint_record(detached, app_stopped))
+
+        return save, checkpoint
 
     # -- rendering the sidebar ----------------------------------------------------------
     def _history(self, conversation: Conversation, query: str, lang: str) -> Any:
@@ -106,9 +112,13 @@ class HistoryHandlers:
         owner = conversation.owner
         summaries = self.store.list(owner, (query or "").strip()) if owner else []
         untitled = self.t.text(lang, "history.untitled")
-        choices = [(s.title or untitled, s.id) for s in summaries]
+        streaming = self._streaming_ids(owner)  # marked: a reply is in progress there
+        choices = [(("⏳ " if s.id in streaming else "") + (s.title or untitled), s.id) for s in summaries]
         value = conversation.id if any(s.id == conversation.id for s in summaries) else None
         return gr.Radio(choices=choices, value=value)
+
+    def _streaming_ids(self, owner: str) -> set[str]:
+        return {key[1] for key in self.chat.runs.live_keys() if key[0] == owner}
 
     def _usage(self, conversation: Conversation, model_name: str | None, lang: str) -> str:
         model = self.models.get(model_name or self.default_model)
@@ -125,8 +135,11 @@ class HistoryHandlers:
         return self._chatbot(conversation, lang), status, self._usage(conversation, model_name, lang)
 
     # -- page load ----------------------------------------------------------------------
-    async def _on_load(self, browser_token: str | None, conversation: Conversation, request: gr.Request):
-        """Who is this: a user, the desktop's one owner, or a browser (its token, made on first visit)."""
+    async def _on_load(self, browser_token: str | None, open_id: str | None, conversation: Conversation,
+                       model_name: str, request: gr.Request):
+        """Who is this (a user, the desktop's one owner, or a browser: its token, made on first
+        visit), and the conversation this browser was in, reopened: a reply still streaming there
+        shows as far as it has come (the next event follows it)."""
         lang = self.t.language_for(request)
         token_out: Any = gr.skip()
         if self.mode == "per_browser":
@@ -134,9 +147,28 @@ class HistoryHandlers:
                 browser_token = token_out = ownership.new_browser_token()
             if not conversation.id:  # (a chat saved before the page finished loading keeps its owner)
                 conversation.owner = ownership.browser_owner(browser_token)
-        self._owner(conversation, request)
+        owner = self._owner(conversation, request)
         notice = self._store_notice(lang)
-        return token_out, self._history(conversation, "", lang), gr.Markdown(notice, visible=bool(notice))
+        shown: tuple[Any, ...] = (gr.skip(),) * 8
+        if open_id and not conversation.turns:
+            record = await asyncio.to_thread(self.store.load, owner, open_id)
+            if record is not None:
+                shown = self._reopen(conversation, record, lang)
+        return (token_out, self._history(conversation, "", lang), gr.Markdown(notice, visible=bool(notice)),
+                *shown)
+
+    def _reopen(self, conversation: Conversation, record: ConversationRecord, lang: str) -> tuple[Any, ...]:
+        """Make ``record`` the session's conversation, joined to its live run if a reply streams:
+        (chatbot, status, usage, model, system prompt, title, send, stop)."""
+        conversation.replace(Conversation.from_record(record))
+        conversation.params = dict(record.params)
+        run = self.chat.runs.of((conversation.owner, conversation.id))
+        if run is not None and conversation.turns:  # its reply is the last turn's (the page's runs only answer that)
+            conversation.turns[-1].reply = run.reply
+        model = record.model if record.model in self.models else gr.skip()
+        streaming = conversation.streaming is not None
+        return (*self._shown(conversation, record.model or None, lang), model, record.system_prompt, record.title,
+                gr.Button(visible=not streaming), gr.Button(visible=streaming))
 
     def _store_notice(self, lang: str) -> str:
         problem = self.store_problem
@@ -157,19 +189,15 @@ class HistoryHandlers:
 
     async def _open(self, conversation_id: str | None, conversation: Conversation, query: str,
                     request: gr.Request):
-        """Open a conversation from the sidebar (not while a reply streams)."""
+        """Open a conversation from the sidebar; one whose reply still streams shows it growing (a
+        reply streaming in the conversation left goes on, marked in the sidebar)."""
         lang = self.t.language_for(request)
         owner = self._owner(conversation, request)
-        record = self.store.load(owner, conversation_id) if conversation_id else None
-        if record is None or conversation.streaming is not None:
-            if conversation.streaming is not None:
-                gr.Warning(self.t.text(lang, "history.busy"))
-            return (gr.skip(),) * 6 + (self._history(conversation, query, lang),)
-        conversation.replace(Conversation.from_record(record))
-        conversation.params = dict(record.params)
-        model = record.model if record.model in self.models else gr.skip()
-        return (*self._shown(conversation, record.model or None, lang), model, record.system_prompt,
-                record.title, self._history(conversation, query, lang))
+        record = await asyncio.to_thread(self.store.load, owner, conversation_id) if conversation_id else None
+        if record is None:
+            return (gr.skip(),) * 8 + (self._history(conversation, query, lang), gr.skip())
+        shown = self._reopen(conversation, record, lang)
+        return (*shown, self._history(conversation, query, lang), conversation.id)
 
     async def _rename(self, title: str, conversation: Conversation, query: str, request: gr.Request):
         lang = self.t.language_for(request)
@@ -199,7 +227,7 @@ class HistoryHandlers:
                 await asyncio.to_thread(self.store.delete, owner, conversation.id)
             conversation.clear()
         return (gr.Row(visible=False), *self._shown(conversation, model_name, lang),
-                self._history(conversation, query, lang))
+                self._history(conversation, query, lang), conversation.id)
 
     def _export(self, fmt: str, conversation: Conversation, request: gr.Request):
         lang = self.t.language_for(request)
@@ -222,7 +250,7 @@ class HistoryHandlers:
         """Import an exported JSON file as a new conversation of this owner, and open it."""
         lang = self.t.language_for(request)
         owner = self._owner(conversation, request)
-        skip = (gr.skip(),) * 6
+        skip = (gr.skip(),) * 7
         if not file:
             return skip
         if conversation.streaming is not None:
@@ -247,7 +275,7 @@ class HistoryHandlers:
         gr.Info(self.t.text(lang, "history.imported", title=record.title))
         model = record.model if record.model in self.models else gr.skip()
         return (*self._shown(conversation, record.model or None, lang), model, record.system_prompt,
-                self._history(conversation, query, lang))
+                self._history(conversation, query, lang), conversation.id)
 
     async def _auto_title(self, conversation: Conversation, query: str, request: gr.Request):
         """Let the configured model write the title, once, after the first reply."""

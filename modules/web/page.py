@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from modules.core import context
 from modules.core import accounting, sentences
 from modules.core.chat import ChatService
+from modules.core.runs import RunLimitError
 from modules.history import ownership
 from modules.web import render
 from modules.core import tokens
@@ -34,13 +35,13 @@ from modules.i18n import Translator
 from modules.providers import ChatModel, GenerationOptions, Message, errors
 from modules.providers.text import guard_logs, repair
 from modules.history.store import open_store
-from modules.core.streaming import Pacer, Reply, stream_reply
+from modules.core.streaming import Pacer, Reply, ReplyRun
 from modules.web.templates import load_templates
 from modules.web.history_handlers import HistoryHandlers
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SECONDS = 1.0  # a streaming reply is saved (as "interrupted by a stop of the app") this often
+OPEN_CONVERSATION_KEY = "chuanhu-open-conversation"  # localStorage: the conversation a browser is in
 
 # No single-$ delimiters: "$5 or $10" and a footer's "$0.00021" are prices, not math.
 LATEX = [
@@ -166,25 +167,11 @@ class ChatApp(HistoryHandlers):
             return text, self.t.text(lang, "error.message_too_long", length=f"{len(text):,}", limit=f"{limit:,}")
         return text, ""
 
-    async def _generate(self, conversation: Conversation, model: ChatModel, messages: list[Message],
-                        options: GenerationOptions, reply: Reply | None = None) -> AsyncIterator[Reply]:
-        turn = conversation.pending
-        assert turn is not None
-        if reply is None:
-            reply = Reply(model=model.name,
-                          prompt_estimate=tokens.count_messages([m.as_dict() for m in messages], model.model_id))
-        turn.reply = reply
-        async with aclosing(stream_reply(model, messages, options, pacer=self.pacer, reply=turn.reply,
-                                         heartbeat=self.config.limits.heartbeat_seconds)) as replies:
-            async for reply in replies:
-                yield reply
-
     async def _fit(self, conversation: Conversation, model: ChatModel, system_prompt: str,
                    options: GenerationOptions) -> context.Fit:
         """The request for the pending question, trimmed (or summarised) to fit the model's context."""
-        fit, conversation.summary = await context.fit_request(
-            conversation.messages(system_prompt), model, options, summary=conversation.summary,
-            reserve_default=self.config.context.reserve_output_tokens, strategy=self.config.context.strategy)
+        fit, conversation.summary = await self.chat.fit(model, conversation.messages(system_prompt), options,
+                                                        summary=conversation.summary)
         return fit
 
     # -- event handlers -----------------------------------------------------------------
@@ -195,68 +182,103 @@ class ChatApp(HistoryHandlers):
 
     async def _add_message(self, text: str, conversation: Conversation, model_name: str, system_prompt: str,
                            query: str, request: gr.Request):
-        """Keep the user's words first (in the session and on disk); only then clear the box and reply."""
+        """Keep the user's words first (in the session and on disk); only then clear the box and reply.
+        The last output is the conversation this browser is in (reopened on the next load)."""
         if str(text or "").strip() and conversation.streaming is None:
             lang = self.t.language_for(request)
             text, problem = self._message(lang, text)
             if problem:  # the text stays in the box; the status line says why (until the chain ends)
                 conversation.notice = "⚠️ " + problem
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip(), gr.skip()
             self._owner(conversation, request)
             conversation.add_user(text, await self._count_user(text, model_name))
             await self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
-            return "", *self._generating(conversation, lang), self._history(conversation, query, lang)
-        return (gr.skip(),) * 6
+            return ("", *self._generating(conversation, lang), self._history(conversation, query, lang),
+                    conversation.id)
+        return (gr.skip(),) * 7
 
     async def _respond(self, conversation: Conversation, model_name: str, system_prompt: str,
                        temperature: float, top_p: float, max_tokens: float, stop: str,
                        presence: float, frequency: float, seed: float, request: gr.Request):
+        """Start the run that answers the pending question, and show it growing. The run is the
+        server's, not this event's: a reload or a closed tab leaves it going (``runs.unwatched``)."""
         lang = self.t.language_for(request)
         turn = conversation.pending
         if turn is None:  # nothing to answer (empty input, or already streaming)
             return
-        self._owner(conversation, request)
+        owner = self._owner(conversation, request)
         system_prompt = repair(str(system_prompt or ""))
         model = self._model(model_name, lang)
         options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
         self._check_options(lang, model, options)
-        position = len(conversation.turns) - 1
+        position, params = len(conversation.turns) - 1, options.openai_params()
+        conversation.params = dict(params)
+        fit = await self._fit(conversation, model, system_prompt, options)
+        if conversation.turns[position:position + 1] != [turn] or turn.reply is not None:
+            return  # the conversation changed meanwhile (another one was opened)
+        if fit.overflows:  # the question alone is too long: say so, keep it
+            turn.reply = Reply(model=model.name)
+            turn.reply.fail(self.chat.overflow(fit))
+            turn.reply.finished_at = turn.reply.started_at
+            await self._save_turn(conversation, position, lang, model.name, system_prompt, params)
+            yield self._chatbot(conversation, lang)
+            return
+        key = (owner, conversation.id)
+        if self.chat.runs.of(key) is not None:  # (another tab of this conversation is answering)
+            raise self._error(lang, "error.already_streaming")
+        save, checkpoint = self._keepers(conversation, position, lang, model.name, system_prompt, params)
         try:
-            fit = await self._fit(conversation, model, system_prompt, options)
-            if fit.overflows:  # the question alone is too long: say so, keep it
-                turn.reply = Reply(model=model.name)
-                turn.reply.fail(errors.ContextOverflowError(fit.prompt_tokens, fit.budget))
-                turn.reply.finished_at = turn.reply.started_at
+            run = self.chat.start(model, fit, options, owner=owner, key=key, save=save, checkpoint=checkpoint)
+        except RunLimitError as exc:  # the question stays; Regenerate asks again later
+            key_name = "error.too_many_runs" if exc.scope == "owner" else "error.app_busy"
+            raise self._error(lang, key_name, limit=exc.limit) from None
+        turn.reply = run.reply
+        async for update in self._watch(conversation, run, lang):
+            yield update
+
+    async def _follow(self, conversation: Conversation, request: gr.Request):
+        """Show the reply streaming in the session's conversation (after a reload, or when the user
+        comes back to it): the text so far at once, then the rest as it comes."""
+        run = self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
+        if run is None or not conversation.turns or conversation.turns[-1].reply is not run.reply:
+            yield gr.skip()
+            return
+        conversation.following = True
+        async for update in self._watch(conversation, run, self.t.language_for(request)):
+            yield update
+
+    async def _followed(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """After ``_follow``: what ``_done`` does, if it followed a run (else nothing: a send may be
+        under way, whose own chain ends it)."""
+        if not conversation.following:
+            return (gr.skip(),) * 5
+        conversation.following = False
+        return await self._done(conversation, model_name, query, request)
+
+    async def _watch(self, conversation: Conversation, run: ReplyRun, lang: str):
+        """The chatbot each time ``run``'s reply grew (paced), until it ended or the session opened
+        another conversation. Only the chatbot: every output costs per update (a second one, the
+        status line, cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place."""
+        async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds)) as updates:
+            async for _ in updates:
+                if not conversation.turns or conversation.turns[-1].reply is not run.reply:
+                    return  # this session left the conversation; the run goes on
                 yield self._chatbot(conversation, lang)
-                return
-            reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
-                          dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
-            checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
-            async for update in self._generate(conversation, model, fit.messages, options, reply):
-                if not update.active:
-                    accounting.settle(update, model)  # the last update shows the reply's tokens and cost
-                # Only the chatbot: every output costs per update (a second one, the status line,
-                # cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place.
-                yield self._chatbot(conversation, lang)
-                if update.active and time.monotonic() >= checkpoint_at:  # a crash loses at most a second
-                    checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
-                    if conversation.turns[position] is turn:
-                        await self._checkpoint(conversation, position, lang, model.name, system_prompt,
-                                               options.openai_params())
-        finally:
-            # Runs on Stop and on a closed tab too (cancellation), so a partial reply is kept.
-            reply = turn.reply
-            if reply is not None and not reply.active:
-                accounting.settle(reply, model)  # again: after Stop, tokens may have come until the upstream closed
-            if reply is not None and position < len(conversation.turns) and conversation.turns[position] is turn:
-                await self._save_turn(conversation, position, lang, model.name, system_prompt, options.openai_params())
+
+    def _run_of(self, conversation: Conversation) -> ReplyRun | None:
+        return self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
 
     async def _stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """Mark the streaming reply stopped; ``cancels=`` closes the upstream."""
-        reply = conversation.streaming
+        """Stop the reply streaming in this conversation, whichever tab started it: the upstream is
+        closed at once; the partial reply is settled and saved by its run. (``cancels=`` ends a
+        send still fitting its request.)"""
+        run = self._run_of(conversation)
+        if run is not None:
+            run.stop()
+            await run.wait()  # settled (counts, cost) and saved: a moment after the upstream closed
+        reply = conversation.streaming  # a reply that never became a run (stopped while fitting)
         if reply is not None:
             reply.stop()
-            accounting.settle(reply, self._model(reply.model, self.t.language_for(request)))
         done = await self._done(conversation, model_name, query, request)
         return (*done, self._chatbot(conversation, self.t.language_for(request)))
 
@@ -267,7 +289,8 @@ class ChatApp(HistoryHandlers):
         status = gr.skip() if reply is None else render.status_line(reply, self.t, lang)
         if conversation.notice:  # what add_message refused, said until the next event chain
             status, conversation.notice = conversation.notice, ""
-        return (gr.Button(visible=True), gr.Button(visible=False), status,
+        streaming = conversation.streaming is not None  # (the session came back to another streaming one)
+        return (gr.Button(visible=not streaming), gr.Button(visible=streaming), status,
                 self._usage(conversation, model_name, lang), self._history(conversation, query, lang))
 
     async def _regenerate(self, conversation: Conversation, model_name: str, system_prompt: str,
@@ -288,12 +311,12 @@ class ChatApp(HistoryHandlers):
         return (*self._shown(conversation, model_name, lang), self._history(conversation, query, lang))
 
     async def _new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """A new, empty conversation; the old one stays in the history."""
+        """A new, empty conversation; the old one stays in the history (a reply streaming there goes on)."""
         lang = self.t.language_for(request)
         self._owner(conversation, request)
-        if conversation.streaming is None:
-            conversation.clear()
-        return (*self._shown(conversation, model_name, lang), "", self._history(conversation, query, lang))
+        conversation.clear()
+        return (*self._shown(conversation, model_name, lang), "", self._history(conversation, query, lang),
+                gr.Button(visible=True), gr.Button(visible=False), "")
 
     async def chat_api(self, message: str, model: str = "", system_prompt: str = "",
                        request: gr.Request = None) -> AsyncIterator[str]:  # type: ignore[assignment]
@@ -312,17 +335,24 @@ class ChatApp(HistoryHandlers):
         conversation = Conversation()
         conversation.add_user(message)
         messages = conversation.messages(repair(str(system_prompt or "")) or self.config.ui.system_prompt)
-        reply, sent, seen = None, "", None
-        async for reply in self._generate(conversation, chat_model, messages, GenerationOptions()):
-            state = (len(reply.text), len(reply.reasoning), reply.deltas, reply.status, reply.retrying)
-            # New text goes out; so does the heartbeat's update (nothing changed): while no token
-            # comes, it is how Gradio finds out that the client has gone (and then closes this).
-            if reply.text != sent or state == seen:
-                sent = reply.text
-                yield sent
-            seen = state
-        if reply is not None and reply.error is not None:
-            sentence = sentences.error_message(self.t, lang, reply.error, chat_model.secrets())
+        options = GenerationOptions()
+        fit, _ = await self.chat.fit(chat_model, messages, options)
+        if fit.overflows:
+            raise gr.Error(self.chat.sentence(lang, self.chat.overflow(fit)), print_exception=False)
+        try:
+            run = self.chat.start(chat_model, fit, options)  # belongs to this request: leaving stops it
+        except RunLimitError as exc:
+            raise self._error(lang, "error.app_busy", limit=exc.limit) from None
+        sent = ""
+        async with aclosing(run.watch(heartbeat=self.config.limits.heartbeat_seconds, at_once=False)) as updates:
+            async for reply in updates:
+                # New text goes out; so does the heartbeat's (nothing changed): while no token
+                # comes, it is how Gradio finds out that the client has gone (and then closes this).
+                if reply is None or reply.text != sent:
+                    sent = run.reply.text
+                    yield sent
+        if run.reply.error is not None:
+            sentence = self.chat.sentence(lang, run.reply.error)
             log.info("/chat: %s", sentence)  # one line: the caller got the sentence
             raise gr.Error(sentence, print_exception=False)
 
@@ -392,6 +422,8 @@ class ChatApp(HistoryHandlers):
             conversation = gr.State(Conversation())
             browser_token = gr.BrowserState("", storage_key=ownership.STORAGE_KEY,
                                             secret=self.browser_secret or None)
+            # The conversation this browser is in: reopened (and its streaming reply followed) on load.
+            open_id = gr.BrowserState("", storage_key=OPEN_CONVERSATION_KEY, secret=self.browser_secret or None)
             side = self._render_sidebar()
             with gr.Row(elem_id="header-row"):
                 gr.Markdown("## 🐯 ChuanhuStyleChat", elem_id="app-title")
@@ -448,14 +480,19 @@ class ChatApp(HistoryHandlers):
                 api_visibility="undocumented",  # the page's path; callable, for the benchmark and tests
             )
             add_args = dict(fn=self._add_message, inputs=[textbox, conversation, model, system_prompt, search],
-                            outputs=[textbox, chatbot, send, stop, status, history], queue=False,
+                            outputs=[textbox, chatbot, send, stop, status, history, open_id], queue=False,
                             api_name="add_message", api_visibility="undocumented")
             done_args = dict(fn=self._done, inputs=[conversation, model, search],
                              outputs=[send, stop, status, usage, history], **private)
+            followed_args = {**done_args, "fn": self._followed}
             title_args = dict(fn=self._auto_title, inputs=[conversation, search], outputs=[history],
                               concurrency_limit=limit, concurrency_id="generate", show_progress="hidden",
                               api_visibility="private")
             shown = [chatbot, status, usage]
+            # Shows the reply streaming in the session's conversation (after a reload, or coming back).
+            follow_args = dict(fn=self._follow, inputs=[conversation], outputs=[chatbot], concurrency_limit=limit,
+                               concurrency_id="generate", show_progress="hidden", api_name="follow",
+                               api_visibility="undocumented")
             undocumented: dict[str, Any] = dict(queue=False, api_visibility="undocumented")
             # Handlers that tell the user something with gr.Warning / gr.Info run queued: an
             # unqueued event has no channel for them (they would only reach the server's stderr).
@@ -473,21 +510,21 @@ class ChatApp(HistoryHandlers):
                                      [chatbot, send, stop, status], **private).then(**respond_args)
             streams.append(regen)
             regen.then(**done_args)
-            stop.click(self._stop, [conversation, model, search], [send, stop, status, usage, history, chatbot],
-                       cancels=streams, **private)
             delete_last.click(self._delete_last, [conversation, model, search], [*shown, history], **private)
             new_chat_args = dict(fn=self._new_chat, inputs=[conversation, model, search],
-                                 outputs=[*shown, side["title"], history])
+                                 outputs=[*shown, side["title"], history, send, stop, open_id])
             side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented)
             chatbot.clear(**new_chat_args, **private)  # the chatbot's trash icon starts anew too
 
             # -- history sidebar (callable by API, undocumented: the isolation tests use it) --
-            demo.load(self._on_load, [browser_token, conversation], [browser_token, history, side["notice"]],
-                      api_name="on_load", **undocumented)
+            reopened = [*shown, model, system_prompt, side["title"], send, stop]
+            demo.load(self._on_load, [browser_token, open_id, conversation, model],
+                      [browser_token, history, side["notice"], *reopened], api_name="on_load", **undocumented
+                      ).then(**follow_args).then(**followed_args)
             search.change(self._search, [conversation, search], [history], api_name="search",
                           trigger_mode="always_last", **undocumented)
-            history.input(self._open, [history, conversation, search],
-                          [*shown, model, system_prompt, side["title"], history], api_name="open", **notifying)
+            history.input(self._open, [history, conversation, search], [*reopened, history, open_id],
+                          api_name="open", **notifying).then(**follow_args).then(**followed_args)
             rename_args = dict(fn=self._rename, inputs=[side["title"], conversation, search], outputs=[history])
             side["rename"].click(**rename_args, api_name="rename", **undocumented)
             side["title"].submit(**rename_args, **private)
@@ -495,13 +532,13 @@ class ChatApp(HistoryHandlers):
                                  **private)
             side["cancel"].click(lambda: gr.Row(visible=False), None, [side["confirm_row"]], **private)
             side["confirm"].click(self._delete, [conversation, model, search],
-                                  [side["confirm_row"], *shown, history], api_name="delete", **undocumented)
+                                  [side["confirm_row"], *shown, history, open_id], api_name="delete", **undocumented)
             side["export_md"].click(self._export_markdown, [conversation], [side["export_file"]],
                                     api_name="export_markdown", **notifying)
             side["export_json"].click(self._export_json, [conversation], [side["export_file"]],
                                       api_name="export_json", **notifying)
             side["import"].upload(self._import, [side["import"], conversation, search],
-                                  [*shown, model, system_prompt, history], api_name="import", **notifying
+                                  [*shown, model, system_prompt, history, open_id], api_name="import", **notifying
                                   ).then(lambda: None, None, [side["import"]], **private)  # ready for the next file
 
             model.change(self._model_changed, [conversation, model], [usage], **private)  # the gauge's context size
@@ -513,6 +550,10 @@ class ChatApp(HistoryHandlers):
                                        [system_prompt], **private)
             demo.load(None, js=THEME_INIT_JS)
             theme.click(None, js=THEME_TOGGLE_JS)
+
+            # Stop reaches the run from any tab showing it; cancels= ends a send still fitting its request.
+            stop.click(self._stop, [conversation, model, search], [send, stop, status, usage, history, chatbot],
+                       cancels=streams, api_name="stop", **undocumented)
 
             gr.api(self.chat_api, api_name="chat", concurrency_limit=limit, concurrency_id="generate")
         self.demo = demo

@@ -1,0 +1,369 @@
+"""Replies as server-side runs (issue #11), in a real headless Chromium (Playwright's sync API).
+
+A page's reply is a run on the server: a reload, a second tab of the same browser, leaving
+the conversation and coming back, or a closed tab must neither lose nor repeat a character
+nor start a second generation. The app runs on a real port (``launch_app``) against the fake
+OpenAI server, which streams a known text (`` t0 t1 … t119``) on a fixed schedule, so the
+complete reply is known exactly.
+
+Every page records each distinct text of its last bot message as it changes (a
+``MutationObserver`` installed before the page's own scripts), so that a test can check
+every state the page showed, not only the last. Every wait is on a condition in the page
+(``expect``) or on the fake server, each with a timeout; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect
+
+from tests.conftest import fake_model_entry
+from tests.fakes.openai_server import FakeOpenAIServer
+
+LOCALE = json.loads((Path(__file__).resolve().parent.parent / "locale" / "en_US.json").read_text(encoding="utf-8"))
+TIMEOUT_MS = 15_000
+WAIT_S = 20.0  # waits on the fake server
+BOTS = '#chatbot [data-testid="bot"]'
+USERS = '#chatbot [data-testid="user"]'
+HISTORY = "#history-list label"
+MARK = "⏳ "  # the sidebar's prefix for a conversation whose reply is in progress
+
+COUNT = 120
+DELAY = 0.05  # seconds a token, paced: 6 s for the whole reply
+TOKENS = [f" t{i}" for i in range(COUNT)]
+WORDS = [token.strip() for token in TOKENS]
+FULL = " ".join(WORDS)  # the reply as the page shows it (Markdown drops the leading space)
+STOPPED = re.sub(r"^[^\w(]+", "", LOCALE["mark.stopped"]).strip()  # "Stopped."
+QUESTION = "tell me a long story"
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+# Installed in every page before Gradio's scripts: each distinct text of the last bot
+# message's answer (its first paragraph: the marks and the usage footer follow in their own
+# paragraphs), with the time it appeared (performance.now(), the page's own clock).
+RECORDER = """
+(() => {
+  const seen = (window.__replies = []);
+  const record = () => {
+    const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+    const last = bots[bots.length - 1];
+    const p = last && last.querySelector('.message-content p');
+    const text = p ? p.innerText.trim() : '';
+    if (text && (!seen.length || seen[seen.length - 1].text !== text)) seen.push({text, at: performance.now()});
+  };
+  new MutationObserver(record).observe(document, {subtree: true, childList: true, characterData: true});
+})();
+"""
+
+# The last bot message's paragraphs (answer, marks, usage footer), as the page shows them.
+PARAGRAPHS = """
+() => {
+  const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+  const last = bots[bots.length - 1];
+  return last ? [...last.querySelectorAll('.message-content p')].map(p => p.innerText.trim()) : [];
+}
+"""
+
+
+# -- fixtures and helpers -------------------------------------------------------------------
+@pytest.fixture
+def contexts(browser: Browser) -> Iterator[Callable[..., BrowserContext]]:
+    """``contexts()`` -> a new browser context (its own localStorage) with the recorder, closed after the test."""
+    made: list[BrowserContext] = []
+
+    def make(**kwargs: Any) -> BrowserContext:
+        context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800}, **kwargs)
+        context.set_default_timeout(TIMEOUT_MS)
+        context.add_init_script(RECORDER)
+        made.append(context)
+        return context
+
+    yield make
+    for context in made:
+        context.close()
+
+
+def start_app(fake: FakeOpenAIServer, launch_app: Callable[..., str], **config: Any) -> str:
+    return launch_app({"models": [fake_model_entry(fake)], "history": {"mode": "shared"}, **config})
+
+
+def open_page(context: BrowserContext, url: str) -> Page:
+    page = context.new_page()
+    page.goto(url)
+    expect(page.locator("#user-input textarea")).to_be_editable()
+    return page
+
+
+def enqueue_story(fake: FakeOpenAIServer, count: int = COUNT, delay: float = DELAY) -> None:
+    fake.enqueue(*TOKENS[:count], delay=delay, pace=True)
+
+
+def ask(page: Page, text: str) -> None:
+    users = page.locator(USERS).count()
+    box = page.locator("#user-input textarea")
+    box.fill(text)
+    box.press("Enter")
+    expect(page.locator(USERS)).to_have_count(users + 1)
+
+
+def token(i: int) -> re.Pattern[str]:
+    """Matches a reply that shows t{i} (a whole word: "t1" must not match "t10")."""
+    return re.compile(rf"\bt{i}\b")
+
+
+def last_bot(page: Page):
+    return page.locator(BOTS).last
+
+
+def paragraphs(page: Page) -> list[str]:
+    return page.evaluate(PARAGRAPHS)
+
+
+def shown(page: Page) -> list[dict[str, Any]]:
+    """Every distinct answer text the page's last bot message showed, in order."""
+    return page.evaluate("() => window.__replies")
+
+
+def shown_words(page: Page) -> int:
+    """How many tokens the page shows now (checked to be the fake's first ones)."""
+    text = paragraphs(page)[0] if paragraphs(page) else ""
+    words = text.split()
+    assert words == WORDS[:len(words)], f"the page shows text the fake never sent in that order: {text!r}"
+    return len(words)
+
+
+def check_prefixes(texts: list[str], where: str) -> None:
+    """Each text shown is the fake's text up to some token, and it never shrinks."""
+    last = 0
+    for text in texts:
+        words = text.split()
+        assert words == WORDS[:len(words)], f"{where}: shown {text!r}, not a prefix of the fake's text"
+        assert len(words) >= last, f"{where}: the reply went back from {last} to {len(words)} tokens: {text!r}"
+        last = len(words)
+
+
+def generations(fake: FakeOpenAIServer) -> int:
+    return sum(1 for r in fake.requests if r.path.endswith("/chat/completions"))
+
+
+def expect_finished(page: Page) -> None:
+    """The complete reply, exactly; Send and the status line back."""
+    expect(last_bot(page)).to_contain_text(token(COUNT - 1))
+    expect(page.locator("#send-btn")).to_be_visible()
+    expect(page.locator("#stop-btn")).to_be_hidden()
+    expect(page.locator("#status-line")).not_to_have_text(LOCALE["status.generating"])
+    parts = paragraphs(page)
+    assert parts and parts[0] == FULL, f"the reply is not exactly the fake's text: {parts[:1]!r}"
+    assert not any(STOPPED in part for part in parts), f"a complete reply is marked stopped: {parts!r}"
+
+
+def expect_streaming(page: Page) -> None:
+    expect(page.locator("#stop-btn")).to_be_visible()
+    expect(page.locator("#send-btn")).to_be_hidden()
+
+
+# -- reload -------------------------------------------------------------------------------------
+def test_reloads_mid_stream_resume_the_same_reply(fake_openai, launch_app, contexts):
+    url = start_app(fake_openai, launch_app)
+    page = open_page(contexts(), url)
+    enqueue_story(fake_openai)
+    ask(page, QUESTION)
+
+    for point in (10, 40, 70):
+        expect(last_bot(page)).to_contain_text(token(point))
+        before = shown_words(page)
+        assert not fake_openai.completed.is_set(), f"the stream ended before the reload after t{point}"
+        page.reload(wait_until="load")
+        # without a click: the text so far at once, then the rest as it comes
+        expect(last_bot(page)).to_contain_text(token(before - 1))
+        expect_streaming(page)
+        expect(last_bot(page)).to_contain_text(token(min(before + 3, COUNT - 1)))
+        texts = [entry["text"] for entry in shown(page)]
+        check_prefixes(texts, f"after the reload at t{point}")
+        assert len(texts[0].split()) >= before, (
+            f"after the reload at t{point} the page first showed {texts[0]!r}: less than the {before} tokens "
+            f"shown before it")
+
+    expect_finished(page)
+    check_prefixes([entry["text"] for entry in shown(page)], "after the last reload")
+    assert fake_openai.completed.is_set() and not fake_openai.disconnected.is_set()
+    assert generations(fake_openai) == 1, f"{generations(fake_openai)} generation requests for one reply"
+    expect(page.locator(USERS)).to_have_text([QUESTION])
+
+    # what was saved is the same complete reply
+    page.reload()
+    expect(page.locator(USERS)).to_have_text([QUESTION])
+    expect_finished(page)
+
+
+# -- a second tab ------------------------------------------------------------------------------
+def test_a_second_tab_follows_the_same_run(fake_openai, launch_app, contexts):
+    url = start_app(fake_openai, launch_app)
+    context = contexts()
+    first = open_page(context, url)
+    enqueue_story(fake_openai)
+    ask(first, QUESTION)
+    expect(last_bot(first)).to_contain_text(token(10))
+
+    second = open_page(context, url)  # same localStorage: opens the same conversation
+    expect(second.locator(USERS)).to_have_text([QUESTION])
+    expect_streaming(second)
+    now = shown_words(first)
+    for page in (first, second):  # both show it growing
+        expect(last_bot(page)).to_contain_text(token(now + 5))
+    assert not fake_openai.completed.is_set(), "the stream ended before both tabs were seen following it"
+
+    for page in (first, second):
+        expect_finished(page)
+    for name, page in (("first tab", first), ("second tab", second)):
+        texts = [entry["text"] for entry in shown(page)]
+        check_prefixes(texts, name)
+        assert len(texts) >= 3, f"{name} did not show the reply growing: {texts}"
+    assert paragraphs(first)[0] == paragraphs(second)[0] == FULL
+    assert generations(fake_openai) == 1
+
+
+def test_stop_in_the_second_tab_stops_the_run_for_both(fake_openai, launch_app, contexts):
+    url = start_app(fake_openai, launch_app)
+    context = contexts()
+    first = open_page(context, url)
+    enqueue_story(fake_openai)
+    ask(first, QUESTION)
+    expect(last_bot(first)).to_contain_text(token(5))
+    second = open_page(context, url)
+    expect_streaming(second)
+    expect(last_bot(second)).to_contain_text(token(shown_words(first) + 3))
+    assert not fake_openai.completed.is_set()
+
+    second.locator("#stop-btn").click()
+    assert fake_openai.disconnected.wait(WAIT_S), "Stop in the second tab did not close the upstream"
+    assert not fake_openai.completed.is_set()
+
+    texts = []
+    for page in (first, second):
+        expect(last_bot(page)).to_contain_text(STOPPED)
+        expect(page.locator("#send-btn")).to_be_visible()
+        expect(page.locator("#stop-btn")).to_be_hidden()
+        expect(page.locator("#status-line")).not_to_have_text(LOCALE["status.generating"])
+        parts = paragraphs(page)
+        texts.append(parts[0])
+        assert sum(STOPPED in part for part in parts) == 1, parts
+    assert texts[0] == texts[1], f"the tabs show different partial replies: {texts}"
+    words = texts[0].split()
+    assert words == WORDS[:len(words)] and 5 < len(words) < COUNT, texts[0]
+    assert len(words) <= fake_openai.chunks_sent
+
+    # what was saved: the partial reply, marked stopped
+    first.reload()
+    expect(last_bot(first)).to_contain_text(STOPPED)
+    expect(first.locator("#send-btn")).to_be_visible()
+    parts = paragraphs(first)
+    assert parts[0] == texts[0], f"saved {parts[0]!r}, shown {texts[0]!r}"
+    assert sum(STOPPED in part for part in parts) == 1, parts
+    assert generations(fake_openai) == 1
+
+
+# -- leaving and coming back -----------------------------------------------------------------
+def test_leaving_a_streaming_conversation_and_coming_back(fake_openai, launch_app, contexts):
+    url = start_app(fake_openai, launch_app)
+    page = open_page(contexts(), url)
+    enqueue_story(fake_openai, delay=0.06)  # 7.2 s: time for a second chat meanwhile
+    ask(page, QUESTION)
+    expect(last_bot(page)).to_contain_text(token(5))
+    left_at = shown_words(page)
+
+    page.locator("#new-chat-btn").click()
+    expect(page.locator(USERS)).to_have_count(0)
+    fake_openai.enqueue("Paris", " is", " in", " France.")
+    ask(page, "where is Paris")
+    expect(last_bot(page)).to_contain_text("Paris is in France.")
+    expect(page.locator("#send-btn")).to_be_visible()
+    expect(page.locator(USERS)).to_have_text(["where is Paris"])
+
+    # the first one goes on, marked in the sidebar
+    story = page.locator(HISTORY).filter(has_text=QUESTION)
+    expect(story).to_have_text(MARK + QUESTION)
+    expect(page.locator(HISTORY).filter(has_text="where is Paris")).to_have_text("where is Paris")
+    assert not fake_openai.completed.is_set(), "the first reply ended before the test came back to it"
+    mark = len(shown(page))
+
+    story.click()
+    expect(page.locator(USERS)).to_have_text([QUESTION])
+    expect_streaming(page)
+    expect(last_bot(page)).to_contain_text(token(left_at + 10))
+    expect_finished(page)
+    texts = [entry["text"] for entry in shown(page)[mark:]]
+    check_prefixes(texts, "after coming back")
+    assert len(texts[0].split()) >= left_at, f"coming back first showed {texts[0]!r}"
+    # it ended: no mark once the sidebar is refreshed (the done event refreshes it)
+    expect(story).to_have_text(QUESTION)
+    assert generations(fake_openai) == 2  # the story and Paris, once each
+    assert fake_openai.completed.is_set() and not fake_openai.disconnected.is_set()
+
+
+# -- a closed tab --------------------------------------------------------------------------------
+def test_a_closed_tab_leaves_the_reply_going_and_saved(fake_openai, launch_app, contexts):
+    url = start_app(fake_openai, launch_app)
+    context = contexts()
+    page = open_page(context, url)
+    enqueue_story(fake_openai, count=60)
+    ask(page, QUESTION)
+    expect(last_bot(page)).to_contain_text(token(5))
+    page.close()
+
+    assert fake_openai.completed.wait(WAIT_S), "the reply did not go on to its end after the tab closed"
+    assert not fake_openai.disconnected.is_set(), "closing the tab closed the upstream (unwatched: continue)"
+
+    again = open_page(context, url)
+    expect(again.locator(USERS)).to_have_text([QUESTION])
+    expect(last_bot(again)).to_contain_text(token(59))
+    expect(again.locator("#send-btn")).to_be_visible()
+    parts = paragraphs(again)
+    assert parts[0] == " ".join(WORDS[:60]), parts[:1]
+    assert not any(STOPPED in part for part in parts), f"saved as stopped: {parts}"
+    assert generations(fake_openai) == 1
+
+
+def test_a_closed_tab_stops_the_reply_with_unwatched_stop(fake_openai, launch_app, contexts):
+    url = start_app(fake_openai, launch_app, runs={"unwatched": "stop", "unwatched_grace_seconds": 0})
+    context = contexts()
+    page = open_page(context, url)
+    enqueue_story(fake_openai)
+    ask(page, QUESTION)
+    expect(last_bot(page)).to_contain_text(token(5))
+    page.close()
+
+    assert fake_openai.disconnected.wait(WAIT_S), "closing the tab did not close the upstream (unwatched: stop)"
+    assert not fake_openai.completed.is_set()
+
+    again = open_page(context, url)
+    expect(last_bot(again)).to_contain_text(STOPPED)
+    expect(again.locator("#send-btn")).to_be_visible()
+    words = paragraphs(again)[0].split()
+    assert words == WORDS[:len(words)] and 5 < len(words) < COUNT, words
+
+
+# -- the limit per owner ----------------------------------------------------------------------
+def test_one_reply_too_many_gets_a_sentence_and_the_message_is_kept(fake_openai, launch_app, contexts):
+    url = start_app(fake_openai, launch_app, runs={"max_per_owner": 1})
+    page = open_page(contexts(), url)
+    enqueue_story(fake_openai)
+    ask(page, QUESTION)
+    expect(last_bot(page)).to_contain_text(token(3))
+
+    page.locator("#new-chat-btn").click()
+    expect(page.locator(USERS)).to_have_count(0)
+    fake_openai.enqueue("This must not be asked.")
+    ask(page, "a second question")
+    sentence = LOCALE["error.too_many_runs"].format(limit=1)
+    expect(page.get_by_text(sentence)).to_be_visible()
+    expect(page.locator(USERS)).to_have_text(["a second question"])
+    expect(page.locator("#send-btn")).to_be_visible()
+    assert generations(fake_openai) == 1, "the reply past the limit reached the upstream"
+    assert not fake_openai.disconnected.is_set(), "the first reply was stopped"
