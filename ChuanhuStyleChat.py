@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ChuanhuStyleChat: invalid configuration: {exc}", file=sys.stderr)
         return 2
 
-    from modules.web.page import ChatApp  # gradio is slow to import: only once the config is good
+    from modules.app import ChatApp  # gradio is slow to import: only once the config is good
 
     app = ChatApp(config)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals can be set only there

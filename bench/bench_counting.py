@@ -61,7 +61,7 @@ def main() -> int:
     parser.add_argument("--char", default="a")
     args = parser.parse_args()
     text = args.char * int(args.mb * 1024 * 1024)
-    from modules.web.page import ChatApp
+    from modules.app import ChatApp
 
     with FakeOpenAIServer(api_key="sk-bench") as fake, tempfile.TemporaryDirectory() as data:
         settings = {"models": [{"provider": "openai", "name": "fake", "model": "gpt-4o", "base_url": fake.base_url,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gradio_client import Client  # noqa: E402
 
 from modules.config import build_config  # noqa: E402
-from modules.web.page import ChatApp  # noqa: E402
+from modules.app import ChatApp  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAIServer  # noqa: E402
 
 

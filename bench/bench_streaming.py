@@ -578,6 +578,8 @@ async def bench(args: argparse.Namespace, counts: list[int], paths: list[str]) -
     config = {
         "server": {"host": HOST, "port": app_port, "concurrency": args.concurrency},
         "ui": {"update_interval_ms": args.interval_ms},
+        # On localhost every page is the desktop's one owner: let each of the N chats stream.
+        "runs": {"max_per_owner": 1000},
         "models": [{"provider": "openai", "name": "fake", "model": "fake-model",
                     "base_url": f"http://{HOST}:{fake_port}/v1", "api_key": API_KEY, "max_retries": 0}],
     }

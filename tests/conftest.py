@@ -38,7 +38,7 @@ def launch_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
 
     Its history goes to a fresh temporary folder unless the config names one.
     """
-    from modules.web.page import ChatApp
+    from modules.app import ChatApp
 
     apps: list[ChatApp] = []
 

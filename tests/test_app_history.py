@@ -209,7 +209,7 @@ def test_shared_mode_is_one_history_for_every_session(fake_openai, launch_app, s
 
 
 def test_history_survives_a_restart(fake_openai, sessions, tmp_path):
-    from modules.web.page import ChatApp
+    from modules.app import ChatApp
 
     def start() -> tuple[ChatApp, str]:
         """The app on ``tmp_path``, shared mode (launch_app would keep it running to the end)."""

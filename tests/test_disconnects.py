@@ -43,7 +43,7 @@ def upstream() -> Iterator[CountingOpenAIServer]:
 @pytest.fixture(scope="module")
 def app_url(upstream: CountingOpenAIServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from modules.config import build_config
-    from modules.web.page import ChatApp
+    from modules.app import ChatApp
     from tests.conftest import free_port
 
     config = build_config({

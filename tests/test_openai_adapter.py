@@ -338,7 +338,7 @@ async def test_api_key_never_appears_in_an_error(scenario, refused_port):
 async def test_a_key_echoed_by_upstream_is_scrubbed_before_it_is_shown(fake_openai, make_model):
     """Some gateways echo the key they rejected. The adapter exposes it through
     ``secrets()`` so that the UI scrubs it (modules/web/render.py)."""
-    from modules.web.render import scrub
+    from modules.providers.text import scrub
 
     fake_openai.enqueue(status=401, error={"message": f"Invalid key {FAKE_KEY} for this gateway", "code": None})
     model = make_model()

@@ -41,12 +41,12 @@ class RecordingStore:
 
 
 def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path):
-    from modules.web.page import ChatApp
+    from modules.app import ChatApp
 
     app = ChatApp(build_config({"models": [fake_model_entry(fake_openai, "fake")], "server": {"port": free_port()},
                                 "history": {"data_dir": str(tmp_path), "mode": "shared"}}, env={}))
     recording = RecordingStore(app.store)
-    app.store = recording
+    app.store = app.page.store = recording  # (the page is given the app's store)
     app.build()
     _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
     try:

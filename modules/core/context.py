@@ -17,8 +17,6 @@ from typing import Literal
 
 from modules.core import tokens
 from modules.providers import ChatModel, GenerationOptions, Message, errors
-from modules.providers.base import Price
-from modules.core.streaming import Counts, Reply
 
 SUMMARY_INSTRUCTION = (
     "Summarise the conversation below for your own later reference: keep facts, names, numbers, decisions, "

@@ -149,14 +149,20 @@ class RunLimitError(Exception):
 
 class ReplyRuns:
     """The replies being generated now (and for ``keep_seconds`` after they end), by run id and by
-    key (for the page: the owner and conversation a reply belongs to). At most ``limit`` live ones,
-    and ``max_per_owner`` per owner."""
+    key (for the page: the owner and conversation a reply belongs to).
 
-    def __init__(self, *, limit: int = 1024, max_per_owner: int = 4, keep_seconds: float = 30.0):
+    Runs of an owner outlive the request that started them, so they are bounded here: at most
+    ``limit`` of them at once, ``max_per_owner`` per owner. Runs that belong to a request end
+    with it, so its front end bounds them (Gradio's queue, ``server.concurrency``); here only a
+    last safeguard, ``hard_limit`` runs in all."""
+
+    def __init__(self, *, limit: int = 128, max_per_owner: int = 4, keep_seconds: float = 30.0,
+                 hard_limit: int = 4096):
         self.limit, self.max_per_owner, self.keep_seconds = limit, max_per_owner, keep_seconds
+        self.hard_limit = hard_limit
         self._runs: dict[str, ReplyRun] = {}
         self._keys: dict[Hashable, str] = {}
-        self._owners: dict[str, str] = {}  # run id -> owner
+        self._owners: dict[str, str] = {}  # run id -> owner, while it is live
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -168,10 +174,13 @@ class ReplyRuns:
               key: Hashable | None = None, owner: str | None = None, **run: Any) -> ReplyRun:
         """A new run (see :class:`ReplyRun` for ``run``); RunLimitError when one is too many."""
         live = self.live()
-        if len(live) >= self.limit:
-            raise RunLimitError("app", self.limit)
-        if owner is not None and sum(self._owners.get(r.id) == owner for r in live) >= self.max_per_owner:
-            raise RunLimitError("owner", self.max_per_owner)
+        if len(live) >= self.hard_limit:
+            raise RunLimitError("app", self.hard_limit)
+        if owner is not None:
+            if len(self._owners) >= self.limit:
+                raise RunLimitError("app", self.limit)
+            if sum(other == owner for other in self._owners.values()) >= self.max_per_owner:
+                raise RunLimitError("owner", self.max_per_owner)
         reply_run = ReplyRun(model, messages, options, run_id=secrets.token_hex(8), **run)
         self._runs[reply_run.id] = reply_run
         if key is not None:

@@ -1,7 +1,7 @@
 """The history side of the page: saving turns, the sidebar, export and import, templates.
 
-A mixin of :class:`modules.web.page.ChatApp` (it uses the app's store, translator
-and config); each handler is one small method, wired in ``ChatApp.build``.
+A mixin of :class:`modules.web.page.ChatPage` (it uses the page's store, translator
+and config); each handler is one small method, wired in ``ChatPage.build``.
 Every call works on the session's own :class:`Conversation` and the owner
 resolved for this request (``modules/history/ownership.py``), so a session can only
 list, open, rename, delete or export its owner's conversations.
@@ -40,7 +40,7 @@ def clean_title(text: str) -> str:
 
 
 class HistoryHandlers:
-    """Handlers for saving and browsing history. Mixed into ChatApp, whose attributes they use:
+    """Handlers for saving and browsing history. Mixed into ChatPage, whose attributes they use:
     ``store``, ``store_problem``, ``exports_dir``, ``mode``, ``models``, ``templates``, ``t``, ``config``.
     (``self`` is not annotated: Gradio reads these signatures and must resolve every annotation.)
     """

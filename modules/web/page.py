@@ -8,36 +8,28 @@ holds only what every session shares (config, adapters, translations).
 from __future__ import annotations
 
 import asyncio
-import gc
-import importlib.util
 import logging
 import math
-import sys
-import time
-from pathlib import Path
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import gradio as gr
 from pydantic import ValidationError
 
+from modules.config import AppConfig
 from modules.core import context
-from modules.core import accounting, sentences
 from modules.core.chat import ChatService
 from modules.core.runs import RunLimitError
+from modules.core.streaming import Reply, ReplyRun
 from modules.history import ownership
-from modules.web import render
-from modules.core import tokens
-from modules import providers as registry
-from modules.config import AppConfig
 from modules.history.conversation import Conversation
-from modules.i18n import Translator
-from modules.providers import ChatModel, GenerationOptions, Message, errors
-from modules.providers.text import guard_logs, repair
-from modules.history.store import open_store
-from modules.core.streaming import Pacer, Reply, ReplyRun
-from modules.web.templates import load_templates
+from modules.history.store import HistoryStore, StoreProblem
+from modules.providers import ChatModel, GenerationOptions
+from modules.providers.text import repair
+from modules.web import render
 from modules.web.history_handlers import HistoryHandlers
+from modules.web.templates import load_templates
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +68,21 @@ THEME_TOGGLE_JS = """() => {
 }"""
 
 
-class ChatApp(HistoryHandlers):
-    def __init__(self, config: AppConfig):
+class ChatPage(HistoryHandlers):
+    """The page: its layout (``build``), and a small method per event. Everything it uses is given:
+    the chat service (models, runs), the history store, the translator (see ``modules/app.py``)."""
+
+    def __init__(self, config: AppConfig, *, chat: ChatService, store: HistoryStore, store_problem: StoreProblem | None,
+                 data_dir: Path):
         self.config = config
-        self.t = Translator(config.language)
-        self.models: dict[str, ChatModel] = {m.name: registry.create(m) for m in config.models}
-        self.secrets = [s for m in self.models.values() for s in m.secrets()]  # scrubbed from what users see
-        guard_logs([*self.secrets, *(k.get_secret_value() for k in config.api.keys)])  # ... and from the log
-        self.pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
-        # One chat pipeline for the page, /chat and the HTTP API (fit, run, settle; runs outlive pages).
-        self.chat = ChatService(self.models, translator=self.t, context_config=config.context,
-                                runs_config=config.runs, pacer=self.pacer,
-                                max_live_runs=config.server.concurrency)
-        self.default_model = config.ui.default_model or next(
-            (name for name, model in self.models.items() if model.available()), next(iter(self.models))
-        )
+        self.chat = chat
+        self.t = chat.t
+        self.models = chat.models
+        self.secrets = chat.secrets  # scrubbed from what users see
+        self.pacer = chat.pacer
+        self.default_model = default_model(config, self.models)
         # -- history: the store, whose it is, exports; templates --
-        data_dir = Path(config.history.data_dir).expanduser().resolve()
-        self.store, self.store_problem = open_store(data_dir)
+        self.store, self.store_problem = store, store_problem
         self.exports_dir = data_dir / "exports"
         self.mode = ownership.storage_mode(config)
         self.browser_secret = ownership.browser_secret(data_dir) if self.mode == "per_browser" else ""
@@ -559,38 +548,16 @@ class ChatApp(HistoryHandlers):
         self.demo = demo
         return demo
 
-    def launch(self, **kwargs: Any):
-        demo = self.demo or self.build()
-        _tune_process()
-        server = self.config.server
-        demo.queue(default_concurrency_limit=server.concurrency)
-        # -- the HTTP API (modules/api/gateway.py): its routes join the FastAPI app Gradio creates --
-        if self.config.api.enabled:
-            from modules.api.gateway import Gateway
+    def launch_options(self) -> dict[str, Any]:
+        """What ``Blocks.launch`` needs from the page (its look, its files, its translations)."""
+        return dict(allowed_paths=[str(self.exports_dir)], i18n=self.t.gradio_i18n, css=CSS,
+                    theme=gr.themes.Soft(), footer_links=["api", "gradio"])
 
-            gateway = Gateway(self.models, self.config.api, translator=self.t, default_model=self.default_model,
-                              system_prompt=self.config.ui.system_prompt, limits=self.config.limits,
-                              context=self.config.context)
-            kwargs["app_kwargs"] = gateway.app_kwargs(kwargs.get("app_kwargs"))
-        # -- end of the HTTP API --
-        if self.mode == "users":
-            from modules.auth import Authenticator
 
-            kwargs.setdefault("auth", Authenticator(self.config.auth.users))
-            kwargs.setdefault("auth_message", self.t.text(
-                "en_US" if self.t.language == "auto" else self.t.language, "auth.message"))
-        return demo.launch(
-            server_name=server.host,
-            allowed_paths=[str(self.exports_dir)],
-            server_port=server.port,
-            share=server.share,
-            max_threads=server.concurrency + 16,
-            i18n=self.t.gradio_i18n,
-            css=CSS,
-            theme=gr.themes.Soft(),
-            footer_links=["api", "gradio"],
-            **kwargs,
-        )
+def default_model(config: AppConfig, models: dict[str, ChatModel]) -> str:
+    """The model selected at start: the configured one, else the first one available."""
+    return config.ui.default_model or next(
+        (name for name, model in models.items() if model.available()), next(iter(models)))
 
 
 def _app_folder(path: str) -> Path:
@@ -599,28 +566,4 @@ def _app_folder(path: str) -> Path:
     folder = Path(path).expanduser()
     if folder.is_absolute() or folder.exists():
         return folder
-    return Path(__file__).resolve().parent.parent / folder
-
-
-def _tune_process() -> None:
-    """Start-up tuning of the process that serves many streams (never per request).
-
-    - Gradio tries ``import matplotlib`` twice per streamed update to save and
-      restore its backend; when matplotlib is not installed each failing import
-      searches sys.path (4-10% of the CPU under load). A ``None`` entry in
-      ``sys.modules`` is Python's own way to make that import fail at once.
-    - Gradio runs parts of every request (an auth dependency, postprocessing)
-      on worker threads; each hand-off waits for the event loop thread to let
-      go of the GIL, up to the switch interval (5 ms by default). 0.5 ms cut
-      the first-token time of 32 simultaneous chats by a fifth.
-    - The tokenizers are loaded now (0.4 s), not in the middle of a first chat.
-    - The app's long-lived objects (Gradio, pydantic, the adapters) are moved
-      out of the garbage collector's reach, so that a burst of new chats does
-      not trigger full collections that stall every stream for ~250 ms.
-    """
-    if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
-        sys.modules["matplotlib"] = None  # type: ignore[assignment]
-    sys.setswitchinterval(0.0005)
-    tokens.preload()
-    gc.collect()
-    gc.freeze()
+    return Path(__file__).resolve().parents[2] / folder

@@ -9,13 +9,12 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable
 
-from modules.history.conversation import Conversation, Turn
-from modules.i18n import Translator
-from modules.providers import errors
-from modules.providers.text import clip, scrub
 from modules.core.accounting import format_cost
 from modules.core.sentences import error_message
 from modules.core.streaming import Counts, Reply
+from modules.history.conversation import Conversation, Turn
+from modules.i18n import Translator
+
 
 def _sources(outputs: dict[str, Any], label: str) -> str:
     lines = []

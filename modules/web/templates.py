@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 SUFFIXES = (".yaml", ".yml", ".json", ".csv")
 MAX_FILE_BYTES = 2 * 1024 * 1024
 TITLE_KEYS = ("act", "title", "name")  # the first one present is the title
