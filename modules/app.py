@@ -21,7 +21,7 @@ from modules.config import AppConfig
 from modules.core import tokens
 from modules.core.chat import ChatService
 from modules.core.streaming import Pacer
-from modules.history.store import open_store
+from modules.history.store import HistoryStore, open_store
 from modules.i18n import Translator
 from modules.providers.text import guard_logs
 from modules.web.page import ChatPage
@@ -31,7 +31,8 @@ class ChatApp:
     """The app: one set of models, one chat service (every reply is a run there), one history
     store; the page on top, and the HTTP API beside it when ``api.enabled``."""
 
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, *, store: HistoryStore | None = None):
+        """``store``: a history store to use instead of the one in ``history.data_dir``."""
         self.config = config
         self.t = Translator(config.language)
         self.models = {m.name: providers.create(m) for m in config.models}
@@ -42,7 +43,7 @@ class ChatApp:
         self.chat = ChatService(self.models, translator=self.t, context_config=config.context,
                                 runs_config=config.runs, pacer=pacer, max_owned_runs=config.server.concurrency)
         data_dir = Path(config.history.data_dir).expanduser().resolve()
-        self.store, self.store_problem = open_store(data_dir)
+        self.store, self.store_problem = (store, None) if store is not None else open_store(data_dir)
         self.page = ChatPage(config, chat=self.chat, store=self.store, store_problem=self.store_problem,
                              data_dir=data_dir)
         self.demo: gr.Blocks | None = None

@@ -42,11 +42,12 @@ class RecordingStore:
 
 def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path):
     from modules.app import ChatApp
+    from modules.history.store import open_store
 
+    store, _ = open_store(tmp_path)
+    recording = RecordingStore(store)
     app = ChatApp(build_config({"models": [fake_model_entry(fake_openai, "fake")], "server": {"port": free_port()},
-                                "history": {"data_dir": str(tmp_path), "mode": "shared"}}, env={}))
-    recording = RecordingStore(app.store)
-    app.store = app.page.store = recording  # (the page is given the app's store)
+                                "history": {"data_dir": str(tmp_path), "mode": "shared"}}, env={}), store=recording)
     app.build()
     _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
     try:

@@ -1,32 +1,27 @@
-"""The history side of the page: saving turns, the sidebar, export and import, templates.
-
-A mixin of :class:`modules.web.page.ChatPage` (it uses the page's store, translator
-and config); each handler is one small method, wired in ``ChatPage.build``.
-Every call works on the session's own :class:`Conversation` and the owner
-resolved for this request (``modules/history/ownership.py``), so a session can only
-list, open, rename, delete or export its owner's conversations.
-"""
+"""The page's history events: page load (who is this, and the conversation the browser was in,
+reopened), search, open, rename, delete, export, import, the title a model writes, templates.
+Every call works on the session's own :class:`Conversation` and the owner resolved for this
+request (``modules/web/keeping.py``), so a session can only list, open, rename, delete or
+export its owner's conversations."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from modules.history import ownership
-from modules.web import render
-from modules.core import tokens
-from modules.history import transfer
-from modules.core.streaming import ReplyRun
-from modules.history.conversation import Conversation, Turn, checkpoint_record, new_id, turn_record
+from modules.config import AppConfig
+from modules.core.chat import ChatService
+from modules.history import ownership, transfer
+from modules.history.conversation import Conversation, new_id
+from modules.history.records import ConversationRecord
 from modules.providers.text import clip, repair
-from modules.history.records import ConversationRecord, TurnRecord
-from modules.web.templates import find
+from modules.web.keeping import SessionKeeper
+from modules.web.templates import Collection, find
+from modules.web.view import PageView
 
 log = logging.getLogger(__name__)
 
@@ -40,102 +35,15 @@ def clean_title(text: str) -> str:
 
 
 class HistoryHandlers:
-    """Handlers for saving and browsing history. Mixed into ChatPage, whose attributes they use:
-    ``store``, ``store_problem``, ``exports_dir``, ``mode``, ``models``, ``templates``, ``t``, ``config``.
-    (``self`` is not annotated: Gradio reads these signatures and must resolve every annotation.)
-    """
+    """(``self`` is not annotated: Gradio reads these signatures and must resolve every annotation.)"""
 
-    # -- owner and saving ---------------------------------------------------------------
-    def _owner(self, conversation: Conversation, request: gr.Request | None) -> str:
-        """The owner of this session's history; with login, always the logged-in user."""
-        if self.mode == "users":
-            username = getattr(request, "username", None)
-            if not username:
-                raise gr.Error(self.t.text(self.t.language_for(request), "error.not_logged_in"))
-            owner = ownership.user_owner(username)
-        elif self.mode == "shared":
-            owner = ownership.SHARED_OWNER
-        else:
-            owner = conversation.owner or ownership.session_owner()
-        if conversation.owner != owner:
-            conversation.owner = owner
-        return owner
+    def __init__(self, config: AppConfig, chat: ChatService, view: PageView, keeper: SessionKeeper,
+                 exports_dir: Path, templates: list[Collection]):
+        self.config, self.chat, self.t, self.models = config, chat, chat.t, chat.models
+        self.view, self.keeper, self.store, self.mode = view, keeper, keeper.store, keeper.mode
+        self.exports_dir, self.templates = exports_dir, templates
 
-    async def _save_turn(self, conversation: Conversation, position: int, lang: str, model: str,
-                         system_prompt: str, params: dict[str, Any] | None = None) -> None:
-        """Save one turn and the conversation's details in one transaction, on a worker thread (an
-        fsync'd commit must not hold up every other stream). Never raises."""
-        if not conversation.owner or position >= len(conversation.turns):
-            return
-        system_prompt = repair(str(system_prompt or ""))  # lone surrogates could not be stored
-        conversation.id = conversation.id or new_id()
-        record = conversation.turn_record(
-            position, lambda error: self.chat.sentence(lang, error)
-        )
-        meta = conversation.meta(model, system_prompt, params if params is not None else conversation.params)
-        if params is not None:
-            conversation.params = dict(params)
-        try:
-            await asyncio.to_thread(self.store.save_turn, meta, position, record)
-        except Exception:  # a full disk must not break the chat: the session still has it
-            log.exception("could not save turn %d of conversation %s", position, conversation.id)
-
-    def _keepers(self, conversation: Conversation, position: int, lang: str, model: str, system_prompt: str,
-                 params: dict[str, Any]) -> tuple[Any, Any]:
-        """(save, checkpoint) for the run that answers turn ``position``: they write a detached copy
-        of the turn (the run outlives this session, and must not touch its state), on a worker thread.
-        ``checkpoint`` keeps the reply as a crash would leave it; ``save`` its final state."""
-        meta = conversation.meta(model, repair(str(system_prompt or "")), params)
-        turn = conversation.turns[position]
-        detached = Turn(user=turn.user, user_tokens=turn.user_tokens, created_at=turn.created_at)
-        app_stopped = self.t.text(lang, "error.app_stopped")
-
-        async def write(record: TurnRecord) -> None:
-            try:
-                await asyncio.to_thread(self.store.save_turn, replace(meta, updated_at=time.time()), position, record)
-            except Exception:  # a full disk must not break the chat: the session still has it
-                log.exception("could not save turn %d of conversation %s", position, meta.id)
-
-        async def save(run: ReplyRun) -> None:
-            detached.reply = run.reply
-            await write(turn_record(detached, lambda error: self.chat.sentence(lang, error)))
-
-        async def checkpoint(run: ReplyRun) -> None:
-            detached.reply = run.reply
-            await write(checkpoint_record(detached, app_stopped))
-
-        return save, checkpoint
-
-    # -- rendering the sidebar ----------------------------------------------------------
-    def _history(self, conversation: Conversation, query: str, lang: str) -> Any:
-        """The sidebar's list: the owner's conversations, newest first, filtered by ``query``."""
-        owner = conversation.owner
-        summaries = self.store.list(owner, (query or "").strip()) if owner else []
-        untitled = self.t.text(lang, "history.untitled")
-        streaming = self._streaming_ids(owner)  # marked: a reply is in progress there
-        choices = [(("⏳ " if s.id in streaming else "") + (s.title or untitled), s.id) for s in summaries]
-        value = conversation.id if any(s.id == conversation.id for s in summaries) else None
-        return gr.Radio(choices=choices, value=value)
-
-    def _streaming_ids(self, owner: str) -> set[str]:
-        return {key[1] for key in self.chat.runs.live_keys() if key[0] == owner}
-
-    def _usage(self, conversation: Conversation, model_name: str | None, lang: str) -> str:
-        model = self.models.get(model_name or self.default_model)
-        size = model.context_size if model is not None else 0
-        return render.conversation_usage(conversation, size, self.t, lang)
-
-    async def _model_changed(self, conversation: Conversation, model_name: str, request: gr.Request):
-        return self._usage(conversation, model_name, self.t.language_for(request))
-
-    def _shown(self, conversation: Conversation, model_name: str | None, lang: str) -> tuple[Any, ...]:
-        """(chatbot, status, usage) for a conversation that was just opened or started."""
-        last = conversation.turns[-1].reply if conversation.turns else None
-        status = render.status_line(last, self.t, lang) if last is not None else self.t.text(lang, "status.ready")
-        return self._chatbot(conversation, lang), status, self._usage(conversation, model_name, lang)
-
-    # -- page load ----------------------------------------------------------------------
-    async def _on_load(self, browser_token: str | None, open_id: str | None, conversation: Conversation,
+    async def on_load(self, browser_token: str | None, open_id: str | None, conversation: Conversation,
                        model_name: str, request: gr.Request):
         """Who is this (a user, the desktop's one owner, or a browser: its token, made on first
         visit), and the conversation this browser was in, reopened: a reply still streaming there
@@ -147,14 +55,14 @@ class HistoryHandlers:
                 browser_token = token_out = ownership.new_browser_token()
             if not conversation.id:  # (a chat saved before the page finished loading keeps its owner)
                 conversation.owner = ownership.browser_owner(browser_token)
-        owner = self._owner(conversation, request)
-        notice = self._store_notice(lang)
+        owner = self.keeper.owner(conversation, request)
+        notice = self.view.store_notice(lang)
         shown: tuple[Any, ...] = (gr.skip(),) * 8
         if open_id and not conversation.turns:
             record = await asyncio.to_thread(self.store.load, owner, open_id)
             if record is not None:
                 shown = self._reopen(conversation, record, lang)
-        return (token_out, self._history(conversation, "", lang), gr.Markdown(notice, visible=bool(notice)),
+        return (token_out, self.view.history(conversation, "", lang), gr.Markdown(notice, visible=bool(notice)),
                 *shown)
 
     def _reopen(self, conversation: Conversation, record: ConversationRecord, lang: str) -> tuple[Any, ...]:
@@ -167,71 +75,58 @@ class HistoryHandlers:
             conversation.turns[-1].reply = run.reply
         model = record.model if record.model in self.models else gr.skip()
         streaming = conversation.streaming is not None
-        return (*self._shown(conversation, record.model or None, lang), model, record.system_prompt, record.title,
+        return (*self.view.shown(conversation, record.model or None, lang), model, record.system_prompt, record.title,
                 gr.Button(visible=not streaming), gr.Button(visible=streaming))
 
-    def _store_notice(self, lang: str) -> str:
-        problem = self.store_problem
-        if problem is None:
-            return ""
-        if problem.kind == "moved":
-            return self.t.text(lang, "history.store_moved", path=problem.path, moved_to=problem.moved_to,
-                               reason=problem.reason)
-        if problem.kind == "wal_moved":
-            return self.t.text(lang, "history.wal_moved", path=problem.path, moved_to=problem.moved_to,
-                               reason=problem.reason)
-        return self.t.text(lang, "history.store_unavailable", path=problem.path, reason=problem.reason)
+    async def search(self, conversation: Conversation, query: str, request: gr.Request):
+        self.keeper.owner(conversation, request)
+        return self.view.history(conversation, query, self.t.language_for(request))
 
-    # -- sidebar actions ----------------------------------------------------------------
-    async def _search(self, conversation: Conversation, query: str, request: gr.Request):
-        self._owner(conversation, request)
-        return self._history(conversation, query, self.t.language_for(request))
-
-    async def _open(self, conversation_id: str | None, conversation: Conversation, query: str,
+    async def open(self, conversation_id: str | None, conversation: Conversation, query: str,
                     request: gr.Request):
         """Open a conversation from the sidebar; one whose reply still streams shows it growing (a
         reply streaming in the conversation left goes on, marked in the sidebar)."""
         lang = self.t.language_for(request)
-        owner = self._owner(conversation, request)
+        owner = self.keeper.owner(conversation, request)
         record = await asyncio.to_thread(self.store.load, owner, conversation_id) if conversation_id else None
         if record is None:
-            return (gr.skip(),) * 8 + (self._history(conversation, query, lang), gr.skip())
+            return (gr.skip(),) * 8 + (self.view.history(conversation, query, lang), gr.skip())
         shown = self._reopen(conversation, record, lang)
-        return (*shown, self._history(conversation, query, lang), conversation.id)
+        return (*shown, self.view.history(conversation, query, lang), conversation.id)
 
-    async def _rename(self, title: str, conversation: Conversation, query: str, request: gr.Request):
+    async def rename(self, title: str, conversation: Conversation, query: str, request: gr.Request):
         lang = self.t.language_for(request)
-        owner = self._owner(conversation, request)
+        owner = self.keeper.owner(conversation, request)
         title = clean_title(repair(str(title or "")))
         if title:
             conversation.title = title
             conversation.titled_by_model = True  # the user's name wins over the model's
             if conversation.id:
                 await asyncio.to_thread(self.store.rename, owner, conversation.id, title)
-        return self._history(conversation, query, lang)
+        return self.view.history(conversation, query, lang)
 
-    async def _ask_delete(self, conversation: Conversation, request: gr.Request):
+    async def ask_delete(self, conversation: Conversation, request: gr.Request):
         lang = self.t.language_for(request)
         if not conversation.turns or conversation.streaming is not None:
             return gr.Row(visible=False), gr.skip()
         title = conversation.title or self.t.text(lang, "history.untitled")
         return gr.Row(visible=True), self.t.text(lang, "history.confirm_delete", title=title)
 
-    async def _delete(self, conversation: Conversation, model_name: str, query: str,
+    async def delete(self, conversation: Conversation, model_name: str, query: str,
                       request: gr.Request):
         """Delete the open conversation (confirmed), then start a new one."""
         lang = self.t.language_for(request)
-        owner = self._owner(conversation, request)
+        owner = self.keeper.owner(conversation, request)
         if conversation.streaming is None:
             if conversation.id:
                 await asyncio.to_thread(self.store.delete, owner, conversation.id)
             conversation.clear()
-        return (gr.Row(visible=False), *self._shown(conversation, model_name, lang),
-                self._history(conversation, query, lang), conversation.id)
+        return (gr.Row(visible=False), *self.view.shown(conversation, model_name, lang),
+                self.view.history(conversation, query, lang), conversation.id)
 
     def _export(self, fmt: str, conversation: Conversation, request: gr.Request):
         lang = self.t.language_for(request)
-        owner = self._owner(conversation, request)
+        owner = self.keeper.owner(conversation, request)
         record = self.store.load(owner, conversation.id) if conversation.id else None
         if record is None or not record.turns:
             gr.Warning(self.t.text(lang, "history.nothing_to_export"))
@@ -239,17 +134,17 @@ class HistoryHandlers:
         path = transfer.write_export(self.exports_dir, record, fmt)  # type: ignore[arg-type]
         return gr.File(value=str(path), visible=True)
 
-    async def _export_markdown(self, conversation: Conversation, request: gr.Request):
+    async def export_markdown(self, conversation: Conversation, request: gr.Request):
         return self._export("md", conversation, request)
 
-    async def _export_json(self, conversation: Conversation, request: gr.Request):
+    async def export_json(self, conversation: Conversation, request: gr.Request):
         return self._export("json", conversation, request)
 
-    async def _import(self, file: str | None, conversation: Conversation, query: str,
+    async def import_file(self, file: str | None, conversation: Conversation, query: str,
                       request: gr.Request):
         """Import an exported JSON file as a new conversation of this owner, and open it."""
         lang = self.t.language_for(request)
-        owner = self._owner(conversation, request)
+        owner = self.keeper.owner(conversation, request)
         skip = (gr.skip(),) * 7
         if not file:
             return skip
@@ -274,10 +169,10 @@ class HistoryHandlers:
         conversation.params = dict(record.params)
         gr.Info(self.t.text(lang, "history.imported", title=record.title))
         model = record.model if record.model in self.models else gr.skip()
-        return (*self._shown(conversation, record.model or None, lang), model, record.system_prompt,
-                self._history(conversation, query, lang), conversation.id)
+        return (*self.view.shown(conversation, record.model or None, lang), model, record.system_prompt,
+                self.view.history(conversation, query, lang), conversation.id)
 
-    async def _auto_title(self, conversation: Conversation, query: str, request: gr.Request):
+    async def auto_title(self, conversation: Conversation, query: str, request: gr.Request):
         """Let the configured model write the title, once, after the first reply."""
         lang = self.t.language_for(request)
         model = self.models.get(self.config.history.title_model)
@@ -297,19 +192,16 @@ class HistoryHandlers:
         if title:
             conversation.title = title
             await asyncio.to_thread(self.store.rename, conversation.owner, conversation.id, title)
-        return self._history(conversation, query, lang)
+        return self.view.history(conversation, query, lang)
 
-    # -- templates ------------------------------------------------------------------------
-    async def _pick_collection(self, name: str):
+    async def model_changed(self, conversation: Conversation, model_name: str, request: gr.Request):
+        return self.view.usage(conversation, model_name, self.t.language_for(request))
+
+    async def pick_collection(self, name: str):
         collection = find(self.templates, name)
         return gr.Dropdown(choices=collection.titles() if collection else [], value=None)
 
-    async def _pick_template(self, name: str, title: str):
+    async def pick_template(self, name: str, title: str):
         collection = find(self.templates, name)
         prompt = collection.prompt(title) if collection and title else None
         return prompt if prompt is not None else gr.skip()
-
-    # -- tokens ---------------------------------------------------------------------------
-    async def _count_user(self, text: str, model_name: str | None) -> int:
-        model = self.models.get(model_name or self.default_model)
-        return (await tokens.off_loop(tokens.count, text, model.model_id if model else "", chars=len(text)))[0]

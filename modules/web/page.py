@@ -7,29 +7,23 @@ holds only what every session shares (config, adapters, translations).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-from contextlib import aclosing
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import gradio as gr
-from pydantic import ValidationError
 
 from modules.config import AppConfig
-from modules.core import context
 from modules.core.chat import ChatService
-from modules.core.runs import RunLimitError
-from modules.core.streaming import Reply, ReplyRun
 from modules.history import ownership
 from modules.history.conversation import Conversation
 from modules.history.store import HistoryStore, StoreProblem
-from modules.providers import ChatModel, GenerationOptions
-from modules.providers.text import repair
-from modules.web import render
+from modules.providers import ChatModel
+from modules.web.chat_handlers import ChatHandlers
 from modules.web.history_handlers import HistoryHandlers
+from modules.web.keeping import SessionKeeper
 from modules.web.templates import load_templates
+from modules.web.view import PageView
 
 log = logging.getLogger(__name__)
 
@@ -68,284 +62,26 @@ THEME_TOGGLE_JS = """() => {
 }"""
 
 
-class ChatPage(HistoryHandlers):
-    """The page: its layout (``build``), and a small method per event. Everything it uses is given:
-    the chat service (models, runs), the history store, the translator (see ``modules/app.py``)."""
+class ChatPage:
+    """The page: its layout (``build``) wired to two sets of handlers, the chat's and the history's,
+    composed from what the app gives: the chat service (models, runs), the history store."""
 
     def __init__(self, config: AppConfig, *, chat: ChatService, store: HistoryStore, store_problem: StoreProblem | None,
                  data_dir: Path):
-        self.config = config
-        self.chat = chat
-        self.t = chat.t
-        self.models = chat.models
-        self.secrets = chat.secrets  # scrubbed from what users see
-        self.pacer = chat.pacer
+        self.config, self.t, self.models = config, chat.t, chat.models
         self.default_model = default_model(config, self.models)
-        # -- history: the store, whose it is, exports; templates --
-        self.store, self.store_problem = store, store_problem
-        self.exports_dir = data_dir / "exports"
         self.mode = ownership.storage_mode(config)
         self.browser_secret = ownership.browser_secret(data_dir) if self.mode == "per_browser" else ""
+        self.exports_dir = data_dir / "exports"
         self.templates, problems = load_templates(_app_folder(config.templates_dir))
         for problem in problems:
             log.warning("template skipped: %s", problem)
+        view = PageView(chat, store, store_problem, self.default_model)
+        keeper = SessionKeeper(self.mode, chat, store, self.default_model)
+        self.chats = ChatHandlers(config, chat, view, keeper)
+        self.histories = HistoryHandlers(config, chat, view, keeper, self.exports_dir, self.templates)
         self.demo: gr.Blocks | None = None
 
-    # -- helpers ------------------------------------------------------------------------
-    def _model(self, name: str | None, lang: str) -> ChatModel:
-        model = self.models.get(name or self.default_model)
-        if model is None:
-            raise self._error(lang, "error.unknown_model", model=name)
-        return model
-
-    def _chatbot(self, conversation: Conversation, lang: str) -> list[dict[str, Any]]:
-        return render.chatbot(conversation, self.t, lang, self.secrets)
-
-    def _options(self, lang: str, temperature: Any, top_p: Any, max_tokens: Any, stop: Any,
-                 presence: Any, frequency: Any, seed: Any) -> GenerationOptions:
-        """UI values to options; a control left at its neutral value is not sent. A value that is
-        not a number (an API caller can send anything) gets a sentence naming the control."""
-        def number(key: str, value: Any, default: float) -> float:
-            if value is None or value == "":
-                return default
-            try:
-                result = float(value)
-            except (TypeError, ValueError):
-                result = math.nan
-            if not math.isfinite(result) or isinstance(value, bool):
-                raise self._error(lang, "error.not_a_number", name=self.t.text(lang, key), value=repr(value)[:40])
-            return result
-
-        temperature = number("label.temperature", temperature, 1.0)
-        top_p = number("label.top_p", top_p, 1.0)
-        max_tokens = number("label.max_tokens", max_tokens, 0)
-        presence = number("label.presence_penalty", presence, 0)
-        frequency = number("label.frequency_penalty", frequency, 0)
-        seed = number("label.seed", seed, -1)
-        try:
-            return GenerationOptions(
-                temperature=None if temperature == 1.0 else temperature,
-                top_p=None if top_p >= 1.0 else top_p,
-                max_tokens=int(max_tokens) if max_tokens and max_tokens > 0 else None,
-                stop=[s for s in str(stop or "").splitlines() if s.strip()],
-                presence_penalty=presence or None,
-                frequency_penalty=frequency or None,
-                seed=int(seed) if seed is not None and seed >= 0 else None,
-            )
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"])
-            raise self._error(lang, "error.invalid_option", name=name, problem=err["msg"]) from None
-
-    def _error(self, lang: str, key: str, **values: Any) -> gr.Error:
-        """A gr.Error with a sentence for the user; the server log gets one line, not a traceback."""
-        message = self.t.text(lang, key, **values)
-        log.info("refused: %s", message)
-        return gr.Error(message, print_exception=False)
-
-    def _check_options(self, lang: str, model: ChatModel, options: GenerationOptions) -> None:
-        if options.max_tokens is not None and options.max_tokens >= model.context_size:
-            raise self._error(lang, "error.max_tokens_too_large", max_tokens=options.max_tokens,
-                              context=f"{model.context_size:,}")
-
-    def _message(self, lang: str, text: Any) -> tuple[str, str]:
-        """(the message as typed, repaired of lone surrogates; the sentence refusing it, or "")."""
-        text = repair(str(text or ""))
-        limit = self.config.limits.max_message_chars
-        if len(text) > limit:
-            return text, self.t.text(lang, "error.message_too_long", length=f"{len(text):,}", limit=f"{limit:,}")
-        return text, ""
-
-    async def _fit(self, conversation: Conversation, model: ChatModel, system_prompt: str,
-                   options: GenerationOptions) -> context.Fit:
-        """The request for the pending question, trimmed (or summarised) to fit the model's context."""
-        fit, conversation.summary = await self.chat.fit(model, conversation.messages(system_prompt), options,
-                                                        summary=conversation.summary)
-        return fit
-
-    # -- event handlers -----------------------------------------------------------------
-    def _generating(self, conversation: Conversation, lang: str):
-        """Outputs (chatbot, send, stop, status) for a reply about to stream."""
-        return (self._chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True),
-                self.t.text(lang, "status.generating"))
-
-    async def _add_message(self, text: str, conversation: Conversation, model_name: str, system_prompt: str,
-                           query: str, request: gr.Request):
-        """Keep the user's words first (in the session and on disk); only then clear the box and reply.
-        The last output is the conversation this browser is in (reopened on the next load)."""
-        if str(text or "").strip() and conversation.streaming is None:
-            lang = self.t.language_for(request)
-            text, problem = self._message(lang, text)
-            if problem:  # the text stays in the box; the status line says why (until the chain ends)
-                conversation.notice = "⚠️ " + problem
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip(), gr.skip()
-            self._owner(conversation, request)
-            conversation.add_user(text, await self._count_user(text, model_name))
-            await self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
-            return ("", *self._generating(conversation, lang), self._history(conversation, query, lang),
-                    conversation.id)
-        return (gr.skip(),) * 7
-
-    async def _respond(self, conversation: Conversation, model_name: str, system_prompt: str,
-                       temperature: float, top_p: float, max_tokens: float, stop: str,
-                       presence: float, frequency: float, seed: float, request: gr.Request):
-        """Start the run that answers the pending question, and show it growing. The run is the
-        server's, not this event's: a reload or a closed tab leaves it going (``runs.unwatched``)."""
-        lang = self.t.language_for(request)
-        turn = conversation.pending
-        if turn is None:  # nothing to answer (empty input, or already streaming)
-            return
-        owner = self._owner(conversation, request)
-        system_prompt = repair(str(system_prompt or ""))
-        model = self._model(model_name, lang)
-        options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
-        self._check_options(lang, model, options)
-        position, params = len(conversation.turns) - 1, options.openai_params()
-        conversation.params = dict(params)
-        fit = await self._fit(conversation, model, system_prompt, options)
-        if conversation.turns[position:position + 1] != [turn] or turn.reply is not None:
-            return  # the conversation changed meanwhile (another one was opened)
-        if fit.overflows:  # the question alone is too long: say so, keep it
-            turn.reply = Reply(model=model.name)
-            turn.reply.fail(self.chat.overflow(fit))
-            turn.reply.finished_at = turn.reply.started_at
-            await self._save_turn(conversation, position, lang, model.name, system_prompt, params)
-            yield self._chatbot(conversation, lang)
-            return
-        key = (owner, conversation.id)
-        if self.chat.runs.of(key) is not None:  # (another tab of this conversation is answering)
-            raise self._error(lang, "error.already_streaming")
-        save, checkpoint = self._keepers(conversation, position, lang, model.name, system_prompt, params)
-        try:
-            run = self.chat.start(model, fit, options, owner=owner, key=key, save=save, checkpoint=checkpoint)
-        except RunLimitError as exc:  # the question stays; Regenerate asks again later
-            key_name = "error.too_many_runs" if exc.scope == "owner" else "error.app_busy"
-            raise self._error(lang, key_name, limit=exc.limit) from None
-        turn.reply = run.reply
-        async for update in self._watch(conversation, run, lang):
-            yield update
-
-    async def _follow(self, conversation: Conversation, request: gr.Request):
-        """Show the reply streaming in the session's conversation (after a reload, or when the user
-        comes back to it): the text so far at once, then the rest as it comes."""
-        run = self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
-        if run is None or not conversation.turns or conversation.turns[-1].reply is not run.reply:
-            yield gr.skip()
-            return
-        conversation.following = True
-        async for update in self._watch(conversation, run, self.t.language_for(request)):
-            yield update
-
-    async def _followed(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """After ``_follow``: what ``_done`` does, if it followed a run (else nothing: a send may be
-        under way, whose own chain ends it)."""
-        if not conversation.following:
-            return (gr.skip(),) * 5
-        conversation.following = False
-        return await self._done(conversation, model_name, query, request)
-
-    async def _watch(self, conversation: Conversation, run: ReplyRun, lang: str):
-        """The chatbot each time ``run``'s reply grew (paced), until it ended or the session opened
-        another conversation. Only the chatbot: every output costs per update (a second one, the
-        status line, cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place."""
-        async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds)) as updates:
-            async for _ in updates:
-                if not conversation.turns or conversation.turns[-1].reply is not run.reply:
-                    return  # this session left the conversation; the run goes on
-                yield self._chatbot(conversation, lang)
-
-    def _run_of(self, conversation: Conversation) -> ReplyRun | None:
-        return self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
-
-    async def _stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """Stop the reply streaming in this conversation, whichever tab started it: the upstream is
-        closed at once; the partial reply is settled and saved by its run. (``cancels=`` ends a
-        send still fitting its request.)"""
-        run = self._run_of(conversation)
-        if run is not None:
-            run.stop()
-            await run.wait()  # settled (counts, cost) and saved: a moment after the upstream closed
-        reply = conversation.streaming  # a reply that never became a run (stopped while fitting)
-        if reply is not None:
-            reply.stop()
-        done = await self._done(conversation, model_name, query, request)
-        return (*done, self._chatbot(conversation, self.t.language_for(request)))
-
-    async def _done(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """After a reply (finished, failed or stopped): Send back, the status line, usage, history."""
-        lang = self.t.language_for(request)
-        reply = conversation.turns[-1].reply if conversation.turns else None
-        status = gr.skip() if reply is None else render.status_line(reply, self.t, lang)
-        if conversation.notice:  # what add_message refused, said until the next event chain
-            status, conversation.notice = conversation.notice, ""
-        streaming = conversation.streaming is not None  # (the session came back to another streaming one)
-        return (gr.Button(visible=not streaming), gr.Button(visible=streaming), status,
-                self._usage(conversation, model_name, lang), self._history(conversation, query, lang))
-
-    async def _regenerate(self, conversation: Conversation, model_name: str, system_prompt: str,
-                          request: gr.Request):
-        lang = self.t.language_for(request)
-        if conversation.forget_last_reply() is None:
-            return (gr.skip(),) * 4
-        self._owner(conversation, request)
-        await self._save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
-        return self._generating(conversation, lang)
-
-    async def _delete_last(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        lang = self.t.language_for(request)
-        owner = self._owner(conversation, request)
-        if conversation.delete_last_round() is not None and conversation.id:
-            await asyncio.to_thread(self.store.truncate, owner, conversation.id, len(conversation.turns))
-        # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
-        return (*self._shown(conversation, model_name, lang), self._history(conversation, query, lang))
-
-    async def _new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """A new, empty conversation; the old one stays in the history (a reply streaming there goes on)."""
-        lang = self.t.language_for(request)
-        self._owner(conversation, request)
-        conversation.clear()
-        return (*self._shown(conversation, model_name, lang), "", self._history(conversation, query, lang),
-                gr.Button(visible=True), gr.Button(visible=False), "")
-
-    async def chat_api(self, message: str, model: str = "", system_prompt: str = "",
-                       request: gr.Request = None) -> AsyncIterator[str]:  # type: ignore[assignment]
-        """Chat without the page: one message in, the reply's text streamed out.
-
-        ``model`` is a display name from the dropdown (empty: the default).
-        """
-        lang = self.t.language_for(request)
-        chat_model = self._model(model, lang)
-        message, problem = self._message(lang, message)
-        if problem:
-            log.info("refused: %s", problem)
-            raise gr.Error(problem, print_exception=False)
-        if not message.strip():
-            raise self._error(lang, "error.empty_message")
-        conversation = Conversation()
-        conversation.add_user(message)
-        messages = conversation.messages(repair(str(system_prompt or "")) or self.config.ui.system_prompt)
-        options = GenerationOptions()
-        fit, _ = await self.chat.fit(chat_model, messages, options)
-        if fit.overflows:
-            raise gr.Error(self.chat.sentence(lang, self.chat.overflow(fit)), print_exception=False)
-        try:
-            run = self.chat.start(chat_model, fit, options)  # belongs to this request: leaving stops it
-        except RunLimitError as exc:
-            raise self._error(lang, "error.app_busy", limit=exc.limit) from None
-        sent = ""
-        async with aclosing(run.watch(heartbeat=self.config.limits.heartbeat_seconds, at_once=False)) as updates:
-            async for reply in updates:
-                # New text goes out; so does the heartbeat's (nothing changed): while no token
-                # comes, it is how Gradio finds out that the client has gone (and then closes this).
-                if reply is None or reply.text != sent:
-                    sent = run.reply.text
-                    yield sent
-        if run.reply.error is not None:
-            sentence = self.chat.sentence(lang, run.reply.error)
-            log.info("/chat: %s", sentence)  # one line: the caller got the sentence
-            raise gr.Error(sentence, print_exception=False)
-
-    # -- layout and wiring --------------------------------------------------------------
     def _render_sidebar(self) -> dict[str, Any]:
         """History: new chat, search, the list, rename, delete (confirmed), export, import."""
         t = self.t.label
@@ -403,6 +139,7 @@ class ChatPage(HistoryHandlers):
 
     def build(self) -> gr.Blocks:
         t = self.t.label
+        chats, histories = self.chats, self.histories
         limit = self.config.server.concurrency
         ready = self.t.text("en_US" if self.t.language == "auto" else self.t.language, "status.ready")
         with gr.Blocks(title="ChuanhuStyleChat") as demo:
@@ -454,7 +191,7 @@ class ChatPage(HistoryHandlers):
             # -- event arguments, built once --
             private: dict[str, Any] = dict(queue=False, api_visibility="private")
             respond_args = dict(
-                fn=self._respond,
+                fn=chats.respond,
                 inputs=[conversation, model, system_prompt, settings["temperature"], settings["top_p"],
                         settings["max_tokens"], settings["stop_seqs"], settings["presence"], settings["frequency"],
                         settings["seed"]],
@@ -468,18 +205,18 @@ class ChatPage(HistoryHandlers):
                 api_name="respond",
                 api_visibility="undocumented",  # the page's path; callable, for the benchmark and tests
             )
-            add_args = dict(fn=self._add_message, inputs=[textbox, conversation, model, system_prompt, search],
+            add_args = dict(fn=chats.add_message, inputs=[textbox, conversation, model, system_prompt, search],
                             outputs=[textbox, chatbot, send, stop, status, history, open_id], queue=False,
                             api_name="add_message", api_visibility="undocumented")
-            done_args = dict(fn=self._done, inputs=[conversation, model, search],
+            done_args = dict(fn=chats.done, inputs=[conversation, model, search],
                              outputs=[send, stop, status, usage, history], **private)
-            followed_args = {**done_args, "fn": self._followed}
-            title_args = dict(fn=self._auto_title, inputs=[conversation, search], outputs=[history],
+            followed_args = {**done_args, "fn": chats.followed}
+            title_args = dict(fn=histories.auto_title, inputs=[conversation, search], outputs=[history],
                               concurrency_limit=limit, concurrency_id="generate", show_progress="hidden",
                               api_visibility="private")
             shown = [chatbot, status, usage]
             # Shows the reply streaming in the session's conversation (after a reload, or coming back).
-            follow_args = dict(fn=self._follow, inputs=[conversation], outputs=[chatbot], concurrency_limit=limit,
+            follow_args = dict(fn=chats.follow, inputs=[conversation], outputs=[chatbot], concurrency_limit=limit,
                                concurrency_id="generate", show_progress="hidden", api_name="follow",
                                api_visibility="undocumented")
             undocumented: dict[str, Any] = dict(queue=False, api_visibility="undocumented")
@@ -495,56 +232,56 @@ class ChatPage(HistoryHandlers):
                 finished = event.then(**done_args)
                 if self.config.history.title_model:
                     finished.then(**title_args)
-            regen = regenerate.click(self._regenerate, [conversation, model, system_prompt],
+            regen = regenerate.click(chats.regenerate, [conversation, model, system_prompt],
                                      [chatbot, send, stop, status], **private).then(**respond_args)
             streams.append(regen)
             regen.then(**done_args)
-            delete_last.click(self._delete_last, [conversation, model, search], [*shown, history], **private)
-            new_chat_args = dict(fn=self._new_chat, inputs=[conversation, model, search],
+            delete_last.click(chats.delete_last, [conversation, model, search], [*shown, history], **private)
+            new_chat_args = dict(fn=chats.new_chat, inputs=[conversation, model, search],
                                  outputs=[*shown, side["title"], history, send, stop, open_id])
             side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented)
             chatbot.clear(**new_chat_args, **private)  # the chatbot's trash icon starts anew too
 
             # -- history sidebar (callable by API, undocumented: the isolation tests use it) --
             reopened = [*shown, model, system_prompt, side["title"], send, stop]
-            demo.load(self._on_load, [browser_token, open_id, conversation, model],
+            demo.load(histories.on_load, [browser_token, open_id, conversation, model],
                       [browser_token, history, side["notice"], *reopened], api_name="on_load", **undocumented
                       ).then(**follow_args).then(**followed_args)
-            search.change(self._search, [conversation, search], [history], api_name="search",
+            search.change(histories.search, [conversation, search], [history], api_name="search",
                           trigger_mode="always_last", **undocumented)
-            history.input(self._open, [history, conversation, search], [*reopened, history, open_id],
+            history.input(histories.open, [history, conversation, search], [*reopened, history, open_id],
                           api_name="open", **notifying).then(**follow_args).then(**followed_args)
-            rename_args = dict(fn=self._rename, inputs=[side["title"], conversation, search], outputs=[history])
+            rename_args = dict(fn=histories.rename, inputs=[side["title"], conversation, search], outputs=[history])
             side["rename"].click(**rename_args, api_name="rename", **undocumented)
             side["title"].submit(**rename_args, **private)
-            side["delete"].click(self._ask_delete, [conversation], [side["confirm_row"], side["confirm_text"]],
+            side["delete"].click(histories.ask_delete, [conversation], [side["confirm_row"], side["confirm_text"]],
                                  **private)
             side["cancel"].click(lambda: gr.Row(visible=False), None, [side["confirm_row"]], **private)
-            side["confirm"].click(self._delete, [conversation, model, search],
+            side["confirm"].click(histories.delete, [conversation, model, search],
                                   [side["confirm_row"], *shown, history, open_id], api_name="delete", **undocumented)
-            side["export_md"].click(self._export_markdown, [conversation], [side["export_file"]],
+            side["export_md"].click(histories.export_markdown, [conversation], [side["export_file"]],
                                     api_name="export_markdown", **notifying)
-            side["export_json"].click(self._export_json, [conversation], [side["export_file"]],
+            side["export_json"].click(histories.export_json, [conversation], [side["export_file"]],
                                       api_name="export_json", **notifying)
-            side["import"].upload(self._import, [side["import"], conversation, search],
+            side["import"].upload(histories.import_file, [side["import"], conversation, search],
                                   [*shown, model, system_prompt, history, open_id], api_name="import", **notifying
                                   ).then(lambda: None, None, [side["import"]], **private)  # ready for the next file
 
-            model.change(self._model_changed, [conversation, model], [usage], **private)  # the gauge's context size
+            model.change(histories.model_changed, [conversation, model], [usage], **private)  # the gauge's context size
 
             # -- templates, theme --
-            settings["collection"].change(self._pick_collection, [settings["collection"]], [settings["template"]],
+            settings["collection"].change(histories.pick_collection, [settings["collection"]], [settings["template"]],
                                           **private)
-            settings["template"].input(self._pick_template, [settings["collection"], settings["template"]],
+            settings["template"].input(histories.pick_template, [settings["collection"], settings["template"]],
                                        [system_prompt], **private)
             demo.load(None, js=THEME_INIT_JS)
             theme.click(None, js=THEME_TOGGLE_JS)
 
             # Stop reaches the run from any tab showing it; cancels= ends a send still fitting its request.
-            stop.click(self._stop, [conversation, model, search], [send, stop, status, usage, history, chatbot],
+            stop.click(chats.stop, [conversation, model, search], [send, stop, status, usage, history, chatbot],
                        cancels=streams, api_name="stop", **undocumented)
 
-            gr.api(self.chat_api, api_name="chat", concurrency_limit=limit, concurrency_id="generate")
+            gr.api(chats.chat_api, api_name="chat", concurrency_limit=limit, concurrency_id="generate")
         self.demo = demo
         return demo
 

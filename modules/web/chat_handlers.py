@@ -1,0 +1,271 @@
+"""The page's chat events: add a message (kept first), respond (start a run, then watch it),
+follow a run after a reload or a return, Stop, after-reply, regenerate, delete the last round,
+new chat; and the ``/chat`` API. Every reply goes through the chat service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+import gradio as gr
+from pydantic import ValidationError
+
+from modules.config import AppConfig
+from modules.core import context
+from modules.core.chat import ChatService
+from modules.core.runs import RunLimitError
+from modules.core.streaming import Reply, ReplyRun
+from modules.history.conversation import Conversation
+from modules.providers import ChatModel, GenerationOptions
+from modules.providers.text import repair
+from modules.web import render
+from modules.web.keeping import SessionKeeper
+from modules.web.view import PageView
+
+log = logging.getLogger(__name__)
+
+
+class ChatHandlers:
+    def __init__(self, config: AppConfig, chat: ChatService, view: PageView, keeper: SessionKeeper):
+        self.config, self.chat, self.t, self.pacer = config, chat, chat.t, chat.pacer
+        self.view, self.keeper, self.store = view, keeper, keeper.store
+
+    def _options(self, lang: str, temperature: Any, top_p: Any, max_tokens: Any, stop: Any,
+                 presence: Any, frequency: Any, seed: Any) -> GenerationOptions:
+        """UI values to options; a control left at its neutral value is not sent. A value that is
+        not a number (an API caller can send anything) gets a sentence naming the control."""
+        def number(key: str, value: Any, default: float) -> float:
+            if value is None or value == "":
+                return default
+            try:
+                result = float(value)
+            except (TypeError, ValueError):
+                result = math.nan
+            if not math.isfinite(result) or isinstance(value, bool):
+                raise self.view.error(lang, "error.not_a_number", name=self.t.text(lang, key), value=repr(value)[:40])
+            return result
+
+        temperature = number("label.temperature", temperature, 1.0)
+        top_p = number("label.top_p", top_p, 1.0)
+        max_tokens = number("label.max_tokens", max_tokens, 0)
+        presence = number("label.presence_penalty", presence, 0)
+        frequency = number("label.frequency_penalty", frequency, 0)
+        seed = number("label.seed", seed, -1)
+        try:
+            return GenerationOptions(
+                temperature=None if temperature == 1.0 else temperature,
+                top_p=None if top_p >= 1.0 else top_p,
+                max_tokens=int(max_tokens) if max_tokens and max_tokens > 0 else None,
+                stop=[s for s in str(stop or "").splitlines() if s.strip()],
+                presence_penalty=presence or None,
+                frequency_penalty=frequency or None,
+                seed=int(seed) if seed is not None and seed >= 0 else None,
+            )
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = ".".join(str(p) for p in err["loc"])
+            raise self.view.error(lang, "error.invalid_option", name=name, problem=err["msg"]) from None
+
+    def _check_options(self, lang: str, model: ChatModel, options: GenerationOptions) -> None:
+        if options.max_tokens is not None and options.max_tokens >= model.context_size:
+            raise self.view.error(lang, "error.max_tokens_too_large", max_tokens=options.max_tokens,
+                              context=f"{model.context_size:,}")
+
+    def _message(self, lang: str, text: Any) -> tuple[str, str]:
+        """(the message as typed, repaired of lone surrogates; the sentence refusing it, or "")."""
+        text = repair(str(text or ""))
+        limit = self.config.limits.max_message_chars
+        if len(text) > limit:
+            return text, self.t.text(lang, "error.message_too_long", length=f"{len(text):,}", limit=f"{limit:,}")
+        return text, ""
+
+    async def _fit(self, conversation: Conversation, model: ChatModel, system_prompt: str,
+                   options: GenerationOptions) -> context.Fit:
+        """The request for the pending question, trimmed (or summarised) to fit the model's context."""
+        fit, conversation.summary = await self.chat.fit(model, conversation.messages(system_prompt), options,
+                                                        summary=conversation.summary)
+        return fit
+
+    def _generating(self, conversation: Conversation, lang: str):
+        """Outputs (chatbot, send, stop, status) for a reply about to stream."""
+        return (self.view.chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True),
+                self.t.text(lang, "status.generating"))
+
+    async def add_message(self, text: str, conversation: Conversation, model_name: str, system_prompt: str,
+                           query: str, request: gr.Request):
+        """Keep the user's words first (in the session and on disk); only then clear the box and reply.
+        The last output is the conversation this browser is in (reopened on the next load)."""
+        if str(text or "").strip() and conversation.streaming is None:
+            lang = self.t.language_for(request)
+            text, problem = self._message(lang, text)
+            if problem:  # the text stays in the box; the status line says why (until the chain ends)
+                conversation.notice = "⚠️ " + problem
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip(), gr.skip()
+            self.keeper.owner(conversation, request)
+            conversation.add_user(text, await self.keeper.count_user(text, model_name))
+            await self.keeper.save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+            return ("", *self._generating(conversation, lang), self.view.history(conversation, query, lang),
+                    conversation.id)
+        return (gr.skip(),) * 7
+
+    async def respond(self, conversation: Conversation, model_name: str, system_prompt: str,
+                       temperature: float, top_p: float, max_tokens: float, stop: str,
+                       presence: float, frequency: float, seed: float, request: gr.Request):
+        """Start the run that answers the pending question, and show it growing. The run is the
+        server's, not this event's: a reload or a closed tab leaves it going (``runs.unwatched``)."""
+        lang = self.t.language_for(request)
+        turn = conversation.pending
+        if turn is None:  # nothing to answer (empty input, or already streaming)
+            return
+        owner = self.keeper.owner(conversation, request)
+        system_prompt = repair(str(system_prompt or ""))
+        model = self.view.model(model_name, lang)
+        options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
+        self._check_options(lang, model, options)
+        position, params = len(conversation.turns) - 1, options.openai_params()
+        conversation.params = dict(params)
+        fit = await self._fit(conversation, model, system_prompt, options)
+        if conversation.turns[position:position + 1] != [turn] or turn.reply is not None:
+            return  # the conversation changed meanwhile (another one was opened)
+        if fit.overflows:  # the question alone is too long: say so, keep it
+            turn.reply = Reply(model=model.name)
+            turn.reply.fail(self.chat.overflow(fit))
+            turn.reply.finished_at = turn.reply.started_at
+            await self.keeper.save_turn(conversation, position, lang, model.name, system_prompt, params)
+            yield self.view.chatbot(conversation, lang)
+            return
+        key = (owner, conversation.id)
+        if self.chat.runs.of(key) is not None:  # (another tab of this conversation is answering)
+            raise self.view.error(lang, "error.already_streaming")
+        save, checkpoint = self.keeper.keepers(conversation, position, lang, model.name, system_prompt, params)
+        try:
+            run = self.chat.start(model, fit, options, owner=owner, key=key, save=save, checkpoint=checkpoint)
+        except RunLimitError as exc:  # the question stays; Regenerate asks again later
+            key_name = "error.too_many_runs" if exc.scope == "owner" else "error.app_busy"
+            raise self.view.error(lang, key_name, limit=exc.limit) from None
+        turn.reply = run.reply
+        async for update in self._watch(conversation, run, lang):
+            yield update
+
+    async def follow(self, conversation: Conversation, request: gr.Request):
+        """Show the reply streaming in the session's conversation (after a reload, or when the user
+        comes back to it): the text so far at once, then the rest as it comes."""
+        run = self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
+        if run is None or not conversation.turns or conversation.turns[-1].reply is not run.reply:
+            yield gr.skip()
+            return
+        conversation.following = True
+        async for update in self._watch(conversation, run, self.t.language_for(request)):
+            yield update
+
+    async def followed(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """After ``_follow``: what ``_done`` does, if it followed a run (else nothing: a send may be
+        under way, whose own chain ends it)."""
+        if not conversation.following:
+            return (gr.skip(),) * 5
+        conversation.following = False
+        return await self.done(conversation, model_name, query, request)
+
+    async def _watch(self, conversation: Conversation, run: ReplyRun, lang: str):
+        """The chatbot each time ``run``'s reply grew (paced), until it ended or the session opened
+        another conversation. Only the chatbot: every output costs per update (a second one, the
+        status line, cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place."""
+        async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds)) as updates:
+            async for _ in updates:
+                if not conversation.turns or conversation.turns[-1].reply is not run.reply:
+                    return  # this session left the conversation; the run goes on
+                yield self.view.chatbot(conversation, lang)
+
+    def _run_of(self, conversation: Conversation) -> ReplyRun | None:
+        return self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
+
+    async def stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """Stop the reply streaming in this conversation, whichever tab started it: the upstream is
+        closed at once; the partial reply is settled and saved by its run. (``cancels=`` ends a
+        send still fitting its request.)"""
+        run = self._run_of(conversation)
+        if run is not None:
+            run.stop()
+            await run.wait()  # settled (counts, cost) and saved: a moment after the upstream closed
+        reply = conversation.streaming  # a reply that never became a run (stopped while fitting)
+        if reply is not None:
+            reply.stop()
+        done = await self.done(conversation, model_name, query, request)
+        return (*done, self.view.chatbot(conversation, self.t.language_for(request)))
+
+    async def done(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """After a reply (finished, failed or stopped): Send back, the status line, usage, history."""
+        lang = self.t.language_for(request)
+        reply = conversation.turns[-1].reply if conversation.turns else None
+        status = gr.skip() if reply is None else render.status_line(reply, self.t, lang)
+        if conversation.notice:  # what add_message refused, said until the next event chain
+            status, conversation.notice = conversation.notice, ""
+        streaming = conversation.streaming is not None  # (the session came back to another streaming one)
+        return (gr.Button(visible=not streaming), gr.Button(visible=streaming), status,
+                self.view.usage(conversation, model_name, lang), self.view.history(conversation, query, lang))
+
+    async def regenerate(self, conversation: Conversation, model_name: str, system_prompt: str,
+                          request: gr.Request):
+        lang = self.t.language_for(request)
+        if conversation.forget_last_reply() is None:
+            return (gr.skip(),) * 4
+        self.keeper.owner(conversation, request)
+        await self.keeper.save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+        return self._generating(conversation, lang)
+
+    async def delete_last(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        lang = self.t.language_for(request)
+        owner = self.keeper.owner(conversation, request)
+        if conversation.delete_last_round() is not None and conversation.id:
+            await asyncio.to_thread(self.store.truncate, owner, conversation.id, len(conversation.turns))
+        # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
+        return (*self.view.shown(conversation, model_name, lang), self.view.history(conversation, query, lang))
+
+    async def new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """A new, empty conversation; the old one stays in the history (a reply streaming there goes on)."""
+        lang = self.t.language_for(request)
+        self.keeper.owner(conversation, request)
+        conversation.clear()
+        return (*self.view.shown(conversation, model_name, lang), "", self.view.history(conversation, query, lang),
+                gr.Button(visible=True), gr.Button(visible=False), "")
+
+    async def chat_api(self, message: str, model: str = "", system_prompt: str = "",
+                       request: gr.Request = None) -> AsyncIterator[str]:  # type: ignore[assignment]
+        """Chat without the page: one message in, the reply's text streamed out.
+
+        ``model`` is a display name from the dropdown (empty: the default).
+        """
+        lang = self.t.language_for(request)
+        chat_model = self.view.model(model, lang)
+        message, problem = self._message(lang, message)
+        if problem:
+            log.info("refused: %s", problem)
+            raise gr.Error(problem, print_exception=False)
+        if not message.strip():
+            raise self.view.error(lang, "error.empty_message")
+        conversation = Conversation()
+        conversation.add_user(message)
+        messages = conversation.messages(repair(str(system_prompt or "")) or self.config.ui.system_prompt)
+        options = GenerationOptions()
+        fit, _ = await self.chat.fit(chat_model, messages, options)
+        if fit.overflows:
+            raise gr.Error(self.chat.sentence(lang, self.chat.overflow(fit)), print_exception=False)
+        try:
+            run = self.chat.start(chat_model, fit, options)  # belongs to this request: leaving stops it
+        except RunLimitError as exc:
+            raise self.view.error(lang, "error.app_busy", limit=exc.limit) from None
+        sent = ""
+        async with aclosing(run.watch(heartbeat=self.config.limits.heartbeat_seconds, at_once=False)) as updates:
+            async for reply in updates:
+                # New text goes out; so does the heartbeat's (nothing changed): while no token
+                # comes, it is how Gradio finds out that the client has gone (and then closes this).
+                if reply is None or reply.text != sent:
+                    sent = run.reply.text
+                    yield sent
+        if run.reply.error is not None:
+            sentence = self.chat.sentence(lang, run.reply.error)
+            log.info("/chat: %s", sentence)  # one line: the caller got the sentence
+            raise gr.Error(sentence, print_exception=False)

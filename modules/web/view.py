@@ -1,0 +1,76 @@
+"""What the page shows of a session: its conversation as chatbot messages, the history list
+(marked where a reply streams), the usage line, the store's notice; the model a control names;
+the gr.Error for a sentence. Pure reads of the session and the store."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from modules.core.chat import ChatService
+from modules.history.conversation import Conversation
+from modules.history.store import HistoryStore, StoreProblem
+from modules.providers import ChatModel
+from modules.web import render
+
+log = logging.getLogger(__name__)
+
+
+class PageView:
+    def __init__(self, chat: ChatService, store: HistoryStore, store_problem: StoreProblem | None, default_model: str):
+        self.chat, self.t, self.models, self.secrets = chat, chat.t, chat.models, chat.secrets
+        self.store, self.store_problem = store, store_problem
+        self.default_model = default_model
+
+    def chatbot(self, conversation: Conversation, lang: str) -> list[dict[str, Any]]:
+        return render.chatbot(conversation, self.t, lang, self.secrets)
+
+    def model(self, name: str | None, lang: str) -> ChatModel:
+        model = self.models.get(name or self.default_model)
+        if model is None:
+            raise self.error(lang, "error.unknown_model", model=name)
+        return model
+
+    def error(self, lang: str, key: str, **values: Any) -> gr.Error:
+        """A gr.Error with a sentence for the user; the server log gets one line, not a traceback."""
+        message = self.t.text(lang, key, **values)
+        log.info("refused: %s", message)
+        return gr.Error(message, print_exception=False)
+
+    def history(self, conversation: Conversation, query: str, lang: str) -> Any:
+        """The sidebar's list: the owner's conversations, newest first, filtered by ``query``."""
+        owner = conversation.owner
+        summaries = self.store.list(owner, (query or "").strip()) if owner else []
+        untitled = self.t.text(lang, "history.untitled")
+        streaming = self.streaming_ids(owner)  # marked: a reply is in progress there
+        choices = [(("⏳ " if s.id in streaming else "") + (s.title or untitled), s.id) for s in summaries]
+        value = conversation.id if any(s.id == conversation.id for s in summaries) else None
+        return gr.Radio(choices=choices, value=value)
+
+    def streaming_ids(self, owner: str) -> set[str]:
+        return {key[1] for key in self.chat.runs.live_keys() if key[0] == owner}
+
+    def usage(self, conversation: Conversation, model_name: str | None, lang: str) -> str:
+        model = self.models.get(model_name or self.default_model)
+        size = model.context_size if model is not None else 0
+        return render.conversation_usage(conversation, size, self.t, lang)
+
+    def shown(self, conversation: Conversation, model_name: str | None, lang: str) -> tuple[Any, ...]:
+        """(chatbot, status, usage) for a conversation that was just opened or started."""
+        last = conversation.turns[-1].reply if conversation.turns else None
+        status = render.status_line(last, self.t, lang) if last is not None else self.t.text(lang, "status.ready")
+        return self.chatbot(conversation, lang), status, self.usage(conversation, model_name, lang)
+
+    def store_notice(self, lang: str) -> str:
+        problem = self.store_problem
+        if problem is None:
+            return ""
+        if problem.kind == "moved":
+            return self.t.text(lang, "history.store_moved", path=problem.path, moved_to=problem.moved_to,
+                               reason=problem.reason)
+        if problem.kind == "wal_moved":
+            return self.t.text(lang, "history.wal_moved", path=problem.path, moved_to=problem.moved_to,
+                               reason=problem.reason)
+        return self.t.text(lang, "history.store_unavailable", path=problem.path, reason=problem.reason)
