@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from modules.core import context
 from modules.core import accounting
 from modules.core import tokens
-from modules.history.conversation import TITLE_LENGTH, Conversation, StoredError, title_from
+from modules.history.conversation import Conversation, StoredError
+from modules.history.titles import TITLE_LENGTH, title_from
 from modules.providers import GenerationOptions, Message, ModelConfig, Usage, errors
 from modules.providers.base import Price
 from modules.history.records import ConversationRecord

@@ -28,12 +28,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from modules.history.records import ConversationRecord, TurnRecord
+from modules.history.titles import clean_title
 
 FORMAT = "chuanhustylechat.conversation"
 VERSION = 1
 MAX_BYTES = 5 * 1024 * 1024
 MAX_MESSAGES = 10_000
-TITLE_LENGTH = 120
 DEFAULT_TITLE = "Imported conversation"
 FILENAME_LENGTH = 80
 EXPORT_MAX_AGE = 24 * 3600.0  # seconds an export folder is kept
@@ -234,7 +234,7 @@ def from_json(text: str | bytes, *, owner: str, new_id: str) -> ConversationReco
         raise ImportProblem("messages: must be a list")
     created = header.created_at if header.created_at is not None else time.time()
     return ConversationRecord(
-        id=new_id, owner=owner, title=clean_title(header.title), model=header.model,
+        id=new_id, owner=owner, title=clean_title(header.title, DEFAULT_TITLE), model=header.model,
         system_prompt=header.system_prompt, params=header.parameters, created_at=created,
         updated_at=header.updated_at if header.updated_at is not None else created,
         turns=_turns(list(enumerate(messages)), default_time=created))
@@ -288,7 +288,8 @@ def _from_message_list(items: list[Any], *, owner: str, new_id: str) -> Conversa
             messages.append((index, {"role": role, "content": content}))
     now = time.time()
     turns = _turns(messages, default_time=now)
-    return ConversationRecord(id=new_id, owner=owner, title=clean_title(turns[0].user if turns else ""),
+    title = clean_title(turns[0].user if turns else "", DEFAULT_TITLE)
+    return ConversationRecord(id=new_id, owner=owner, title=title,
                               system_prompt="\n\n".join(system), created_at=now, updated_at=now, turns=turns)
 
 
@@ -348,16 +349,6 @@ def _validate(model: type[_Strict], data: Any, where: str) -> Any:
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise ImportProblem(f"{path.lstrip('.')}: {message}{more}") from None
-
-
-_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
-
-
-def clean_title(title: str) -> str:
-    """A title fit for the sidebar: no control characters, single spaces, at most 120 characters."""
-    text = "".join(ch for ch in title if ch.isspace() or unicodedata.category(ch) != "Cc")
-    text = " ".join(text.translate(_BIDI_CONTROLS).split())[:TITLE_LENGTH].rstrip()
-    return text or DEFAULT_TITLE
 
 
 # -- files -----------------------------------------------------------------------------------

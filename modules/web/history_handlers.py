@@ -20,7 +20,7 @@ from modules.history import ownership
 from modules.web import render
 from modules.core import sentences
 from modules.core import tokens
-from modules.history import transfer
+from modules.history import titles, transfer
 from modules.history.conversation import Conversation, new_id
 from modules.providers.text import clip, repair
 from modules.history.records import ConversationRecord
@@ -33,8 +33,7 @@ MAX_IMPORT_BYTES = 5 * 1024 * 1024
 
 def clean_title(text: str) -> str:
     """A title as typed or written by a model (often quoted); "" when nothing is left."""
-    text = (text or "").strip().strip("\"'“”「」*#").strip()
-    return transfer.clean_title(text) if text else ""
+    return titles.clean_title(text or "")
 
 
 class HistoryHandlers:
