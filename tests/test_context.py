@@ -315,6 +315,20 @@ def test_format_cost(value: float, shown: str) -> None:
     assert accounting.format_cost(value) == shown
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (0.000123, "$0.000123"),  # what the Markdown export shows: three significant digits
+        (0.05, "$0.0500"),
+        (0.0123456, "$0.0123"),
+        (1.5, "$1.50"),  # over $1: still cents
+        (0, "$0"),
+    ],
+)
+def test_format_cost_with_more_significant_digits(value: float, shown: str) -> None:
+    assert accounting.format_cost(value, significant=3) == shown
+
+
 # -- settle ----------------------------------------------------------------------------------------------
 
 

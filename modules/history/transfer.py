@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from modules.core.accounting import format_cost
 from modules.history.records import ConversationRecord, TurnRecord
 from modules.history.titles import clean_title
 
@@ -143,15 +144,9 @@ def _markdown_reply(turn: TurnRecord) -> list[str]:
     if counts:
         line = ("tokens " if turn.tokens_exact else "≈ tokens ") + " · ".join(counts)
         if turn.cost is not None:
-            line += f" · ${_money(turn.cost)}"
+            line += f" · {format_cost(turn.cost, significant=3)}"
         blocks.append(f"<sub>{line}</sub>")
     return blocks
-
-
-def _money(cost: float) -> str:
-    """Up to six decimals, at least two: 0.000123, 1.50."""
-    whole, _, fraction = f"{cost:.6f}".rstrip("0").partition(".")
-    return f"{whole}.{fraction.ljust(2, '0')}"
 
 
 # -- import ----------------------------------------------------------------------------------
