@@ -30,6 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from modules.core.accounting import format_cost
 from modules.history.records import ConversationRecord, TurnRecord
 from modules.history.titles import clean_title
+from modules.providers.validation import first_problem
 
 FORMAT = "chuanhustylechat.conversation"
 VERSION = 1
@@ -338,12 +339,9 @@ def _validate(model: type[_Strict], data: Any, where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = exc.errors(include_url=False)
-        first = problems[0]
-        path = where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise ImportProblem(f"{path.lstrip('.')}: {message}{more}") from None
+        location, message = first_problem(exc, where)
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ImportProblem(f"{location}: {message}{more}") from None
 
 
 # -- files -----------------------------------------------------------------------------------
