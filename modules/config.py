@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from modules.providers import ModelConfig, validate_entry
 from modules.providers.base import Price
+from modules.providers.validation import first_problem
 
 DEFAULT_CONFIG_FILE = "config.yaml"
 LANGUAGES = ("auto", "en_US", "zh_CN", "zh_TW", "ja_JP")
@@ -197,25 +198,6 @@ class AppConfig(_Section):
         return [m.name for m in self.models]
 
 
-def _location(loc: tuple[Any, ...]) -> str:
-    key = ""
-    for part in loc:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    return key
-
-
-def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
-    err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = _location(loc)
-    if prefix:
-        key = f"{prefix}.{key}" if key else prefix
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "unknown key (misspelt?)"
-    return key, message
-
-
 def _resolve_model_entry(raw: Any, index: int, env: Mapping[str, str], file: str) -> ModelConfig:
     key = f"models[{index}]"
     if not isinstance(raw, dict):
@@ -229,7 +211,7 @@ def _resolve_model_entry(raw: Any, index: int, env: Mapping[str, str], file: str
     except KeyError as exc:
         raise ConfigError(file, f"{key}.provider", exc.args[0]) from None
     except ValidationError as exc:
-        sub, message = _first_error(exc, key)
+        sub, message = first_problem(exc, key)
         raise ConfigError(file, sub, message) from None
 
 
@@ -273,7 +255,7 @@ def build_config(
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as exc:
-        key, message = _first_error(exc)
+        key, message = first_problem(exc)
         raise ConfigError(file, key, message) from None
 
     for name in config.openai.prices:

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from modules.core import context
 from modules.core import accounting
 from modules.core import tokens
-from modules.history.conversation import TITLE_LENGTH, Conversation, StoredError, title_from
+from modules.history.conversation import Conversation, StoredError
+from modules.history.titles import TITLE_LENGTH, title_from
 from modules.providers import GenerationOptions, Message, ModelConfig, Usage, errors
 from modules.providers.base import Price
 from modules.history.records import ConversationRecord
@@ -312,6 +313,20 @@ def test_cost_without_a_price_or_a_count_is_unknown() -> None:
 )
 def test_format_cost(value: float, shown: str) -> None:
     assert accounting.format_cost(value) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (0.000123, "$0.000123"),  # what the Markdown export shows: three significant digits
+        (0.05, "$0.0500"),
+        (0.0123456, "$0.0123"),
+        (1.5, "$1.50"),  # over $1: still cents
+        (0, "$0"),
+    ],
+)
+def test_format_cost_with_more_significant_digits(value: float, shown: str) -> None:
+    assert accounting.format_cost(value, significant=3) == shown
 
 
 # -- settle ----------------------------------------------------------------------------------------------

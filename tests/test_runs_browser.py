@@ -46,16 +46,22 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 # Installed in every page before Gradio's scripts: each distinct text of the last bot
 # message's answer (its first paragraph: the marks and the usage footer follow in their own
-# paragraphs), with the time it appeared (performance.now(), the page's own clock).
+# paragraphs), with the time it appeared (performance.now(), the page's own clock); and each
+# distinct list of the user messages the chatbot shows (which conversation is on screen).
 RECORDER = """
 (() => {
   const seen = (window.__replies = []);
+  const users = (window.__users = []);
   const record = () => {
     const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
     const last = bots[bots.length - 1];
     const p = last && last.querySelector('.message-content p');
     const text = p ? p.innerText.trim() : '';
     if (text && (!seen.length || seen[seen.length - 1].text !== text)) seen.push({text, at: performance.now()});
+    if (!document.querySelector('#chatbot')) return;
+    const asked = [...document.querySelectorAll('#chatbot [data-testid="user"]')].map(u => u.innerText.trim());
+    const key = JSON.stringify(asked);
+    if (!users.length || users[users.length - 1] !== key) users.push(key);
   };
   new MutationObserver(record).observe(document, {subtree: true, childList: true, characterData: true});
 })();
@@ -89,8 +95,8 @@ def contexts(browser: Browser) -> Iterator[Callable[..., BrowserContext]]:
         context.close()
 
 
-def start_app(fake: FakeOpenAIServer, launch_app: Callable[..., str], **config: Any) -> str:
-    return launch_app({"models": [fake_model_entry(fake)], "history": {"mode": "shared"}, **config})
+def start_app(fake: FakeOpenAIServer, launch_app: Callable[..., str], mode: str = "shared", **config: Any) -> str:
+    return launch_app({"models": [fake_model_entry(fake)], "history": {"mode": mode}, **config})
 
 
 def open_page(context: BrowserContext, url: str) -> Page:
@@ -128,6 +134,11 @@ def paragraphs(page: Page) -> list[str]:
 def shown(page: Page) -> list[dict[str, Any]]:
     """Every distinct answer text the page's last bot message showed, in order."""
     return page.evaluate("() => window.__replies")
+
+
+def conversations_shown(page: Page, since: int = 0) -> list[list[str]]:
+    """Each distinct list of user messages the chatbot showed (from the ``since``-th on)."""
+    return [json.loads(key) for key in page.evaluate("() => window.__users")[since:]]
 
 
 def shown_words(page: Page) -> int:
@@ -169,8 +180,9 @@ def expect_streaming(page: Page) -> None:
 
 
 # -- reload -------------------------------------------------------------------------------------
-def test_reloads_mid_stream_resume_the_same_reply(fake_openai, launch_app, contexts):
-    url = start_app(fake_openai, launch_app)
+@pytest.mark.parametrize("mode", ["shared", "per_browser"])
+def test_reloads_mid_stream_resume_the_same_reply(fake_openai, launch_app, contexts, mode):
+    url = start_app(fake_openai, launch_app, mode)
     page = open_page(contexts(), url)
     enqueue_story(fake_openai)
     ask(page, QUESTION)
@@ -270,41 +282,73 @@ def test_stop_in_the_second_tab_stops_the_run_for_both(fake_openai, launch_app, 
 
 
 # -- leaving and coming back -----------------------------------------------------------------
-def test_leaving_a_streaming_conversation_and_coming_back(fake_openai, launch_app, contexts):
+@pytest.mark.parametrize("how", ["new_chat", "sidebar"])
+def test_leaving_a_streaming_conversation_and_coming_back(fake_openai, launch_app, contexts, how):
+    """Leave the streaming story (New chat and a short chat there, or click an older conversation
+    in the sidebar): the page shows the other conversation, and only it, while the story goes on,
+    marked in the sidebar; clicking the story shows it as far as it has come and follows it."""
+    paris, paris_reply = "where is Paris", "Paris is in France."
     url = start_app(fake_openai, launch_app)
     page = open_page(contexts(), url)
-    enqueue_story(fake_openai, delay=0.06)  # 7.2 s: time for a second chat meanwhile
+    if how == "sidebar":  # an older conversation to go to
+        fake_openai.enqueue("Paris", " is", " in", " France.")
+        ask(page, paris)
+        expect(last_bot(page)).to_contain_text(paris_reply)
+        expect(page.locator("#send-btn")).to_be_visible()
+        page.locator("#new-chat-btn").click()
+        expect(page.locator(USERS)).to_have_count(0)
+    others = fake_openai.chunks_sent  # the short reply's tokens, sent before or after the story's
+    enqueue_story(fake_openai, delay=0.06)  # 7.2 s: time for another chat meanwhile
     ask(page, QUESTION)
     expect(last_bot(page)).to_contain_text(token(5))
     left_at = shown_words(page)
+    since = len(page.evaluate("() => window.__users"))
 
-    page.locator("#new-chat-btn").click()
-    expect(page.locator(USERS)).to_have_count(0)
-    fake_openai.enqueue("Paris", " is", " in", " France.")
-    ask(page, "where is Paris")
-    expect(last_bot(page)).to_contain_text("Paris is in France.")
+    if how == "new_chat":
+        page.locator("#new-chat-btn").click()
+        # New chat's own outputs: no conversation selected in the sidebar, Send back
+        expect(page.locator("#history-list input:checked")).to_have_count(0)
+        expect(page.locator("#send-btn")).to_be_visible()
+        fake_openai.enqueue("Paris", " is", " in", " France.")
+        others = 4
+        box = page.locator("#user-input textarea")
+        box.fill(paris)
+        box.press("Enter")
+    else:
+        page.locator(HISTORY).filter(has_text=paris).click()
+    # the page went to Paris; then wait (on the fake) while the story goes on by 15 tokens
+    page.wait_for_function("([since, key]) => window.__users.slice(since).includes(key)",
+                           arg=[since, json.dumps([paris])], timeout=TIMEOUT_MS)
+    # (``completed`` may be Paris's: the story's own tokens tell whether it is still going)
+    assert fake_openai.wait_chunks(others + left_at + 15, WAIT_S), "the story stopped after the page left it"
+    assert fake_openai.chunks_sent < others + COUNT, "the story ended before the test came back to it"
+    # all that time the page showed the conversation it went to (or, with New chat, nothing first)
+    went = [users for users in conversations_shown(page, since) if "" not in users]  # ([""]: being drawn)
+    after_leaving = went[next(i for i, users in enumerate(went) if QUESTION not in users):]
+    assert all(users in ([], [paris]) for users in after_leaving), (
+        f"after leaving the story for {paris!r} ({how}) the chatbot showed these conversations in turn: {went}")
+    expect(page.locator(USERS)).to_have_text([paris])
+    expect(last_bot(page)).to_contain_text(paris_reply)
     expect(page.locator("#send-btn")).to_be_visible()
-    expect(page.locator(USERS)).to_have_text(["where is Paris"])
 
-    # the first one goes on, marked in the sidebar
+    # the story goes on, marked in the sidebar; Paris is not marked
     story = page.locator(HISTORY).filter(has_text=QUESTION)
     expect(story).to_have_text(MARK + QUESTION)
-    expect(page.locator(HISTORY).filter(has_text="where is Paris")).to_have_text("where is Paris")
-    assert not fake_openai.completed.is_set(), "the first reply ended before the test came back to it"
+    expect(page.locator(HISTORY).filter(has_text=paris)).to_have_text(paris)
     mark = len(shown(page))
 
     story.click()
     expect(page.locator(USERS)).to_have_text([QUESTION])
     expect_streaming(page)
-    expect(last_bot(page)).to_contain_text(token(left_at + 10))
+    expect(last_bot(page)).to_contain_text(token(left_at + 20))
     expect_finished(page)
-    texts = [entry["text"] for entry in shown(page)[mark:]]
+    texts = [entry["text"] for entry in shown(page)[mark:] if entry["text"] != paris_reply]
     check_prefixes(texts, "after coming back")
-    assert len(texts[0].split()) >= left_at, f"coming back first showed {texts[0]!r}"
+    assert len(texts[0].split()) >= left_at + 15, f"coming back first showed {texts[0]!r}"
     # it ended: no mark once the sidebar is refreshed (the done event refreshes it)
     expect(story).to_have_text(QUESTION)
     assert generations(fake_openai) == 2  # the story and Paris, once each
-    assert fake_openai.completed.is_set() and not fake_openai.disconnected.is_set()
+    assert fake_openai.chunks_sent == COUNT + 4 and not fake_openai.disconnected.is_set()
 
 
 # -- a closed tab --------------------------------------------------------------------------------
@@ -364,6 +408,10 @@ def test_one_reply_too_many_gets_a_sentence_and_the_message_is_kept(fake_openai,
     sentence = LOCALE["error.too_many_runs"].format(limit=1)
     expect(page.get_by_text(sentence)).to_be_visible()
     expect(page.locator(USERS)).to_have_text(["a second question"])
-    expect(page.locator("#send-btn")).to_be_visible()
     assert generations(fake_openai) == 1, "the reply past the limit reached the upstream"
     assert not fake_openai.disconnected.is_set(), "the first reply was stopped"
+    # the refused send is over: the page is not left "generating" with only Stop to press
+    expect(page.locator("#status-line")).not_to_have_text(LOCALE["status.generating"])
+    expect(page.locator("#send-btn")).to_be_visible()
+    expect(page.locator("#stop-btn")).to_be_hidden()
+

@@ -12,9 +12,9 @@ import pytest
 
 from modules.history import transfer
 from modules.history.records import ConversationRecord, TurnRecord
+from modules.history.titles import clean_title
 from modules.history.transfer import (
     ImportProblem,
-    clean_title,
     from_json,
     iso_time,
     parse_time,
@@ -218,7 +218,7 @@ def test_an_unanswered_last_message_becomes_a_pending_turn() -> None:
     ("x" * 300, "x" * 120),
 ])
 def test_imported_titles_are_cleaned(title: str, cleaned: str) -> None:
-    assert clean_title(title) == cleaned
+    assert clean_title(title, transfer.DEFAULT_TITLE) == cleaned
     assert from_json(export(title=title), owner="o", new_id="i").title == cleaned
 
 

@@ -15,16 +15,19 @@ def cost(price: Price | None, prompt_tokens: int | None, completion_tokens: int 
     return price.cost(prompt_tokens, completion_tokens)
 
 
-def format_cost(value: float) -> str:
-    """$0.012 / $0.000045 / $1.23: two significant digits below a dollar, cents above."""
+def format_cost(value: float, significant: int = 2) -> str:
+    """$0.012 / $0.000045 / $1.23: ``significant`` digits below a dollar, cents above.
+
+    The page shows two; the Markdown export, a record, shows three ($0.000123).
+    """
     if value == 0:
         return "$0"
     if value >= 1:
         return f"${value:,.2f}"
-    digits = 2
+    digits = 2  # the place of the first significant digit, cents at least (at most 8: $0.00000001 shows)
     while value < 10 ** -digits and digits < 8:
         digits += 1
-    return f"${value:.{digits + 1}f}"
+    return f"${value:.{digits + significant - 1}f}"
 
 
 def settle(reply: Reply, model: ChatModel) -> None:

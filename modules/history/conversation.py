@@ -8,7 +8,6 @@ plain records the history store keeps (``modules/history/records.py``).
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,9 +15,8 @@ from typing import Any, Callable
 
 from modules.providers import Message, errors
 from modules.history.records import ConversationMeta, ConversationRecord, TurnRecord
+from modules.history.titles import title_from
 from modules.core.streaming import Counts, Reply
-
-TITLE_LENGTH = 48
 
 
 class StoredError(errors.ModelError):
@@ -37,18 +35,6 @@ class Turn:
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-def title_from(text: str) -> str:
-    """A title from the first question: its first line, whitespace collapsed, cut at a word."""
-    line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    line = re.sub(r"\s+", " ", line).strip()
-    if len(line) <= TITLE_LENGTH:
-        return line
-    cut = line[:TITLE_LENGTH]
-    if " " in cut[TITLE_LENGTH // 2:]:
-        cut = cut[: cut.rindex(" ")]
-    return cut.rstrip(" ,.;:，。；：") + "…"
 
 
 @dataclass

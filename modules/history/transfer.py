@@ -27,13 +27,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from modules.core.accounting import format_cost
 from modules.history.records import ConversationRecord, TurnRecord
+from modules.history.titles import clean_title
+from modules.providers.validation import first_problem
 
 FORMAT = "chuanhustylechat.conversation"
 VERSION = 1
 MAX_BYTES = 5 * 1024 * 1024
 MAX_MESSAGES = 10_000
-TITLE_LENGTH = 120
 DEFAULT_TITLE = "Imported conversation"
 FILENAME_LENGTH = 80
 EXPORT_MAX_AGE = 24 * 3600.0  # seconds an export folder is kept
@@ -143,15 +145,9 @@ def _markdown_reply(turn: TurnRecord) -> list[str]:
     if counts:
         line = ("tokens " if turn.tokens_exact else "≈ tokens ") + " · ".join(counts)
         if turn.cost is not None:
-            line += f" · ${_money(turn.cost)}"
+            line += f" · {format_cost(turn.cost, significant=3)}"
         blocks.append(f"<sub>{line}</sub>")
     return blocks
-
-
-def _money(cost: float) -> str:
-    """Up to six decimals, at least two: 0.000123, 1.50."""
-    whole, _, fraction = f"{cost:.6f}".rstrip("0").partition(".")
-    return f"{whole}.{fraction.ljust(2, '0')}"
 
 
 # -- import ----------------------------------------------------------------------------------
@@ -234,7 +230,7 @@ def from_json(text: str | bytes, *, owner: str, new_id: str) -> ConversationReco
         raise ImportProblem("messages: must be a list")
     created = header.created_at if header.created_at is not None else time.time()
     return ConversationRecord(
-        id=new_id, owner=owner, title=clean_title(header.title), model=header.model,
+        id=new_id, owner=owner, title=clean_title(header.title, DEFAULT_TITLE), model=header.model,
         system_prompt=header.system_prompt, params=header.parameters, created_at=created,
         updated_at=header.updated_at if header.updated_at is not None else created,
         turns=_turns(list(enumerate(messages)), default_time=created))
@@ -288,7 +284,8 @@ def _from_message_list(items: list[Any], *, owner: str, new_id: str) -> Conversa
             messages.append((index, {"role": role, "content": content}))
     now = time.time()
     turns = _turns(messages, default_time=now)
-    return ConversationRecord(id=new_id, owner=owner, title=clean_title(turns[0].user if turns else ""),
+    title = clean_title(turns[0].user if turns else "", DEFAULT_TITLE)
+    return ConversationRecord(id=new_id, owner=owner, title=title,
                               system_prompt="\n\n".join(system), created_at=now, updated_at=now, turns=turns)
 
 
@@ -342,22 +339,9 @@ def _validate(model: type[_Strict], data: Any, where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = exc.errors(include_url=False)
-        first = problems[0]
-        path = where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise ImportProblem(f"{path.lstrip('.')}: {message}{more}") from None
-
-
-_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
-
-
-def clean_title(title: str) -> str:
-    """A title fit for the sidebar: no control characters, single spaces, at most 120 characters."""
-    text = "".join(ch for ch in title if ch.isspace() or unicodedata.category(ch) != "Cc")
-    text = " ".join(text.translate(_BIDI_CONTROLS).split())[:TITLE_LENGTH].rstrip()
-    return text or DEFAULT_TITLE
+        location, message = first_problem(exc, where)
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ImportProblem(f"{location}: {message}{more}") from None
 
 
 # -- files -----------------------------------------------------------------------------------

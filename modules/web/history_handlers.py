@@ -15,7 +15,7 @@ import gradio as gr
 
 from modules.config import AppConfig
 from modules.core.chat import ChatService
-from modules.history import ownership, transfer
+from modules.history import ownership, titles, transfer
 from modules.history.conversation import Conversation, new_id
 from modules.history.records import ConversationRecord
 from modules.providers.text import clip, repair
@@ -26,12 +26,6 @@ from modules.web.view import PageView
 log = logging.getLogger(__name__)
 
 MAX_IMPORT_BYTES = 5 * 1024 * 1024
-
-
-def clean_title(text: str) -> str:
-    """A title as typed or written by a model (often quoted); "" when nothing is left."""
-    text = (text or "").strip().strip("\"'“”「」*#").strip()
-    return transfer.clean_title(text) if text else ""
 
 
 class HistoryHandlers:
@@ -97,7 +91,7 @@ class HistoryHandlers:
     async def rename(self, title: str, conversation: Conversation, query: str, request: gr.Request):
         lang = self.t.language_for(request)
         owner = self.keeper.owner(conversation, request)
-        title = clean_title(repair(str(title or "")))
+        title = titles.clean_title(repair(str(title or "")))
         if title:
             conversation.title = title
             conversation.titled_by_model = True  # the user's name wins over the model's
@@ -184,7 +178,7 @@ class HistoryHandlers:
         from modules.core.context import write_title
 
         try:
-            title = clean_title(await write_title(model, first.user, first.reply.text))
+            title = titles.clean_title(await write_title(model, first.user, first.reply.text))
         except Exception as exc:  # a title is a nicety: keep the one from the first question
             log.warning("title model %r failed: %s", model.name, clip(str(exc), 300, model.secrets()))
             return gr.skip()

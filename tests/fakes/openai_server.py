@@ -83,6 +83,7 @@ class FakeOpenAIServer(ThreadedServer):
         self.requests: list[Seen] = []
         self.completed = threading.Event()
         self.chunks_sent = 0
+        self._chunk_sent = threading.Condition()
         super().__init__()  # disconnected, disconnects, stalled (``stall``, ``stall_after_headers``)
 
     # -- scripting ------------------------------------------------------------------------
@@ -90,6 +91,11 @@ class FakeOpenAIServer(ThreadedServer):
         script = Script(tokens=list(tokens), **kwargs) if tokens else Script(**kwargs)
         self.script.append(script)
         return script
+
+    def wait_chunks(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` content chunks have been sent in all (False after ``timeout`` s)."""
+        with self._chunk_sent:
+            return self._chunk_sent.wait_for(lambda: self.chunks_sent >= count, timeout)
 
     def reset_events(self) -> None:
         self.disconnected.clear()
@@ -189,7 +195,9 @@ class FakeOpenAIServer(ThreadedServer):
                 async for piece in self._send([self._chunk(model, {"content": text})], script):
                     yield piece
                 sent += 1
-                self.chunks_sent += 1
+                with self._chunk_sent:
+                    self.chunks_sent += 1
+                    self._chunk_sent.notify_all()
                 if script.pace:
                     await asyncio.sleep(max(0.0, paced_from + (len(script.reasoning) + sent) * script.delay
                                             - time.monotonic()))

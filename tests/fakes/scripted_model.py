@@ -17,6 +17,10 @@ The model records what happened to it: ``started`` is set when ``stream`` is
 first iterated, ``closed`` when its ``finally`` ran (the upstream was closed),
 ``cancelled`` whether it was closed from outside (Stop) rather than by
 finishing, and ``calls`` the messages and options of every call.
+
+``context_size`` and ``price`` (optional) go into its :class:`ModelConfig`, for
+tests of fitting and cost. ``await model.drained()`` waits until every item
+enqueued so far has been handed out (and, for a delta, taken by its reader).
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ import asyncio
 from typing import Any, AsyncIterator
 
 from modules.providers import ChatModel, Delta, GenerationOptions, Message, ModelConfig
+from modules.providers.base import Price
 
 END = object()
 
 
 class ScriptedModel(ChatModel):
-    def __init__(self, name: str = "scripted", *, checkpoint: bool = True):
+    def __init__(self, name: str = "scripted", *, checkpoint: bool = True,
+                 context_size: int | None = None, price: Price | None = None):
         """``checkpoint``: after each delta, give the event loop one turn, as a
         real network read would. Without it a burst of queued deltas is handed
         out without ever letting the consumer run, which would make coalescing
         trivially true."""
-        super().__init__(ModelConfig(provider="scripted", name=name))
+        extra = {} if context_size is None else {"context_size": context_size}
+        super().__init__(ModelConfig(provider="scripted", name=name, price=price, **extra))
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.started = asyncio.Event()
         self.closed = asyncio.Event()
@@ -55,6 +62,10 @@ class ScriptedModel(ChatModel):
         self.queue.put_nowait(END)
         return self
 
+    async def drained(self) -> None:
+        """Until every item enqueued so far has been handed out (a delta: its reader got it)."""
+        await self.queue.join()
+
     # -- the contract -------------------------------------------------------------------
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
         self.calls.append((list(messages), options))
@@ -62,6 +73,7 @@ class ScriptedModel(ChatModel):
         try:
             while True:
                 item = await self.queue.get()
+                self.queue.task_done()  # (for drained(): the reader applies it before anyone else runs)
                 if item is END:
                     self.finished = True
                     return
