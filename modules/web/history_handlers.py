@@ -72,6 +72,15 @@ class HistoryHandlers:
         return (*self.view.shown(conversation, record.model or None, lang), model, record.system_prompt, record.title,
                 gr.Button(visible=not streaming), gr.Button(visible=streaming))
 
+    async def marks(self, conversation: Conversation):
+        """The sidebar's refresh timer: on while it marks a reply streaming elsewhere (⏳)."""
+        return gr.Timer(active=bool(self.view.streaming_ids(conversation.owner)))
+
+    async def refresh_marks(self, conversation: Conversation, query: str, request: gr.Request):
+        """The list again (a reply that ended loses its mark); the timer stops with the last mark."""
+        marked = bool(self.view.streaming_ids(conversation.owner))
+        return self.view.history(conversation, query, self.t.language_for(request)), gr.Timer(active=marked)
+
     async def search(self, conversation: Conversation, query: str, request: gr.Request):
         self.keeper.owner(conversation, request)
         return self.view.history(conversation, query, self.t.language_for(request))

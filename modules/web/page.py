@@ -28,6 +28,7 @@ from modules.web.view import PageView
 log = logging.getLogger(__name__)
 
 OPEN_CONVERSATION_KEY = "chuanhu-open-conversation"  # localStorage: the conversation a browser is in
+MARKS_REFRESH_SECONDS = 2.0  # how often the sidebar looks again while it marks replies streaming elsewhere
 
 # No single-$ delimiters: "$5 or $10" and a footer's "$0.00021" are prices, not math.
 LATEX = [
@@ -239,18 +240,26 @@ class ChatPage:
             delete_last.click(chats.delete_last, [conversation, model, search], [*shown, history], **private)
             new_chat_args = dict(fn=chats.new_chat, inputs=[conversation, model, search],
                                  outputs=[*shown, side["title"], history, send, stop, open_id])
-            side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented)
-            chatbot.clear(**new_chat_args, **private)  # the chatbot's trash icon starts anew too
+            # While the sidebar marks a conversation whose reply streams elsewhere (⏳), it is refreshed
+            # every few seconds, until no mark is left.
+            marks_timer = gr.Timer(MARKS_REFRESH_SECONDS, active=False)
+            marks_args = dict(fn=histories.marks, inputs=[conversation], outputs=[marks_timer], **private)
+            marks_timer.tick(histories.refresh_marks, [conversation, search], [history, marks_timer], **private)
+            side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented).then(**marks_args)
+            chatbot.clear(**new_chat_args, **private).then(**marks_args)  # the chatbot's trash icon starts anew too
 
             # -- history sidebar (callable by API, undocumented: the isolation tests use it) --
             reopened = [*shown, model, system_prompt, side["title"], send, stop]
-            demo.load(histories.on_load, [browser_token, open_id, conversation, model],
-                      [browser_token, history, side["notice"], *reopened], api_name="on_load", **undocumented
-                      ).then(**follow_args).then(**followed_args)
+            loaded = demo.load(histories.on_load, [browser_token, open_id, conversation, model],
+                               [browser_token, history, side["notice"], *reopened], api_name="on_load", **undocumented)
+            loaded.then(**follow_args).then(**followed_args)
+            loaded.then(**marks_args)
             search.change(histories.search, [conversation, search], [history], api_name="search",
                           trigger_mode="always_last", **undocumented)
-            history.input(histories.open, [history, conversation, search], [*reopened, history, open_id],
-                          api_name="open", **notifying).then(**follow_args).then(**followed_args)
+            opened = history.input(histories.open, [history, conversation, search], [*reopened, history, open_id],
+                                   api_name="open", **notifying)
+            opened.then(**follow_args).then(**followed_args)
+            opened.then(**marks_args)
             rename_args = dict(fn=histories.rename, inputs=[side["title"], conversation, search], outputs=[history])
             side["rename"].click(**rename_args, api_name="rename", **undocumented)
             side["title"].submit(**rename_args, **private)
