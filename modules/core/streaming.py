@@ -223,6 +223,8 @@ class ReplyRun:
         self._timer: asyncio.TimerHandle | None = None
         self._reader = asyncio.create_task(self._read(messages, options))
         self.task = asyncio.create_task(self._run())
+        if unwatched == "stop" and grace > 0:  # nobody may ever come to watch it
+            self._timer = asyncio.get_running_loop().call_later(grace, self.stop)
 
     # -- the run's own tasks ----------------------------------------------------------------------
     async def _read(self, messages: list[Message], options: GenerationOptions) -> None:
@@ -259,6 +261,8 @@ class ReplyRun:
             await self._reader
 
     def _grew(self) -> None:
+        if not self.reply.active:  # the reader ended: viewers get the final state once it is finished
+            return
         self._wake()
         if (self._checkpoint is not None and self.reply.active and self._saving is None
                 and time.monotonic() >= self._next_checkpoint):
@@ -272,6 +276,12 @@ class ReplyRun:
             log.exception("checkpoint of a reply of model %r failed", self.model.name)
         finally:
             self._saving = None
+
+    async def _settled(self) -> None:
+        """Once the reply has ended, wait until it is finished too (counted, saved): a viewer never
+        sees an ended reply before that."""
+        if not self.reply.active and not self.done:
+            await asyncio.wait((self.task,))
 
     def _wake(self) -> None:
         """Wake every viewer waiting for a change (each waits on the event it saw)."""
@@ -321,6 +331,7 @@ class ReplyRun:
             with pacer.streaming():
                 changed = self._changed
                 if at_once:
+                    await self._settled()
                     final = self.done
                     yield self.reply
                     if final:
@@ -336,6 +347,7 @@ class ReplyRun:
                             except TimeoutError:
                                 yield None
                                 continue
+                    await self._settled()
                     changed = self._changed  # set by the next change, while this one is shown
                     showed_text, final = bool(self.reply.text or self.reply.reasoning), self.done
                     yield self.reply
