@@ -143,7 +143,7 @@ def conversations_shown(page: Page, since: int = 0) -> list[list[str]]:
 
 def shown_words(page: Page) -> int:
     """How many tokens the page shows now (checked to be the fake's first ones)."""
-    text = paragraphs(page)[0] if paragraphs(page) else ""
+    text = next(iter(paragraphs(page)), "")
     words = text.split()
     assert words == WORDS[:len(words)], f"the page shows text the fake never sent in that order: {text!r}"
     return len(words)
@@ -182,6 +182,8 @@ def expect_streaming(page: Page) -> None:
 # -- reload -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["shared", "per_browser"])
 def test_reloads_mid_stream_resume_the_same_reply(fake_openai, launch_app, contexts, mode):
+    """Three reloads at different points: each time the page shows the reply so far and follows the
+    rest without a click; at the end exactly the fake's text, Send back, one generation."""
     url = start_app(fake_openai, launch_app, mode)
     page = open_page(contexts(), url)
     enqueue_story(fake_openai)
@@ -216,6 +218,7 @@ def test_reloads_mid_stream_resume_the_same_reply(fake_openai, launch_app, conte
 
 # -- a second tab ------------------------------------------------------------------------------
 def test_a_second_tab_follows_the_same_run(fake_openai, launch_app, contexts):
+    """A second tab of the same browser opens the same conversation and follows the same run."""
     url = start_app(fake_openai, launch_app)
     context = contexts()
     first = open_page(context, url)
@@ -242,6 +245,8 @@ def test_a_second_tab_follows_the_same_run(fake_openai, launch_app, contexts):
 
 
 def test_stop_in_the_second_tab_stops_the_run_for_both(fake_openai, launch_app, contexts):
+    """Stop in the tab that did not send: the upstream closes, both tabs show the partial reply
+    marked stopped, and that is what was saved."""
     url = start_app(fake_openai, launch_app)
     context = contexts()
     first = open_page(context, url)
@@ -353,6 +358,7 @@ def test_leaving_a_streaming_conversation_and_coming_back(fake_openai, launch_ap
 
 # -- a closed tab --------------------------------------------------------------------------------
 def test_a_closed_tab_leaves_the_reply_going_and_saved(fake_openai, launch_app, contexts):
+    """unwatched: continue (the default): the reply goes on to its end and is saved whole."""
     url = start_app(fake_openai, launch_app)
     context = contexts()
     page = open_page(context, url)
@@ -375,6 +381,7 @@ def test_a_closed_tab_leaves_the_reply_going_and_saved(fake_openai, launch_app, 
 
 
 def test_a_closed_tab_stops_the_reply_with_unwatched_stop(fake_openai, launch_app, contexts):
+    """unwatched: stop, no grace: closing the tab closes the upstream; the partial reply is saved."""
     url = start_app(fake_openai, launch_app, runs={"unwatched": "stop", "unwatched_grace_seconds": 0})
     context = contexts()
     page = open_page(context, url)
@@ -395,6 +402,8 @@ def test_a_closed_tab_stops_the_reply_with_unwatched_stop(fake_openai, launch_ap
 
 # -- the limit per owner ----------------------------------------------------------------------
 def test_one_reply_too_many_gets_a_sentence_and_the_message_is_kept(fake_openai, launch_app, contexts):
+    """runs.max_per_owner: 1 and a reply streaming: a second one gets error.too_many_runs's sentence,
+    the question stays, nothing reaches the upstream, and the page is ready again."""
     url = start_app(fake_openai, launch_app, runs={"max_per_owner": 1})
     page = open_page(contexts(), url)
     enqueue_story(fake_openai)
@@ -402,12 +411,16 @@ def test_one_reply_too_many_gets_a_sentence_and_the_message_is_kept(fake_openai,
     expect(last_bot(page)).to_contain_text(token(3))
 
     page.locator("#new-chat-btn").click()
-    expect(page.locator(USERS)).to_have_count(0)
+    expect(page.locator("#history-list input:checked")).to_have_count(0)  # New chat's own outputs
+    expect(page.locator("#send-btn")).to_be_visible()
     fake_openai.enqueue("This must not be asked.")
-    ask(page, "a second question")
+    box = page.locator("#user-input textarea")
+    box.fill("a second question")
+    box.press("Enter")
     sentence = LOCALE["error.too_many_runs"].format(limit=1)
     expect(page.get_by_text(sentence)).to_be_visible()
     expect(page.locator(USERS)).to_have_text(["a second question"])
+    expect(page.locator(HISTORY).filter(has_text="a second question")).to_have_count(1)  # and saved
     assert generations(fake_openai) == 1, "the reply past the limit reached the upstream"
     assert not fake_openai.disconnected.is_set(), "the first reply was stopped"
     # the refused send is over: the page is not left "generating" with only Stop to press
