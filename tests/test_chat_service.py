@@ -450,8 +450,12 @@ async def run_to(ending: str, *, strict: bool) -> None:
     run.stop()  # (after the end: nothing more happens)
     await ended(run)
 
-    status = {"done": "done", "stopped": "stopped", "failed": "interrupted", "timed out": "stopped"}[ending]
+    # A reply cut by runs.max_seconds keeps its text, with a sentence that says why.
+    status = {"done": "done", "stopped": "stopped", "failed": "interrupted", "timed out": "interrupted"}[ending]
     assert reply.status == status and run.timed_out == (ending == "timed out")
+    if ending == "timed out":
+        assert isinstance(reply.error, errors.TimeLimitError)
+        assert "runs.max_seconds" in svc.sentence("en_US", reply.error)
     assert len(keeper.saves) == 1  # exactly once, whatever the ending
     assert keeper.saves[0].status == status and keeper.saves[0].counts is not None  # settled before save
     assert keeper.broken == []

@@ -19,6 +19,8 @@ def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: I
     values: dict[str, Any] = {"status": error.status}
     if kind in ("auth", "server") and error.status is None:
         kind = f"{kind}_no_status"  # a failure inside a stream has no HTTP status to name
+    if isinstance(error, errors.TimeLimitError):
+        values["seconds"] = f"{error.seconds:g}"
     if isinstance(error, errors.ContextOverflowError):
         values.update(tokens=f"{error.tokens:,}", limit=f"{error.limit:,}")
     if isinstance(error, errors.RateLimitError) and error.retry_after:

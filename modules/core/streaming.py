@@ -238,6 +238,7 @@ class ReplyRun:
             except TimeoutError:
                 self.timed_out = True
                 await self._cancel_reader()
+                self.reply.fail(errors.TimeLimitError(self.max_seconds or 0))
             except asyncio.CancelledError:  # the app stops: the reply is still settled and saved
                 await self._cancel_reader()
             if self._saving is not None:  # a checkpoint must not land after the final save

@@ -93,3 +93,13 @@ class ContextOverflowError(ModelError):
     def __init__(self, tokens: int, limit: int):
         super().__init__(f"{tokens} tokens > {limit}")
         self.tokens, self.limit = tokens, limit
+
+
+class TimeLimitError(ModelError):
+    """The reply ran longer than the app allows one to (``runs.max_seconds``) and was stopped."""
+
+    kind = "time_limit"
+
+    def __init__(self, seconds: float):
+        super().__init__(f"longer than {seconds:g} s")
+        self.seconds = seconds
