@@ -4,7 +4,8 @@ Off unless ``api.enabled`` is set in config. Its routes go into the FastAPI app
 that Gradio creates in ``launch()`` (through ``launch(app_kwargs={"routes": ...})``,
 Gradio's documented way to pass arguments to that app), so the API shares the
 page's server and port and keeps everything ``launch`` does (share links, TLS,
-root path). Endpoints (``../shared/PROTOCOLS.md``):
+root path). Request and response models: :mod:`modules.api.schemas`. Endpoints
+(``../shared/PROTOCOLS.md``):
 
 - ``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI-compatible (§2),
   streamed (chunks, ``[DONE]``, a usage chunk on ``stream_options.include_usage``)
@@ -49,7 +50,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse, Response
@@ -64,11 +65,13 @@ from modules.providers import ChatModel, GenerationOptions, Message, errors
 from modules.providers.text import repair, scrub, scrub_value
 from modules.core.runs import RecordedRun, RunRegistry
 from modules.core.streaming import Reply
+from modules.api.schemas import (EVENT_STREAM, ChatCompletionRequest, ChatMessageIn, DeepChatMessage, DeepChatReply,
+                                 DeepChatRequest, ModelCard, ModelList, OpenAIError, PromptflowError, ScoreRequest,
+                                 TextError, sse_doc)
 
 log = logging.getLogger(__name__)
 
 Style = Literal["openai", "promptflow", "text"]
-EVENT_STREAM = "text/event-stream"
 SUPPORTED = "text/event-stream, application/json"
 
 # Upstream failures as the gateway's own status: the client's request was fine
@@ -86,134 +89,6 @@ _STATUS = {
     "unreachable": 502,
     "interrupted": 502,
 }
-
-
-# -- request bodies -------------------------------------------------------------------------------
-class TextPart(BaseModel):
-    """A part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
-
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="'developer' is sent as 'system'.")
-    content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts.")
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = Field(False, description="End the stream with a chunk carrying `usage`.")
-
-
-class ChatCompletionRequest(BaseModel):
-    """An OpenAI chat-completions request. Unknown fields are ignored."""
-
-    model_config = ConfigDict(
-        extra="ignore",
-        json_schema_extra={"examples": [{"model": "SmolLM2-135M (embedded)", "stream": True,
-                                         "messages": [{"role": "user", "content": "Hello!"}]}]},
-    )
-    model: str = Field("", description="A model id from GET /v1/models (the display name); empty: the default.")
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = Field(None, description="Preferred over max_tokens when both are set.")
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    n: int = Field(1, description="Only 1 is supported.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be absent or empty.")
-
-
-class PromptflowTurn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    inputs: dict[str, Any] = Field(default_factory=dict, description='{"question": "..."}')
-    outputs: dict[str, Any] = Field(default_factory=dict, description='{"answer": "...", <other outputs>}')
-
-
-class ScoreRequest(BaseModel):
-    """A Promptflow chat-flow request: the flow inputs ``question`` and ``chat_history``."""
-
-    model_config = ConfigDict(
-        extra="ignore",
-        json_schema_extra={"examples": [{"question": "And in French?", "chat_history": [
-            {"inputs": {"question": "Say hello."}, "outputs": {"answer": "Hello!"}}]}]},
-    )
-    question: str
-    chat_history: list[PromptflowTurn] = Field(default_factory=list, description="Earlier turns, oldest first.")
-    model: str | None = Field(None, description="Model name; or the azureml-model-deployment header; "
-                                                "none: the default model.")
-
-
-class DeepChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str = Field("user", description="'user', 'ai' (or 'assistant'), 'system'.")
-    text: str = ""
-
-
-class DeepChatRequest(BaseModel):
-    """Deep Chat's request body, plus optional properties the page may set."""
-
-    model_config = ConfigDict(
-        extra="ignore",
-        json_schema_extra={"examples": [{"messages": [{"role": "user", "text": "Hello!"}]}]},
-    )
-    messages: list[DeepChatMessage] = Field(min_length=1)
-    model: str | None = Field(None, description="Model name; none: the default model.")
-    stream: bool | None = Field(None, description="Force a stream (true) or one JSON object (false); "
-                                                  "default: a stream when Accept lists text/event-stream.")
-
-
-# -- response bodies (documentation; the handlers build dicts) ------------------------------------
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = Field(description="The provider of the model's config entry.")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class OpenAIErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIError(BaseModel):
-    error: OpenAIErrorDetail
-
-
-class PromptflowErrorDetail(BaseModel):
-    code: Literal["UserError", "SystemError"]
-    message: str
-
-
-class PromptflowError(BaseModel):
-    error: PromptflowErrorDetail
-
-
-class TextError(BaseModel):
-    error: str
-
-
-class DeepChatReply(BaseModel):
-    text: str
-
-
-def _sse_doc(description: str, example: str) -> dict[str, Any]:
-    return {"description": description, "content": {EVENT_STREAM: {"schema": {"type": "string"}, "example": example}}}
 
 
 # -- the pieces ------------------------------------------------------------------------------------
@@ -907,7 +782,7 @@ class Gateway:
              **{code: {"model": TextError} for code in (400, 404, 502)}},
             summary="Deep Chat custom server")
         add("/stream", self.stream, "GET", "text", "EventSource",
-            {200: _sse_doc("Text events, then [DONE].", 'id: 1\ndata: {"text": "Hel"}\n\nid: 2\ndata: [DONE]\n\n'),
+            {200: sse_doc("Text events, then [DONE].", 'id: 1\ndata: {"text": "Hel"}\n\nid: 2\ndata: [DONE]\n\n'),
              204: {"description": "A reconnection (Last-Event-ID) to a reply unknown or over: the EventSource stops."},
              **{code: {"model": TextError} for code in (400, 404)}},
             query_key=True, summary="Stream for EventSource (GET)")
