@@ -527,9 +527,8 @@ class ChatApp(HistoryHandlers):
         if self.config.api.enabled:
             from modules.api.gateway import Gateway
 
-            gateway = Gateway(self.models, self.config.api, translator=self.t, default_model=self.default_model,
-                              system_prompt=self.config.ui.system_prompt, limits=self.config.limits,
-                              context=self.config.context)
+            gateway = Gateway(self.chat, self.config.api, limits=self.config.limits, default_model=self.default_model,
+                              system_prompt=self.config.ui.system_prompt)
             kwargs["app_kwargs"] = gateway.app_kwargs(kwargs.get("app_kwargs"))
         # -- end of the HTTP API --
         if self.mode == "users":
