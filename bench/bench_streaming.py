@@ -186,6 +186,8 @@ class AppInfo:
     done_fn: int | None = None  # the page's ``.then()`` after respond (queue=False), if any
     done_data: list[Any] = field(default_factory=list)
     add_data: list[Any] = field(default_factory=list)  # the page's values for add_message's inputs
+    load_fn: int | None = None  # the page's load event (on_load): it opens the session, as a browser does
+    load_data: list[Any] = field(default_factory=list)
 
 
 async def discover(client: httpx.AsyncClient, url: str) -> AppInfo:
@@ -205,8 +207,10 @@ async def discover(client: httpx.AsyncClient, url: str) -> AppInfo:
     trigger = add["targets"][0][0] if add.get("targets") else None
     done = next((d for d in config["dependencies"] if d.get("trigger_after") == respond["id"]), None)
     prefix = config.get("api_prefix", "/gradio_api")
+    load = deps.get("on_load")
     return AppInfo(f"{url}{prefix}", deps["chat"]["id"], add["id"], respond["id"], trigger, defaults(respond),
-                   done["id"] if done else None, defaults(done) if done else [], defaults(add))
+                   done["id"] if done else None, defaults(done) if done else [], defaults(add),
+                   load["id"] if load else None, defaults(load) if load else [])
 
 
 def apply_diff(value: Any, diff: list[list[Any]]) -> Any:
@@ -254,9 +258,21 @@ def chatbot_reply(messages: Any) -> str:
     return ""
 
 
-async def gradio_chat(client: httpx.AsyncClient, app: AppInfo, path: str, max_events: int) -> Chat:
-    chat = Chat(started=time.perf_counter())
+async def open_session(client: httpx.AsyncClient, app: AppInfo) -> str:
+    """A page's session, opened by its load event (on_load) as a browser does before the user can
+    type; the session hash."""
     session = secrets.token_hex(6)
+    r = await client.post(f"{app.base}/run/predict", json={
+        "data": app.load_data, "event_data": None, "fn_index": app.load_fn, "trigger_id": None,
+        "session_hash": session})
+    r.raise_for_status()
+    return session
+
+
+async def gradio_chat(client: httpx.AsyncClient, app: AppInfo, path: str, max_events: int,
+                      session: str | None = None) -> Chat:
+    chat = Chat(started=time.perf_counter())
+    session = session or secrets.token_hex(6)
     try:
         if path == "ui":
             r = await client.post(f"{app.base}/run/predict", json={
@@ -444,17 +460,20 @@ async def wait_ready(client: httpx.AsyncClient, url: str, proc: subprocess.Popen
 # -- the benchmark ------------------------------------------------------------------------
 async def run_round(path: str, n: int, *, app: AppInfo | None, gclient: httpx.AsyncClient | None,
                     raw: tuple[openai.AsyncOpenAI, CountingTransport] | None, app_pid: int, fake_pid: int,
-                    expected: Expected, timeout: float, ramp: float = 0.0) -> Round:
+                    expected: Expected, timeout: float, ramp: float = 0.0, cold: bool = False) -> Round:
     """N chats; with ``ramp`` > 0 their starts are spread evenly over that many seconds."""
     max_events = len(expected.tokens) * 4 + 200
     if path == "raw":
         assert raw is not None
         oai, transport = raw
         bytes_before = transport.counter[0]
-        make = lambda: raw_chat(oai)  # noqa: E731
+        make = lambda i: raw_chat(oai)  # noqa: E731
     else:
         assert app is not None and gclient is not None
-        make = lambda: gradio_chat(gclient, app, path, max_events)  # noqa: E731
+        sessions: list[str | None] = [None] * n
+        if path == "ui" and app.load_fn is not None and not cold:  # the pages are open before they send
+            sessions = list(await asyncio.gather(*(open_session(gclient, app) for _ in range(n))))
+        make = lambda i: gradio_chat(gclient, app, path, max_events, sessions[i])  # noqa: E731
 
     async def bounded(i: int) -> Chat:
         if ramp > 0:
@@ -462,7 +481,7 @@ async def run_round(path: str, n: int, *, app: AppInfo | None, gclient: httpx.As
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                return await make()
+                return await make(i)
         except TimeoutError:
             return Chat(error=f"timeout after {timeout:.0f} s", started=started, ended=time.perf_counter())
 
@@ -632,7 +651,7 @@ async def bench(args: argparse.Namespace, counts: list[int], paths: list[str]) -
                     await asyncio.sleep(args.pause)
                     r = await run_round(path, n, app=app, gclient=gclient, raw=(oai, transport),
                                         app_pid=app_proc.pid, fake_pid=fake.pid, expected=expected,
-                                        timeout=timeout, ramp=args.ramp)
+                                        timeout=timeout, ramp=args.ramp, cold=args.cold)
                     row = summarize(r, ideal, len(expected.text.encode()), args.pace_tolerance, idle)
                     rows.append(row)
                     print(f"# {path:<3} N={n:<3} ok {row['ok']}/{n}  TTFT p50 {ms(row['ttft_p50'])} ms  "
@@ -655,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", default="1,8,32,64,96",
                         help="concurrent chats per round, comma-separated (default 1,8,32,64,96)")
+    parser.add_argument("--cold", action="store_true",
+                        help="ui: each send opens its page's session itself (no load event first, as before)")
     parser.add_argument("--full", action="store_true", help="also 128 concurrent chats (the default concurrency limit)")
     parser.add_argument("--path", choices=["api", "ui", "both"], default="both", help="app paths to measure")
     parser.add_argument("--tokens", type=int, default=500, help="tokens per reply (default 500)")

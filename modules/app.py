@@ -41,7 +41,7 @@ class ChatApp:
         pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
         # One chat pipeline for the page, /chat and the HTTP API (fit, run, settle; runs outlive pages).
         self.chat = ChatService(self.models, translator=self.t, context_config=config.context,
-                                runs_config=config.runs, pacer=pacer, max_owned_runs=config.server.concurrency)
+                                runs_config=config.runs, pacer=pacer, max_live_runs=config.server.concurrency)
         data_dir = Path(config.history.data_dir).expanduser().resolve()
         self.store, self.store_problem = (store, None) if store is not None else open_store(data_dir)
         self.page = ChatPage(config, chat=self.chat, store=self.store, store_problem=self.store_problem,
@@ -58,9 +58,8 @@ class ChatApp:
         server = self.config.server
         demo.queue(default_concurrency_limit=server.concurrency)
         if self.config.api.enabled:  # its routes join the FastAPI app Gradio creates
-            gateway = Gateway(self.models, self.config.api, translator=self.t, default_model=self.page.default_model,
-                              system_prompt=self.config.ui.system_prompt, limits=self.config.limits,
-                              context=self.config.context)
+            gateway = Gateway(self.chat, self.config.api, limits=self.config.limits,
+                              default_model=self.page.default_model, system_prompt=self.config.ui.system_prompt)
             kwargs["app_kwargs"] = gateway.app_kwargs(kwargs.get("app_kwargs"))
         if self.page.mode == "users":
             from modules.auth import Authenticator

@@ -725,34 +725,19 @@ async def test_max_per_owner_refuses_one_more_run_of_that_owner():
     await stop_all(a2, b1, r1, a3)
 
 
-async def test_the_apps_limit_on_owned_runs_refuses_one_more_of_any_owner():
+async def test_the_apps_limit_refuses_one_more_run_of_anyone():
     model = ScriptedModel()
-    svc = service(model, runs_config=RunsConfig(unwatched="continue"), max_owned_runs=2)
+    svc = service(model, runs_config=RunsConfig(unwatched="continue"), max_live_runs=2)
     fit = await fitted(svc, model)
     alice = svc.start(model, fit, OPTIONS, owner="alice")
-    bob = svc.start(model, fit, OPTIONS, owner="bob")
-    with pytest.raises(RunLimitError) as refused:
-        svc.start(model, fit, OPTIONS, owner="carol")
-    assert (refused.value.scope, refused.value.limit) == ("app", 2)
-    request = svc.start(model, fit, OPTIONS)  # a request's run is bounded by its front end, not here
+    request = svc.start(model, fit, OPTIONS)  # a request's run (the API, /chat) counts too
+    for owner in ("carol", None):
+        with pytest.raises(RunLimitError) as refused:
+            svc.start(model, fit, OPTIONS, owner=owner)
+        assert (refused.value.scope, refused.value.limit) == ("app", 2)
     await stop_all(alice)
     carol = svc.start(model, fit, OPTIONS, owner="carol")  # one ended: room again
-    await stop_all(bob, request, carol)
-
-
-async def test_the_registrys_hard_limit_bounds_every_run():
-    runs = ReplyRuns(limit=10, hard_limit=2)
-    _registries.append(runs)
-    model = ScriptedModel()
-    first = runs.start(model, MESSAGES, OPTIONS)
-    second = runs.start(model, MESSAGES, OPTIONS, owner="alice")
-    for owner in (None, "bob"):
-        with pytest.raises(RunLimitError) as refused:
-            runs.start(model, MESSAGES, OPTIONS, owner=owner)
-        assert (refused.value.scope, refused.value.limit) == ("app", 2)
-    await stop_all(first)
-    third = runs.start(model, MESSAGES, OPTIONS)
-    await stop_all(second, third)
+    await stop_all(request, carol)
 
 
 async def test_runs_of_a_key_are_the_live_ones_and_live_keys_lists_them():

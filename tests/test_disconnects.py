@@ -51,7 +51,7 @@ def app_url(upstream: CountingOpenAIServer, tmp_path_factory: pytest.TempPathFac
                     "api_key": FAKE_KEY, "max_retries": 0}],
         "api": {"enabled": True, "keys": [API_KEY], "heartbeat_seconds": HEARTBEAT, "resume_grace_seconds": GRACE},
         "limits": {"heartbeat_seconds": HEARTBEAT},
-        "server": {"port": free_port()},
+        "server": {"port": free_port(), "concurrency": 2 * CLIENTS},  # every client streams at once
         "history": {"data_dir": str(tmp_path_factory.mktemp("data"))},
     }, env={})
     app = ChatApp(config)

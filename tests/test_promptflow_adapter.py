@@ -25,7 +25,7 @@ from modules.config import build_config
 from modules.history.conversation import Conversation
 from modules.i18n import Translator
 from modules.providers import Delta, GenerationOptions, Message, create, errors, provider_class, validate_entry
-from modules.providers.promptflow import PromptflowChatModel
+from modules.providers.promptflow import PromptflowChatModel, from_chat_history, to_chat_history
 from modules.core.sentences import error_message
 from modules.web.render import reply_messages
 from modules.core.streaming import Reply, stream_reply
@@ -405,6 +405,23 @@ def test_request_body_pairs_turns_and_drops_the_system_message():
     ]}
     with pytest.raises(errors.BadRequestError):
         model.request_body([Message("system", "only a system prompt")])
+
+
+def test_chat_history_read_back_is_the_conversation_it_was_written_from():
+    """The shape the adapter writes is the one /score reads: one pair of functions."""
+    earlier = [Message("user", "q1"), Message("assistant", "a1", {"url": ["u1"]}),
+               Message("user", "unanswered"),
+               Message("user", "q3"), Message("assistant", "", {"url": ["u3"]})]  # only outputs
+    history = to_chat_history(earlier, question="query", answer="reply")
+    assert history == [
+        {"inputs": {"query": "q1"}, "outputs": {"reply": "a1", "url": ["u1"]}},
+        {"inputs": {"query": "unanswered"}, "outputs": {"reply": ""}},
+        {"inputs": {"query": "q3"}, "outputs": {"reply": "", "url": ["u3"]}},
+    ]
+    assert from_chat_history(history, question="query", answer="reply") == earlier
+    # a client's turns: a non-text answer as JSON, missing parts as empty
+    assert from_chat_history([{"inputs": {"question": "q"}, "outputs": {"answer": {"n": 1}}}, {}]) == [
+        Message("user", "q"), Message("assistant", '{"n": 1}'), Message("user", "")]
 
 
 # -- errors before the stream ----------------------------------------------------------------------------

@@ -216,6 +216,49 @@ def test_reloads_mid_stream_resume_the_same_reply(fake_openai, launch_app, conte
     expect_finished(page)
 
 
+def test_a_reload_as_the_reply_ends_shows_its_end(fake_openai, launch_app, contexts):
+    """The page's load event reopens the conversation while its reply still streams, and the reply
+    ends before the next event (``follow``) starts: the page must still end with the whole reply
+    and Send back. (The window is widened here by holding the page's ``follow`` request until
+    the run has ended; unheld it is the last moments of a reply, as ``bench_reload.py`` hits.)"""
+    url = start_app(fake_openai, launch_app)
+    context = contexts()
+    page = open_page(context, url)
+    config = page.request.get(url.rstrip("/") + "/config").json()
+    follow = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "follow")
+    held: list[Any] = []
+
+    def hold_follow(route: Any) -> None:
+        body = route.request.post_data_json or {}
+        if body.get("fn_index") == follow:
+            held.append(route)  # continued below, once the run has ended
+        else:
+            route.continue_()
+
+    enqueue_story(fake_openai)
+    ask(page, QUESTION)
+    expect(last_bot(page)).to_contain_text(token(5))
+    other = open_page(context, url)  # a second tab, following the run from early on: it shows when it ends
+    expect(last_bot(other)).to_contain_text(token(shown_words(page) + 3))
+    page.route("**/queue/join*", hold_follow)
+    page.reload(wait_until="load")
+    expect(page.locator(USERS)).to_have_text([QUESTION])  # reopened by the load event, still streaming
+    expect_streaming(page)
+    reopened = shown_words(page)
+    assert not fake_openai.completed.is_set(), "the reply ended before the reload had reopened it"
+
+    # the run ends meanwhile: the other tab shows it finished (settled and saved: no longer live)
+    expect_finished(other)
+    expect(other.locator("#chatbot sub")).to_have_count(1)  # the usage footer comes once it has finished
+    assert len(held) == 1, f"the reloaded page sent {len(held)} follow requests"
+    held[0].continue_()
+    page.unroute("**/queue/join*")
+
+    expect_finished(page)
+    assert reopened < COUNT
+    assert generations(fake_openai) == 1
+
+
 # -- a second tab ------------------------------------------------------------------------------
 def test_a_second_tab_follows_the_same_run(fake_openai, launch_app, contexts):
     """A second tab of the same browser opens the same conversation and follows the same run."""

@@ -27,25 +27,41 @@ def app(fake, launch_app, grace: float = 10.0) -> str:
                                "resume_grace_seconds": grace}}).rstrip("/")
 
 
-def read_events(response: httpx.Response, stop_after: int | None = None) -> list[tuple[str, Any]]:
-    """(id, data) of each event, until [DONE] or ``stop_after`` text events."""
+def read_events(response: httpx.Response, stop_after: int | None = None,
+                retries: list[str] | None = None) -> list[tuple[str, Any]]:
+    """(id, data) of each event, until [DONE] or ``stop_after`` text events; each ``retry:``
+    field into ``retries``, as ``"<index of its event>:<ms>"``."""
     out: list[tuple[str, Any]] = []
+    fields: dict[str, str] = {}
     event_id, texts = "", 0
     for line in response.iter_lines():
-        if line.startswith("id:"):
-            event_id = line[3:].strip()
-        elif line.startswith("data:"):
-            data = line[5:].strip()
-            payload = data if data == "[DONE]" else json.loads(data)
+        if line:  # a field of the event (one data line each here), or a comment (": ping")
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+            continue
+        if "data" in fields:  # the blank line ends the event
+            event_id = fields.get("id", event_id)
+            payload = fields["data"] if fields["data"] == "[DONE]" else json.loads(fields["data"])
+            if "retry" in fields and retries is not None:
+                retries.append(f"{len(out)}:{fields['retry']}")
             out.append((event_id, payload))
             texts += isinstance(payload, dict) and "text" in payload
             if payload == "[DONE]" or (stop_after is not None and texts >= stop_after):
                 return out
+        fields = {}
     return out
 
 
 def text_of(events: list[tuple[str, Any]]) -> str:
     return "".join(p["text"] for _, p in events if isinstance(p, dict) and "text" in p)
+
+
+def assert_ids_count_the_text(run: str, events: list[tuple[str, Any]], start: int = 0) -> None:
+    """Each id is ``<run>:<characters of text sent so far>``: what a reconnection names."""
+    sent = start
+    for event_id, payload in events:
+        sent += len(payload["text"]) if isinstance(payload, dict) and "text" in payload else 0
+        assert event_id == f"{run}:{sent}", (event_id, sent)
 
 
 def test_a_reconnection_with_last_event_id_continues_the_same_reply(fake_openai, launch_app):
@@ -56,15 +72,36 @@ def test_a_reconnection_with_last_event_id_continues_the_same_reply(fake_openai,
         with client.stream("GET", f"{url}/stream", params=params) as first:
             before = read_events(first, stop_after=5)  # then the connection drops
         last_id = before[-1][0]
-        assert last_id.endswith(":5")
+        run = last_id.rsplit(":", 1)[0]
+        assert last_id == f"{run}:{len(text_of(before))}"
         with client.stream("GET", f"{url}/stream", params=params, headers={"Last-Event-ID": last_id}) as again:
             after = read_events(again)
     assert after[-1][1] == "[DONE]"
     assert text_of(before) + text_of(after) == "".join(TOKENS)  # nothing lost, nothing twice
-    numbers = [int(i.rsplit(":", 1)[1]) for i, _ in before + after]
-    assert numbers == list(range(1, len(numbers) + 1))
+    assert_ids_count_the_text(run, before + after)
     assert len(fake_openai.requests) == 1  # one generation
     assert not fake_openai.disconnected.is_set()
+
+
+def test_a_reconnection_after_the_end_gets_the_rest_at_once_then_done(fake_openai, launch_app):
+    url = app(fake_openai, launch_app)
+    fake_openai.enqueue(*TOKENS[:20], delay=DELAY)
+    params = {"message": "Tell me", "api_key": API_KEY}
+    with httpx.Client(timeout=15) as client:
+        with client.stream("GET", f"{url}/stream", params=params) as first:
+            before = read_events(first, stop_after=3)  # then the connection drops
+        assert fake_openai.completed.wait(10), "the reply did not go on to its end without a viewer"
+        retries: list[str] = []
+        with client.stream("GET", f"{url}/stream", params=params,
+                           headers={"Last-Event-ID": before[-1][0]}) as again:
+            after = read_events(again, retries=retries)
+    run = before[-1][0].rsplit(":", 1)[0]
+    assert text_of(before) + text_of(after) == "".join(TOKENS[:20])
+    assert after[0][1] == {"text": "".join(TOKENS[:20])[len(text_of(before)):]}, "the rest, at once, in one event"
+    assert after[-1][1] == "[DONE]"
+    assert_ids_count_the_text(run, after, start=len(text_of(before)))
+    assert retries == ["0:1000"]  # the first event of the connection says how soon to reconnect
+    assert len(fake_openai.requests) == 1
 
 
 def test_a_reply_nobody_reconnects_to_is_cancelled_after_the_grace(fake_openai, launch_app):

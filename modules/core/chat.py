@@ -34,14 +34,14 @@ Save = Callable[[ReplyRun], Awaitable[None]]
 class ChatService:
     def __init__(self, models: Mapping[str, ChatModel], *, translator: Translator,
                  context_config: ContextConfig | None = None, runs_config: RunsConfig | None = None,
-                 pacer: Pacer | None = None, max_owned_runs: int = 1024, checkpoint_seconds: float = 1.0):
+                 pacer: Pacer | None = None, max_live_runs: int = 1024, checkpoint_seconds: float = 1.0):
         self.models = models
         self.t = translator
         self.context = context_config or ContextConfig()
         self.config = runs_config or RunsConfig()
         self.pacer = pacer or Pacer()
         self.checkpoint_seconds = checkpoint_seconds
-        self.runs = ReplyRuns(limit=max_owned_runs, max_per_owner=self.config.max_per_owner,
+        self.runs = ReplyRuns(limit=max_live_runs, max_per_owner=self.config.max_per_owner,
                               keep_seconds=max(30.0, self.config.unwatched_grace_seconds))
         self.secrets = [s for m in models.values() for s in m.secrets()]
 

@@ -7,6 +7,9 @@ with one key per flow input::
      "chat_history": [{"inputs": {"question": "..."},
                        "outputs": {"answer": "<whole answer>", "url": [...]}}, ...]}
 
+:func:`to_chat_history` writes that history and :func:`from_chat_history` reads it back
+(the HTTP API's ``/score`` takes the same shape from its clients).
+
 The request asks for a stream (``Accept: text/event-stream, application/json``)
 and the answer's ``Content-Type`` decides how it is read: SSE from a flow whose
 chat output is streamed (each event ``{"answer": "<delta>"}``, the flow's
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import json
 from contextlib import AsyncExitStack, aclosing
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Iterable, Literal, Mapping
 
 import httpx
 from httpx_sse import ServerSentEvent
@@ -122,14 +125,7 @@ class PromptflowChatModel(ChatModel):
         last_user = max((i for i, m in enumerate(chat) if m.role == "user"), default=None)
         if last_user is None:
             raise errors.BadRequestError("there is no user message to send to the flow")
-        history: list[dict[str, Any]] = []
-        for message in chat[:last_user]:
-            if message.role == "user":
-                history.append({"inputs": {cfg.input_field: message.content},
-                                "outputs": {cfg.output_field: ""}})
-            elif history:  # an assistant reply answers the turn before it
-                outputs = {**(message.outputs or {}), cfg.output_field: message.content}
-                history[-1]["outputs"] = outputs
+        history = to_chat_history(chat[:last_user], question=cfg.input_field, answer=cfg.output_field)
         return {cfg.input_field: chat[last_user].content, cfg.history_field: history}
 
     # -- the contract -------------------------------------------------------------------
@@ -266,6 +262,35 @@ class PromptflowChatModel(ChatModel):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+# -- chat_history: written here for a flow, read by the HTTP API's /score ------------------------------
+def to_chat_history(messages: Iterable[Message], *, question: str = "question",
+                    answer: str = "answer") -> list[dict[str, Any]]:
+    """Earlier messages as a flow's ``chat_history``: one turn per user message, the assistant
+    reply after it as the turn's outputs (its other outputs kept, the answer shown winning);
+    a question that got no reply has an empty answer. System messages are left out."""
+    history: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "user":
+            history.append({"inputs": {question: message.content}, "outputs": {answer: ""}})
+        elif message.role == "assistant" and history:  # an assistant reply answers the turn before it
+            history[-1]["outputs"] = {**(message.outputs or {}), answer: message.content}
+    return history
+
+
+def from_chat_history(turns: Iterable[Mapping[str, Any]], *, question: str = "question",
+                      answer: str = "answer") -> list[Message]:
+    """A ``chat_history`` as messages, the inverse of :func:`to_chat_history`: each turn's
+    question, then its answer with the other outputs (none when the turn has neither)."""
+    messages: list[Message] = []
+    for turn in turns:
+        messages.append(Message("user", _text((turn.get("inputs") or {}).get(question))))
+        outputs = dict(turn.get("outputs") or {})
+        text = _text(outputs.pop(answer, ""))
+        if text or outputs:
+            messages.append(Message("assistant", text, outputs or None))
+    return messages
 
 
 async def _once(delta: Delta) -> AsyncIterator[Delta]:

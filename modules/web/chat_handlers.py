@@ -139,23 +139,31 @@ class ChatHandlers:
             return
         key = (owner, conversation.id)
         if self.chat.runs.of(key) is not None:  # (another tab of this conversation is answering)
-            raise self.view.error(lang, "error.already_streaming")
+            raise self._refuse(conversation, lang, "error.already_streaming")
         save, checkpoint = self.keeper.keepers(conversation, position, lang, model.name, system_prompt, params)
         try:
             run = self.chat.start(model, fit, options, owner=owner, key=key, save=save, checkpoint=checkpoint)
         except RunLimitError as exc:  # the question stays; Regenerate asks again later
             key_name = "error.too_many_runs" if exc.scope == "owner" else "error.app_busy"
-            raise self.view.error(lang, key_name, limit=exc.limit) from None
+            raise self._refuse(conversation, lang, key_name, limit=exc.limit) from None
         turn.reply = run.reply
         async for update in self._watch(conversation, run, lang):
             yield update
 
+    def _refuse(self, conversation: Conversation, lang: str, key: str, **values: Any) -> gr.Error:
+        """No reply now: the sentence in a toast, and in the status line once the chain ends."""
+        error = self.view.error(lang, key, **values)
+        conversation.notice = "⚠️ " + error.message
+        return error
+
     async def follow(self, conversation: Conversation, request: gr.Request):
         """Show the reply streaming in the session's conversation (after a reload, or when the user
         comes back to it): the text so far at once, then the rest as it comes."""
-        run = self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
+        run = self._run_of(conversation)
         if run is None or not conversation.turns or conversation.turns[-1].reply is not run.reply:
-            yield gr.skip()
+            # Nothing to follow; but a reply reopened while it streamed may have ended since (then
+            # its end is shown, and ``followed`` gives Send back).
+            yield self.view.chatbot(conversation, self.t.language_for(request)) if conversation.following else gr.skip()
             return
         conversation.following = True
         async for update in self._watch(conversation, run, self.t.language_for(request)):
@@ -176,7 +184,10 @@ class ChatHandlers:
         async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds)) as updates:
             async for _ in updates:
                 if not conversation.turns or conversation.turns[-1].reply is not run.reply:
-                    return  # this session left the conversation; the run goes on
+                    # This session left the conversation; the run goes on. (The event's last value
+                    # is sent again when it ends: a skip, not this conversation over the new one.)
+                    yield gr.skip()
+                    return
                 yield self.view.chatbot(conversation, lang)
 
     def _run_of(self, conversation: Conversation) -> ReplyRun | None:
@@ -200,7 +211,8 @@ class ChatHandlers:
         """After a reply (finished, failed or stopped): Send back, the status line, usage, history."""
         lang = self.t.language_for(request)
         reply = conversation.turns[-1].reply if conversation.turns else None
-        status = gr.skip() if reply is None else render.status_line(reply, self.t, lang)
+        # (No reply: the question is waiting, its reply refused; the status line no longer says "Generating".)
+        status = self.t.text(lang, "status.ready") if reply is None else render.status_line(reply, self.t, lang)
         if conversation.notice:  # what add_message refused, said until the next event chain
             status, conversation.notice = conversation.notice, ""
         streaming = conversation.streaming is not None  # (the session came back to another streaming one)

@@ -67,6 +67,7 @@ class HistoryHandlers:
         run = self.chat.runs.of((conversation.owner, conversation.id))
         if run is not None and conversation.turns:  # its reply is the last turn's (the page's runs only answer that)
             conversation.turns[-1].reply = run.reply
+            conversation.following = True  # shown streaming: the follow event shows the rest, or the end
         model = record.model if record.model in self.models else gr.skip()
         streaming = conversation.streaming is not None
         return (*self.view.shown(conversation, record.model or None, lang), model, record.system_prompt, record.title,

@@ -231,12 +231,14 @@ class ChatPage:
                 event = trigger(**add_args).then(**respond_args)
                 streams.append(event)
                 finished = event.then(**done_args)
+                event.failure(**done_args)  # a refused reply (gr.Error) gives Send back too
                 if self.config.history.title_model:
                     finished.then(**title_args)
             regen = regenerate.click(chats.regenerate, [conversation, model, system_prompt],
                                      [chatbot, send, stop, status], **private).then(**respond_args)
             streams.append(regen)
             regen.then(**done_args)
+            regen.failure(**done_args)
             delete_last.click(chats.delete_last, [conversation, model, search], [*shown, history], **private)
             new_chat_args = dict(fn=chats.new_chat, inputs=[conversation, model, search],
                                  outputs=[*shown, side["title"], history, send, stop, open_id])
