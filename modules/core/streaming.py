@@ -331,7 +331,7 @@ class ReplyRun:
         try:
             with pacer.streaming():
                 changed = self._changed
-                if at_once:
+                if at_once or self.done:  # (a run already over gives its end, asked for or not)
                     await self._settled()
                     final = self.done
                     yield self.reply

@@ -147,7 +147,8 @@ class ChatHandlers:
             key_name = "error.too_many_runs" if exc.scope == "owner" else "error.app_busy"
             raise self._refuse(conversation, lang, key_name, limit=exc.limit) from None
         turn.reply = run.reply
-        async for update in self._watch(conversation, run, lang):
+        # (Not at once: add_message has just shown the question; the first update is the first change.)
+        async for update in self._watch(conversation, run, lang, at_once=False):
             yield update
 
     def _refuse(self, conversation: Conversation, lang: str, key: str, **values: Any) -> gr.Error:
@@ -177,11 +178,12 @@ class ChatHandlers:
         conversation.following = False
         return await self.done(conversation, model_name, query, request)
 
-    async def _watch(self, conversation: Conversation, run: ReplyRun, lang: str):
+    async def _watch(self, conversation: Conversation, run: ReplyRun, lang: str, at_once: bool = True):
         """The chatbot each time ``run``'s reply grew (paced), until it ended or the session opened
         another conversation. Only the chatbot: every output costs per update (a second one, the
         status line, cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place."""
-        async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds)) as updates:
+        async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds,
+                                      at_once=at_once)) as updates:
             async for _ in updates:
                 if not conversation.turns or conversation.turns[-1].reply is not run.reply:
                     # This session left the conversation; the run goes on. (The event's last value
@@ -270,7 +272,8 @@ class ChatHandlers:
         except RunLimitError as exc:
             raise self.view.error(lang, "error.app_busy", limit=exc.limit) from None
         sent = ""
-        async with aclosing(run.watch(heartbeat=self.config.limits.heartbeat_seconds, at_once=False)) as updates:
+        async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds,
+                                      at_once=False)) as updates:
             async for reply in updates:
                 # New text goes out; so does the heartbeat's (nothing changed): while no token
                 # comes, it is how Gradio finds out that the client has gone (and then closes this).
