@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (Debian's Chromium, as the page tests use it)
+from bench.procs import child_env, cpu_seconds, free_port, machine_busy, stop_process, tail, terminated  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAIServer, Script, words  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -95,29 +95,8 @@ NAVIGATION = """() => {
 
 
 # -- small helpers ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def pct(values: list[float], q: float) -> float:
@@ -131,13 +110,6 @@ def pct(values: list[float], q: float) -> float:
 
 def ms(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.0f}"
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def answer(content: str) -> str:
@@ -154,29 +126,6 @@ def lost_and_extra(got: str, want: str) -> tuple[int, int]:
         if tag in ("insert", "replace"):
             lost += j2 - j1
     return lost, extra
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENAI_API_KEY", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    return env
-
-
-def stop_process(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the app
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -389,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(seed {args.seed})")
     print(f"# Python {platform.python_version()}, gradio {version('gradio')}, playwright {version('playwright')}, "
           f"{os.cpu_count()} CPUs, load average {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, terminated)
 
     script = Script(tokens=tokens, delay=1.0 / args.rate, pace=True,
                     usage={"prompt_tokens": 24, "completion_tokens": args.tokens})

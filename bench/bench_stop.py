@@ -16,7 +16,6 @@ Prints p50 / p95 / max over the rounds.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,14 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gradio_client import Client  # noqa: E402
 
 from modules.config import build_config  # noqa: E402
+from bench.procs import free_port  # noqa: E402
 from modules.app import ChatApp  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAIServer  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def summary(name: str, latencies: list[float]) -> str:

@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,36 +46,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.procs import child_env, cpu_seconds, free_port, machine_busy, stop_process, tail, terminated  # noqa: E402
 from tests.fakes.openai_server import words  # noqa: E402  (the text the fake server sends)
 
 HOST = "127.0.0.1"
 API_KEY = "sk-bench-0123456789"
 MESSAGE = "Write a long answer about streaming."
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHILDREN: list[subprocess.Popen] = []  # stopped in main() whatever happens
 
 
 # -- small helpers ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of the whole line
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def load_average() -> str:
@@ -100,13 +79,6 @@ def ms(value: float) -> str:
 
 def secs(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}"
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -413,33 +385,12 @@ async def raw_chat(client: openai.AsyncOpenAI) -> Chat:
 
 
 # -- subprocesses -------------------------------------------------------------------------
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENAI_API_KEY", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT")}
-    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    return env
 
 
 def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, **kwargs)
     CHILDREN.append(proc)
     return proc
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the subprocesses
-
-
-def stop_process(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 async def wait_ready(client: httpx.AsyncClient, url: str, proc: subprocess.Popen, log: Path, timeout: float,
@@ -713,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Python {platform.python_version()}, gradio {version('gradio')}, openai {openai.__version__}, "
           f"httpx {httpx.__version__}, {os.cpu_count()} CPUs", flush=True)
     print(f"# load average at start: {load_average()}", flush=True)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, terminated)
     try:
         rows = asyncio.run(bench(args, counts, paths))
     except KeyboardInterrupt:
