@@ -52,7 +52,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (Debian's Chromium, as the page tests use it)
-from bench.procs import child_env, cpu_seconds, free_port, machine_busy, stop_process, tail, terminated  # noqa: E402
+from bench.procs import (  # noqa: E402
+    child_env, cpu_seconds, free_port, machine_busy, pct, stop_process, tail, terminated)
 from tests.fakes.openai_server import FakeOpenAIServer, Script, words  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -95,17 +96,6 @@ NAVIGATION = """() => {
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(value: float | None) -> str:

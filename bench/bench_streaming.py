@@ -46,7 +46,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.procs import child_env, cpu_seconds, free_port, machine_busy, stop_process, tail, terminated  # noqa: E402
+from bench.procs import (  # noqa: E402
+    child_env, cpu_seconds, free_port, machine_busy, pct, stop_process, tail, terminated)
 from tests.fakes.openai_server import words  # noqa: E402  (the text the fake server sends)
 
 HOST = "127.0.0.1"
@@ -61,16 +62,6 @@ CHILDREN: list[subprocess.Popen] = []  # stopped in main() whatever happens
 def load_average() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
-
-
-def pct(values: list[float], q: float) -> float:
-    """Percentile with linear interpolation (q in 0..100); nan when empty."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(value: float) -> str:

@@ -3,6 +3,7 @@ environment of a child process and how it is stopped."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -63,3 +64,13 @@ def stop_process(proc: subprocess.Popen | None) -> None:
 
 def terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
+
+
+def pct(values: list[float], q: float) -> float:
+    """Percentile with linear interpolation (q in 0..100); nan when empty."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
