@@ -25,6 +25,7 @@ from modules.core.streaming import Reply, ReplyRun
 from modules.i18n import language_from_header
 from modules.providers import ChatModel, GenerationOptions, Message, errors
 from modules.providers.text import repair, scrub
+from modules.providers.validation import first_problem
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,8 @@ class ApiChat:
         try:
             options = GenerationOptions(**values)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"])
-            raise Problem(400, f"Invalid parameter {name}: {err['msg']}", code="invalid_parameter",
+            name, problem = first_problem(exc)
+            raise Problem(400, f"Invalid parameter {name}: {problem}", code="invalid_parameter",
                           param=name) from None
         if options.max_tokens is not None and options.max_tokens >= model.context_size:
             raise Problem(400, f"max_tokens ({options.max_tokens}) must be less than the model's context size "

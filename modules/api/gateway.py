@@ -59,6 +59,7 @@ from modules.api import deepchat, eventsource, openai, promptflow
 from modules.api.common import ApiChat, ClientGone, Problem, Style, error_body
 from modules.config import APIConfig, LimitsConfig
 from modules.core.chat import ChatService
+from modules.providers.validation import describe
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,6 @@ class Gateway(ApiChat):
 def _validation_message(exc: RequestValidationError) -> str:
     problems = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        problems.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+        location, message = describe(err, skip={"body"})
+        problems.append(f"{location}: {message}" if location else message)
     return "Invalid request: " + "; ".join(problems)

@@ -8,6 +8,8 @@ that validates with pydantic, so the wording lives here once.
 
 from __future__ import annotations
 
+from typing import Any, Container, Mapping
+
 from pydantic import ValidationError
 
 
@@ -21,13 +23,20 @@ def first_problem(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
     pydantic's, without its "Value error, " prefix; a key the model does not
     have reads "unknown key (misspelt?)".
     """
-    problem = exc.errors(include_url=False)[0]
+    return describe(exc.errors(include_url=False)[0], prefix)
+
+
+def describe(problem: Mapping[str, Any], prefix: str = "", skip: Container[Any] = ()) -> tuple[str, str]:
+    """``(location, message)`` of one of pydantic's error dicts (as :func:`first_problem` words it);
+    ``skip``: parts of ``loc`` left out (FastAPI's ``"body"``)."""
     location = prefix
-    for part in problem["loc"]:
+    for part in problem.get("loc", ()):
+        if part in skip:
+            continue
         if isinstance(part, int):
             location += f"[{part}]"
-        elif not part.startswith("function-"):
-            location += f".{part}" if location else part
-    if problem["type"] == "extra_forbidden":
+        elif not str(part).startswith("function-"):
+            location += f".{part}" if location else str(part)
+    if problem.get("type") == "extra_forbidden":
         return location, "unknown key (misspelt?)"
-    return location, problem["msg"].removeprefix("Value error, ")
+    return location, str(problem.get("msg", "invalid")).removeprefix("Value error, ")
