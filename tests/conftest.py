@@ -79,3 +79,25 @@ def browser() -> Iterator[Any]:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+BROWSER_TIMEOUT_MS = 15_000
+
+
+@pytest.fixture
+def contexts(browser: Any) -> Iterator[Callable[..., Any]]:
+    """``contexts(init_script=None)`` -> a new browser context (its own localStorage, English, a
+    desktop viewport; ``init_script`` runs in each of its pages first), closed after the test."""
+    made: list[Any] = []
+
+    def make(init_script: str | None = None, **kwargs: Any) -> Any:
+        context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800}, **kwargs)
+        context.set_default_timeout(BROWSER_TIMEOUT_MS)
+        if init_script:
+            context.add_init_script(init_script)
+        made.append(context)
+        return context
+
+    yield make
+    for context in made:
+        context.close()

@@ -540,3 +540,19 @@ def test_reply_footer_and_usage_show_counts_and_cost(fake_openai, launch_app, se
     _, _, usage, *_ = session.open(conversation_id)
     assert "tokens in 320 · out 55 · price unknown" in usage, usage
     assert "Context: 210 / 8,192 tokens" in usage, usage
+
+
+def test_a_rename_while_the_reply_streams_survives_the_replys_save(fake_openai, launch_app, sessions):
+    """The reply is a run that saves itself when it ends: the name given meanwhile stays."""
+    url = launch_app(config(fake_openai))
+    page = sessions(url)
+    fake_openai.enqueue(*LONG[:40], delay=SLOW)
+    page.add("Tell me a long story")
+    job = page.submit_respond()
+    wait_until(lambda: fake_openai.chunks_sent >= 3, "the reply under way")
+    page.rename("Bedtime story")
+    assert not job.done(), "the reply ended before the rename could be tested"
+    job.result(timeout=60)
+    assert [title for title, _ in page.search()] == ["Bedtime story"]
+    document = page.export_json()
+    assert document["title"] == "Bedtime story" and document["messages"][-1]["status"] == "done"

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.conftest import fake_model_entry
 from tests.fakes.openai_server import FakeOpenAIServer, Script
@@ -30,22 +28,6 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
-@pytest.fixture
-def contexts(browser: Browser) -> Iterator[Callable[..., BrowserContext]]:
-    """``contexts()`` -> a new browser context (its own localStorage), closed after the test."""
-    made: list[BrowserContext] = []
-
-    def make(**kwargs: Any) -> BrowserContext:
-        context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800}, **kwargs)
-        context.set_default_timeout(TIMEOUT_MS)
-        made.append(context)
-        return context
-
-    yield make
-    for context in made:
-        context.close()
-
-
 def open_page(context: BrowserContext, url: str) -> Page:
     page = context.new_page()
     page.goto(url)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.conftest import fake_model_entry
 from tests.fakes.openai_server import FakeOpenAIServer
@@ -78,23 +78,6 @@ PARAGRAPHS = """
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
-@pytest.fixture
-def contexts(browser: Browser) -> Iterator[Callable[..., BrowserContext]]:
-    """``contexts()`` -> a new browser context (its own localStorage) with the recorder, closed after the test."""
-    made: list[BrowserContext] = []
-
-    def make(**kwargs: Any) -> BrowserContext:
-        context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 800}, **kwargs)
-        context.set_default_timeout(TIMEOUT_MS)
-        context.add_init_script(RECORDER)
-        made.append(context)
-        return context
-
-    yield make
-    for context in made:
-        context.close()
-
-
 def start_app(fake: FakeOpenAIServer, launch_app: Callable[..., str], mode: str = "shared", **config: Any) -> str:
     return launch_app({"models": [fake_model_entry(fake)], "history": {"mode": mode}, **config})
 
@@ -185,7 +168,7 @@ def test_reloads_mid_stream_resume_the_same_reply(fake_openai, launch_app, conte
     """Three reloads at different points: each time the page shows the reply so far and follows the
     rest without a click; at the end exactly the fake's text, Send back, one generation."""
     url = start_app(fake_openai, launch_app, mode)
-    page = open_page(contexts(), url)
+    page = open_page(contexts(RECORDER), url)
     enqueue_story(fake_openai)
     ask(page, QUESTION)
 
@@ -222,7 +205,7 @@ def test_a_reload_as_the_reply_ends_shows_its_end(fake_openai, launch_app, conte
     and Send back. (The window is widened here by holding the page's ``follow`` request until
     the run has ended; unheld it is the last moments of a reply, as ``bench_reload.py`` hits.)"""
     url = start_app(fake_openai, launch_app)
-    context = contexts()
+    context = contexts(RECORDER)
     page = open_page(context, url)
     config = page.request.get(url.rstrip("/") + "/config").json()
     follow = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "follow")
@@ -263,7 +246,7 @@ def test_a_reload_as_the_reply_ends_shows_its_end(fake_openai, launch_app, conte
 def test_a_second_tab_follows_the_same_run(fake_openai, launch_app, contexts):
     """A second tab of the same browser opens the same conversation and follows the same run."""
     url = start_app(fake_openai, launch_app)
-    context = contexts()
+    context = contexts(RECORDER)
     first = open_page(context, url)
     enqueue_story(fake_openai)
     ask(first, QUESTION)
@@ -291,7 +274,7 @@ def test_stop_in_the_second_tab_stops_the_run_for_both(fake_openai, launch_app, 
     """Stop in the tab that did not send: the upstream closes, both tabs show the partial reply
     marked stopped, and that is what was saved."""
     url = start_app(fake_openai, launch_app)
-    context = contexts()
+    context = contexts(RECORDER)
     first = open_page(context, url)
     enqueue_story(fake_openai)
     ask(first, QUESTION)
@@ -337,7 +320,7 @@ def test_leaving_a_streaming_conversation_and_coming_back(fake_openai, launch_ap
     marked in the sidebar; clicking the story shows it as far as it has come and follows it."""
     paris, paris_reply = "where is Paris", "Paris is in France."
     url = start_app(fake_openai, launch_app)
-    page = open_page(contexts(), url)
+    page = open_page(contexts(RECORDER), url)
     if how == "sidebar":  # an older conversation to go to
         fake_openai.enqueue("Paris", " is", " in", " France.")
         ask(page, paris)
@@ -403,7 +386,7 @@ def test_leaving_a_streaming_conversation_and_coming_back(fake_openai, launch_ap
 def test_a_closed_tab_leaves_the_reply_going_and_saved(fake_openai, launch_app, contexts):
     """unwatched: continue (the default): the reply goes on to its end and is saved whole."""
     url = start_app(fake_openai, launch_app)
-    context = contexts()
+    context = contexts(RECORDER)
     page = open_page(context, url)
     enqueue_story(fake_openai, count=60)
     ask(page, QUESTION)
@@ -426,7 +409,7 @@ def test_a_closed_tab_leaves_the_reply_going_and_saved(fake_openai, launch_app, 
 def test_a_closed_tab_stops_the_reply_with_unwatched_stop(fake_openai, launch_app, contexts):
     """unwatched: stop, no grace: closing the tab closes the upstream; the partial reply is saved."""
     url = start_app(fake_openai, launch_app, runs={"unwatched": "stop", "unwatched_grace_seconds": 0})
-    context = contexts()
+    context = contexts(RECORDER)
     page = open_page(context, url)
     enqueue_story(fake_openai)
     ask(page, QUESTION)
@@ -448,7 +431,7 @@ def test_one_reply_too_many_gets_a_sentence_and_the_message_is_kept(fake_openai,
     """runs.max_per_owner: 1 and a reply streaming: a second one gets error.too_many_runs's sentence,
     the question stays, nothing reaches the upstream, and the page is ready again."""
     url = start_app(fake_openai, launch_app, runs={"max_per_owner": 1})
-    page = open_page(contexts(), url)
+    page = open_page(contexts(RECORDER), url)
     enqueue_story(fake_openai)
     ask(page, QUESTION)
     expect(last_bot(page)).to_contain_text(token(3))

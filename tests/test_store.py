@@ -415,3 +415,23 @@ def test_a_database_path_that_is_a_folder_gives_a_store_in_memory(tmp_path: Path
         s.close()
     assert (tmp_path / FILENAME / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME]
+
+
+def test_a_reply_saved_after_a_rename_keeps_the_new_title(store: SQLiteStore) -> None:
+    """A reply is a run that saves itself when it ends, with the details it started with: a
+    rename made meanwhile (in this tab or another) stays, and a conversation deleted meanwhile
+    is not brought back."""
+    started = meta("c1", title="First question")
+    store.save_turn(started, 0, TurnRecord(user="First question"))
+    assert store.rename(ALICE, "c1", "My name for it")
+    done = TurnRecord(user="First question", reply="The answer.", status="done")
+    ended = dataclasses.replace(started, model="gpt-4o", params={"temperature": 0.5}, updated_at=2000.0)
+    assert store.save_reply(ended, 0, done)
+    record = store.load(ALICE, "c1")
+    assert record is not None and record.title == "My name for it"
+    assert record.turns == [done] and record.updated_at == 2000.0
+    assert (record.model, record.params) == ("gpt-4o", {"temperature": 0.5})
+    assert not store.save_reply(dataclasses.replace(ended, owner=BOB), 0, done)  # not Bob's
+    assert store.delete(ALICE, "c1")
+    assert not store.save_reply(ended, 0, done)
+    assert store.load(ALICE, "c1") is None

@@ -109,6 +109,11 @@ ON CONFLICT (id) DO UPDATE SET
     {", ".join(f"{c} = excluded.{c}" for c in CONVERSATION_COLUMNS if c not in ("id", "owner"))}
 WHERE conversations.owner = excluded.owner
 """
+# The details a reply brings (not the title: that changes by rename only), of an existing row.
+_UPDATE_DETAILS = """
+UPDATE conversations SET model = :model, system_prompt = :system_prompt, params = :params, updated_at = :updated_at
+WHERE id = :id AND owner = :owner
+"""
 _UPSERT_TURN = f"""
 INSERT INTO turns (conversation_id, position, {", ".join(TURN_COLUMNS)})
 VALUES (:conversation_id, :position, {", ".join(":" + c for c in TURN_COLUMNS)})
@@ -139,6 +144,13 @@ class HistoryStore(Protocol):
 
     def truncate(self, owner: str, conversation_id: str, length: int) -> None:
         """Delete the turns from ``length`` on; touches ``updated_at``."""
+        ...
+
+    def save_reply(self, meta: ConversationMeta, position: int, turn: TurnRecord) -> bool:
+        """Like :meth:`save_turn`, for a conversation that exists, and keeping its title: what a
+        run saving its reply uses (it ends later, with the details it started with), so that a
+        rename made meanwhile stays. False (nothing written) when the owner has no such
+        conversation, e.g. it was deleted meanwhile."""
         ...
 
     def save_meta(self, meta: ConversationMeta) -> bool:
@@ -409,6 +421,15 @@ class SQLiteStore(HistoryStore):
                 log.warning("Not saving a turn of conversation %s: it belongs to another owner", meta.id)
                 return
             conn.execute(_UPSERT_TURN, _turn_row(meta.id, position, turn))
+
+    def save_reply(self, meta: ConversationMeta, position: int, turn: TurnRecord) -> bool:
+        if position < 0:
+            raise ValueError(f"turn position must be >= 0, not {position}")
+        with self._write() as conn:
+            if conn.execute(_UPDATE_DETAILS, _meta_row(meta)).rowcount == 0:
+                return False
+            conn.execute(_UPSERT_TURN, _turn_row(meta.id, position, turn))
+            return True
 
     def truncate(self, owner: str, conversation_id: str, length: int) -> None:
         with self._write() as conn:

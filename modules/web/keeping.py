@@ -78,8 +78,9 @@ class SessionKeeper:
         app_stopped = self.t.text(lang, "error.app_stopped")
 
         async def write(record: TurnRecord) -> None:
+            # Only the turn (and the time): a rename made meanwhile stays, a deletion is not undone.
             try:
-                await asyncio.to_thread(self.store.save_turn, replace(meta, updated_at=time.time()), position, record)
+                await asyncio.to_thread(self.store.save_reply, replace(meta, updated_at=time.time()), position, record)
             except Exception:  # a full disk must not break the chat: the session still has it
                 log.exception("could not save turn %d of conversation %s", position, meta.id)
 
