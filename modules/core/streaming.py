@@ -1,16 +1,16 @@
-"""The streaming layer between adapters and the UI.
+"""The streaming layer: a reply as it grows, the run that grows it, and the pacing of its viewers.
 
-``stream_reply`` runs an adapter in a reader task that folds deltas into a
-:class:`Reply`, and yields that reply to its consumer (the Gradio handler) at
-most once per interval however fast tokens come: the first token at once,
-then on a fixed timer while anything changed. A :class:`Pacer` shared by all
-sessions sets the interval: the configured one (40 ms), stretched when so
-many replies stream at once that their updates would exceed the app's budget
-of UI updates per second (each update costs Gradio a fixed amount of CPU).
-It measures time to first token and tokens per second, and it owns
-cancellation: when the consumer stops (Stop, a closed tab, an error) the
-reader is cancelled, which leaves the adapter's ``async with`` and closes the
-upstream connection.
+A :class:`ReplyRun` reads an adapter in a reader task of its own and folds its deltas into a
+:class:`Reply`; any number of viewers :meth:`watch <ReplyRun.watch>` it (none, when a page
+was closed: the run does not belong to a page). A viewer gets the reply at once (the text so
+far), then at most once per interval however fast tokens come: the first text at once, then
+on a fixed timer while anything changed. A :class:`Pacer` shared by all sessions sets the
+interval: the configured one (40 ms), stretched when so many replies stream at once that
+their updates would exceed the app's budget of UI updates per second (each update costs
+Gradio a fixed amount of CPU). The reply measures time to first token and tokens per second.
+The run owns cancellation: :meth:`ReplyRun.stop` cancels the reader, which leaves the
+adapter's ``async with`` and closes the upstream connection. ``stream_reply`` is a run with
+one viewer that stops it when it leaves.
 """
 
 from __future__ import annotations
@@ -142,14 +142,16 @@ class Pacer:
 
 
 async def _read(model: ChatModel, messages: list[Message], options: GenerationOptions, reply: Reply,
-                changed: asyncio.Event) -> None:
+                grew: Callable[[], None]) -> None:
+    """Fold the adapter's deltas into ``reply`` (calling ``grew()`` after each, and at the end);
+    the adapter's stream is closed here, in this task, however it ends."""
     try:
         async with aclosing(model.stream(messages, options)) as deltas:
             async for delta in deltas:
                 if delta.outputs:  # fields an upstream sent beside the answer: shown, saved, exported
                     delta.outputs = scrub_value(delta.outputs, model.secrets())
                 reply.apply(delta)
-                changed.set()
+                grew()
         reply.status = "done"
     except errors.ModelError as exc:
         reply.fail(exc)
@@ -158,7 +160,7 @@ async def _read(model: ChatModel, messages: list[Message], options: GenerationOp
         reply.fail(errors.ModelError(type(exc).__name__))
     finally:
         reply.finished_at = time.monotonic()
-        changed.set()
+        grew()
 
 
 async def stream_reply(
@@ -228,7 +230,7 @@ class ReplyRun:
 
     # -- the run's own tasks ----------------------------------------------------------------------
     async def _read(self, messages: list[Message], options: GenerationOptions) -> None:
-        await _read(self.model, messages, options, self.reply, _Signal(self._grew))
+        await _read(self.model, messages, options, self.reply, self._grew)
 
     async def _run(self) -> None:
         try:
@@ -239,7 +241,7 @@ class ReplyRun:
                 self.timed_out = True
                 await self._cancel_reader()
                 self.reply.fail(errors.TimeLimitError(self.max_seconds or 0))
-            except asyncio.CancelledError:  # the app stops: the reply is still settled and saved
+            except asyncio.CancelledError:  # stop(), or the app stops: the reply is still settled and saved
                 await self._cancel_reader()
             if self._saving is not None:  # a checkpoint must not land after the final save
                 with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -365,12 +367,3 @@ class ReplyRun:
                     self._timer = asyncio.get_running_loop().call_later(self.grace, self.stop)
                 else:
                     self.stop()
-
-
-class _Signal:
-    """What :func:`_read` calls ``set()`` on: a callback."""
-
-    __slots__ = ("set",)
-
-    def __init__(self, callback: Callable[[], None]):
-        self.set = callback
