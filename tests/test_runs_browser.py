@@ -444,7 +444,8 @@ def test_one_reply_too_many_gets_a_sentence_and_the_message_is_kept(fake_openai,
     box.fill("a second question")
     box.press("Enter")
     sentence = LOCALE["error.too_many_runs"].format(limit=1)
-    expect(page.get_by_text(sentence)).to_be_visible()
+    expect(page.get_by_text(sentence).first).to_be_visible()  # a toast, and then the status line too
+    expect(page.locator("#status-line")).to_contain_text(sentence)
     expect(page.locator(USERS)).to_have_text(["a second question"])
     expect(page.locator(HISTORY).filter(has_text="a second question")).to_have_count(1)  # and saved
     assert generations(fake_openai) == 1, "the reply past the limit reached the upstream"
