@@ -83,7 +83,3 @@ class ReplyRuns:
 
     def live_keys(self) -> set[Hashable]:
         return {key for key, run_id in self._keys.items() if run_id in self._runs and not self._runs[run_id].done}
-
-    def stop_all(self) -> None:
-        for run in self.live():
-            run.stop()
