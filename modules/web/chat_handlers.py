@@ -128,7 +128,7 @@ class ChatHandlers:
         position, params = len(conversation.turns) - 1, options.openai_params()
         conversation.params = dict(params)
         fit = await self._fit(conversation, model, system_prompt, options)
-        if conversation.turns[position:position + 1] != [turn] or turn.reply is not None:
+        if conversation.pending is not turn:
             return  # the conversation changed meanwhile (another one was opened)
         if fit.overflows:  # the question alone is too long: say so, keep it
             turn.reply = Reply(model=model.name)
