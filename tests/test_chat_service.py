@@ -586,8 +586,8 @@ async def test_the_last_viewer_leaving_stops_a_request_run_at_once():
     assert [(s.status, s.text) for s in keeper.saves] == [("stopped", "Hello")]
 
 
-async def test_a_request_run_with_a_grace_stops_only_after_the_grace():
-    grace = 0.2
+async def left_with_a_grace(grace: float) -> tuple[ScriptedModel, ReplyRun, Keeper]:
+    """A request's run kept ``grace`` seconds for a reconnection, whose one viewer saw "Hel" and left."""
     model = ScriptedModel()
     svc = service(model)
     keeper = Keeper()
@@ -596,6 +596,12 @@ async def test_a_request_run_with_a_grace_stops_only_after_the_grace():
     model.enqueue("Hel")
     await viewer.until(lambda s: s.text == "Hel")
     await viewer.leave()
+    return model, run, keeper
+
+
+async def test_a_request_run_with_a_grace_stops_only_after_the_grace():
+    grace = 0.2
+    model, run, keeper = await left_with_a_grace(grace)
     t0 = now()
     assert run.reply.active
     model.enqueue("lo")  # it goes on meanwhile
@@ -610,14 +616,7 @@ async def test_a_request_run_with_a_grace_stops_only_after_the_grace():
 
 async def test_a_viewer_back_within_the_grace_keeps_a_request_run_going():
     grace = 0.2
-    model = ScriptedModel()
-    svc = service(model)
-    keeper = Keeper()
-    run = svc.start(model, await fitted(svc, model), OPTIONS, save=keeper.save, grace=grace)
-    viewer = Viewer(run)
-    model.enqueue("Hel")
-    await viewer.until(lambda s: s.text == "Hel")
-    await viewer.leave()
+    model, run, keeper = await left_with_a_grace(grace)
     back = Viewer(run)  # a reconnecting EventSource
     assert (await back.next(timeout=0.5)).text == "Hel"  # the text so far, at once
     assert await does_not_happen(model.closed, 2.5 * grace)  # the grace passed: still going

@@ -1,8 +1,10 @@
-"""The chat page (``gr.Blocks``) and the ``/chat`` API, wired to the streaming layer.
+"""The chat page (``gr.Blocks``): its layout and event wiring (``build``).
 
-Layout and event wiring live in ``build``; each handler is a small method.
-Per-session state is one :class:`Conversation` in ``gr.State``; the app object
-holds only what every session shares (config, adapters, translations).
+The handlers live in :mod:`modules.web.chat_handlers` (sending, replies as runs, Stop,
+``/chat``) and :mod:`modules.web.history_handlers` (load, sidebar, export, import); both read
+the session through :mod:`modules.web.view` and keep it through :mod:`modules.web.keeping`.
+Per-session state is one :class:`Conversation` in ``gr.State``; what every session shares
+(models, runs, the store) is given by the app (``modules/app.py``).
 """
 
 from __future__ import annotations
