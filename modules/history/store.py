@@ -41,7 +41,7 @@ from modules.history.records import (
     ConversationMeta,
     ConversationRecord,
     ConversationSummary,
-    TurnRecord,
+    MessageRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -125,32 +125,46 @@ ON CONFLICT (conversation_id, position) DO UPDATE SET
 class HistoryStore(Protocol):
     """Conversation history, per owner. Synchronous and safe to call from any thread.
 
-    A conversation of another owner is invisible: reads return nothing for it,
-    writes leave it alone (and return False where they return anything).
+    A conversation is a tree of messages (``modules/history/records.py``): each names its
+    parent; the conversation names the ``leaf`` of the branch last viewed. A conversation of
+    another owner is invisible: reads return nothing for it, writes leave it alone (and
+    return False where they return anything).
     """
 
     def list(self, owner: str, query: str = "", limit: int = 200) -> list[ConversationSummary]:
         """The owner's conversations, most recently updated first; ``query`` (case-insensitive,
-        taken literally) keeps those whose title, or any user message or reply, contains it."""
+        taken literally) keeps those whose title, or any message of any branch, contains it."""
         ...
 
     def load(self, owner: str, conversation_id: str) -> ConversationRecord | None:
-        """The conversation with its turns in order, or None (unknown, or another owner's)."""
+        """The conversation with every message of every branch, in the order they were first
+        saved, and its leaf; or None (unknown, or another owner's)."""
         ...
 
-    def save_turn(self, meta: ConversationMeta, position: int, turn: TurnRecord) -> None:
-        """Upsert the conversation's metadata and its turn ``position`` (0-based), in one transaction."""
+    def save_message(self, meta: ConversationMeta, message: MessageRecord, *, leaf: bool = True) -> bool:
+        """Upsert the conversation's metadata and one message (by its id) in one transaction; with
+        ``leaf``, the message becomes the end of the branch viewed. What a question, an edited
+        question or answer, and a reply the session ends itself use. False (nothing written)
+        when the id belongs to another owner, or the message's parent is not in the conversation."""
         ...
 
-    def truncate(self, owner: str, conversation_id: str, length: int) -> None:
-        """Delete the turns from ``length`` on; touches ``updated_at``."""
+    def save_reply(self, meta: ConversationMeta, message: MessageRecord) -> bool:
+        """A run saving (or checkpointing) its answer: upsert the message, for a conversation that
+        exists, keeping its title (a rename made meanwhile stays) and updating the other details
+        and ``updated_at``. If the branch viewed ends at the answer's question (the leaf is its
+        parent), it now ends at the answer; a branch elsewhere stays. False (nothing written) when
+        the owner has no such conversation (deleted meanwhile) or the parent is gone."""
         ...
 
-    def save_reply(self, meta: ConversationMeta, position: int, turn: TurnRecord) -> bool:
-        """Like :meth:`save_turn`, for a conversation that exists, and keeping its title: what a
-        run saving its reply uses (it ends later, with the details it started with), so that a
-        rename made meanwhile stays. False (nothing written) when the owner has no such
-        conversation, e.g. it was deleted meanwhile."""
+    def set_leaf(self, owner: str, conversation_id: str, leaf: str) -> bool:
+        """The branch viewed now ends at ``leaf`` (a message of the conversation). Not an update:
+        ``updated_at`` stays. False when there is no such conversation or message."""
+        ...
+
+    def delete_messages(self, owner: str, conversation_id: str, message_id: str, leaf: str | None) -> bool:
+        """Delete a message with everything below it (its subtree), and make ``leaf`` the end of
+        the branch viewed (None: the newest branch); touches ``updated_at``. False when there
+        is no such conversation or message."""
         ...
 
     def save_meta(self, meta: ConversationMeta) -> bool:
@@ -160,11 +174,12 @@ class HistoryStore(Protocol):
     def rename(self, owner: str, conversation_id: str, title: str) -> bool: ...
 
     def delete(self, owner: str, conversation_id: str) -> bool:
-        """Delete the conversation and its turns; False when there was none (for this owner)."""
+        """Delete the conversation and its messages; False when there was none (for this owner)."""
         ...
 
     def import_record(self, record: ConversationRecord) -> None:
-        """Insert a whole conversation in one transaction; ValueError if its id is taken."""
+        """Insert a whole conversation (its tree and leaf) in one transaction; ValueError if its id
+        is taken or its tree is not one (a parent missing or after its child, an id twice)."""
         ...
 
     def close(self) -> None: ...
