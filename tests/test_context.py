@@ -17,11 +17,10 @@ from hypothesis import strategies as st
 from modules.core import context
 from modules.core import accounting
 from modules.core import tokens
-from modules.history.conversation import Conversation, StoredError
+from modules.history.conversation import Conversation, StoredError, answer_record
 from modules.history.titles import TITLE_LENGTH, title_from
 from modules.providers import GenerationOptions, Message, ModelConfig, Usage, errors
 from modules.providers.base import Price
-from modules.history.records import ConversationRecord
 from modules.core.streaming import Counts, Reply
 from tests.fakes.scripted_model import ScriptedModel
 
@@ -113,10 +112,9 @@ def test_fit_overflows_when_the_question_alone_is_too_big() -> None:
 def test_fit_a_round_whose_reply_failed_is_a_round() -> None:
     """A reply that failed with no text leaves only its user message: that alone is one round."""
     conversation = Conversation()
-    conversation.add_user("first question " + words("f", 40)).reply = Reply(status="error",
-                                                                             error=errors.ServerError("boom"))
-    second = conversation.add_user("second question")
-    second.reply = Reply(text="second answer", status="done")
+    conversation.answer(conversation.add_user("first question " + words("f", 40)),
+                        Reply(status="error", error=errors.ServerError("boom")))
+    conversation.answer(conversation.add_user("second question"), Reply(text="second answer", status="done"))
     conversation.add_user("third question")
     messages = conversation.messages("System prompt.")
     assert [m.role for m in messages] == ["system", "user", "user", "assistant", "user"]
@@ -400,20 +398,22 @@ def settled(model: ScriptedModel, **fields: Any) -> Reply:
 def test_totals_over_settled_replies() -> None:
     priced = scripted(price=PRICE)
     conversation = Conversation()
-    conversation.add_user("a").reply = settled(priced, text="x", status="done", usage=Usage(1000, 500, True))
-    conversation.add_user("b").reply = settled(priced, text="hello world", status="done", prompt_estimate=(9, True))
+    conversation.answer(conversation.add_user("a"),
+                        settled(priced, text="x", status="done", usage=Usage(1000, 500, True)))
+    conversation.answer(conversation.add_user("b"),
+                        settled(priced, text="hello world", status="done", prompt_estimate=(9, True)))
     failed = Reply(model=priced.name)
     failed.fail(errors.ServerError("boom"))
     accounting.settle(failed, priced)
-    conversation.add_user("c").reply = failed  # no counts: left out, and not "unpriced"
+    conversation.answer(conversation.add_user("c"), failed)  # no counts: left out, and not "unpriced"
     conversation.add_user("d")  # pending
     # 1000 + 9 in, 500 + 2 out; $0.00045 + (9 × 0.15 + 2 × 0.60) / 1M = $0.00045255
     prompt, completion, exact, cost = conversation.totals
     assert (prompt, completion, exact) == (1009, 502, True)
     assert cost == pytest.approx(0.00045255)  # a number: every counted reply is priced
 
-    conversation.turns[-1].reply = settled(scripted("llama3.1:8b"), text="hello world", status="done",
-                                           prompt_estimate=(9, False))
+    conversation.answer(conversation.turns[-1], settled(scripted("llama3.1:8b"), text="hello world",
+                                                        status="done", prompt_estimate=(9, False)))
     assert conversation.totals == (1018, 504, False, None)
 
 
@@ -458,17 +458,17 @@ def error_text(error: errors.ModelError) -> str:
 def test_records_round_trip_a_stopped_reply_and_an_error() -> None:
     conversation = Conversation(id="c1", owner="alice")
     stopped = conversation.add_user("Tell me about tea", user_tokens=4)
-    stopped.reply = Reply(model="GPT-4o", text="Tea is", reasoning="thinking about tea", status="streaming",
-                          outputs={"sources": ["a.md"]}, dropped_rounds=2, summarized=True)
+    conversation.answer(stopped, Reply(model="GPT-4o", text="Tea is", reasoning="thinking about tea",
+                                       status="streaming", outputs={"sources": ["a.md"]}, dropped_rounds=2,
+                                       summarized=True))
     stopped.reply.stop()
     stopped.reply.counts, stopped.reply.cost = Counts(120, 2, True), 0.0000192
     failed = conversation.add_user("And coffee?")
-    failed.reply = Reply(model="GPT-4o")
+    conversation.answer(failed, Reply(model="GPT-4o"))
     failed.reply.fail(errors.RateLimitError("slow down"))
     conversation.add_user("Still there?")  # pending
 
-    record = ConversationRecord(id=conversation.id, owner=conversation.owner, title=conversation.title,
-                                turns=[conversation.turn_record(i, error_text) for i in range(3)])
+    record = conversation.record(conversation.meta("GPT-4o", "", {}), error_text)
     assert record.turns[0].status == "stopped" and record.turns[0].error == ""
     assert record.turns[1].status == "error" and record.turns[1].error == "The model is busy (rate_limit): slow down"
     assert record.turns[2].status == "pending"
@@ -501,5 +501,6 @@ def test_records_round_trip_a_stopped_reply_and_an_error() -> None:
 
 def test_a_reply_still_streaming_is_recorded_as_stopped() -> None:
     conversation = Conversation()
-    conversation.add_user("hi").reply = Reply(text="Hel", status="streaming")
-    assert conversation.turn_record(0, error_text).status == "stopped"
+    turn = conversation.add_user("hi")
+    conversation.answer(turn, Reply(text="Hel", status="streaming"))
+    assert answer_record(turn.answer, error_text).status == "stopped"

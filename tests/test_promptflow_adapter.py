@@ -357,7 +357,7 @@ async def test_chat_history_follows_the_conversation_in_the_flows_shape():
             for question in ("When was ChatGPT launched?", "And GPT-4?", "How far apart?"):
                 turn = conversation.add_user(question)
                 messages = conversation.messages("You are a helpful assistant.")
-                turn.reply = Reply(model=model.name)
+                conversation.answer(turn, Reply(model=model.name))
                 async with aclosing(stream_reply(model, messages, GenerationOptions(), reply=turn.reply)) as replies:
                     async for _ in replies:
                         pass
@@ -383,7 +383,7 @@ async def test_chat_history_keeps_unanswered_and_interrupted_turns(pf_server, ma
     conversation = Conversation()
     for question in ("one", "two", "three"):
         turn = conversation.add_user(question)
-        turn.reply = await reply_of(model, conversation.messages(""))
+        conversation.answer(turn, await reply_of(model, conversation.messages("")))
     assert [t.reply.status for t in conversation.turns] == ["error", "interrupted", "done"]
     assert pf_server.histories[2] == [
         {"inputs": {"question": "one"}, "outputs": {"answer": ""}},  # what the user said stays

@@ -159,7 +159,7 @@ async def test_chat_history_with_a_previous_turn_is_accepted(model):
     conversation = Conversation()
     for question in ("first question here", "second one"):
         turn = conversation.add_user(question)
-        turn.reply = Reply(model=pf.name)
+        conversation.answer(turn, Reply(model=pf.name))
         messages = conversation.messages("You are helpful.")
         async with aclosing(stream_reply(pf, messages, GenerationOptions(), reply=turn.reply)) as replies:
             async for _ in replies:

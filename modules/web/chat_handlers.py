@@ -14,11 +14,11 @@ import gradio as gr
 from pydantic import ValidationError
 
 from modules.config import AppConfig
-from modules.core import context
 from modules.core.chat import ChatService
 from modules.core.runs import RunLimitError
 from modules.core.streaming import Reply, ReplyRun
-from modules.history.conversation import Conversation
+from modules.history.conversation import Conversation, Node, Turn, new_id
+from modules.history.records import new_message_id
 from modules.providers import ChatModel, GenerationOptions
 from modules.providers.text import repair
 from modules.providers.validation import first_problem
@@ -82,13 +82,6 @@ class ChatHandlers:
             return text, self.t.text(lang, "error.message_too_long", length=f"{len(text):,}", limit=f"{limit:,}")
         return text, ""
 
-    async def _fit(self, conversation: Conversation, model: ChatModel, system_prompt: str,
-                   options: GenerationOptions) -> context.Fit:
-        """The request for the pending question, trimmed (or summarised) to fit the model's context."""
-        fit, conversation.summary = await self.chat.fit(model, conversation.messages(system_prompt), options,
-                                                        summary=conversation.summary)
-        return fit
-
     def _generating(self, conversation: Conversation, lang: str):
         """Outputs (chatbot, send, stop, status) for a reply about to stream."""
         return (self.view.chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True),
@@ -105,8 +98,8 @@ class ChatHandlers:
                 conversation.notice = "⚠️ " + problem
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip(), gr.skip()
             self.keeper.owner(conversation, request)
-            conversation.add_user(text, await self.keeper.count_user(text, model_name))
-            await self.keeper.save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+            turn = conversation.add_user(text, await self.keeper.count_user(text, model_name))
+            await self.keeper.save_question(conversation, turn, lang, model_name, system_prompt)
             return ("", *self._generating(conversation, lang), self.view.history(conversation, query, lang),
                     conversation.id)
         return (gr.skip(),) * 7
@@ -114,42 +107,68 @@ class ChatHandlers:
     async def respond(self, conversation: Conversation, model_name: str, system_prompt: str,
                        temperature: float, top_p: float, max_tokens: float, stop: str,
                        presence: float, frequency: float, seed: float, request: gr.Request):
-        """Start the run that answers the pending question, and show it growing. The run is the
-        server's, not this event's: a reload or a closed tab leaves it going (``runs.unwatched``)."""
+        """Start the run that answers the pending question (or continues the last answer, after
+        Continue), and show it growing. The run is the server's, not this event's: a reload or a
+        closed tab leaves it going (``runs.unwatched``)."""
         lang = self.t.language_for(request)
-        turn = conversation.pending
+        turn = conversation.continuing or conversation.pending
+        continuing = conversation.continuing is not None
+        conversation.continuing = None
         if turn is None:  # nothing to answer (empty input, or already streaming)
             return
         owner = self.keeper.owner(conversation, request)
         system_prompt = repair(str(system_prompt or ""))
-        model = self.view.model(model_name, lang)
-        options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
-        self._check_options(lang, model, options)
-        position, params = len(conversation.turns) - 1, options.openai_params()
+        try:
+            model = self.view.model(model_name, lang)
+            options = self._options(lang, temperature, top_p, max_tokens, stop, presence, frequency, seed)
+            self._check_options(lang, model, options)
+        except gr.Error:
+            await self._give_back(conversation, turn)
+            raise
+        params = options.openai_params()
         conversation.params = dict(params)
-        fit = await self._fit(conversation, model, system_prompt, options)
-        if conversation.pending is not turn:
-            return  # the conversation changed meanwhile (another one was opened)
+        index = conversation.turns.index(turn)
+        if continuing:
+            assert turn.reply is not None
+            messages = self.chat.continuation(model, conversation.messages(system_prompt, upto=index), turn.reply.text)
+        else:
+            messages = conversation.messages(system_prompt)
+        fit, conversation.summary = await self.chat.fit(model, messages, options, summary=conversation.summary)
+        if turn not in conversation.turns or (not continuing and conversation.pending is not turn):
+            return  # the conversation changed meanwhile (another one was opened, another branch shown)
         if fit.overflows:  # the question alone is too long: say so, keep it
-            turn.reply = Reply(model=model.name)
-            turn.reply.fail(self.chat.overflow(fit))
-            turn.reply.finished_at = turn.reply.started_at
-            await self.keeper.save_turn(conversation, position, lang, model.name, system_prompt, params)
+            if continuing:
+                raise self._refuse(conversation, lang, "error.continue_overflow",
+                                   message=self.chat.sentence(lang, self.chat.overflow(fit)))
+            reply = Reply(model=model.name)
+            reply.fail(self.chat.overflow(fit))
+            reply.finished_at = reply.started_at
+            conversation.answer(turn, reply)
+            await self.keeper.save_answer(conversation, turn, lang, model.name, system_prompt, params)
             yield self.view.chatbot(conversation, lang)
             return
-        key = (owner, conversation.id)
-        if self.chat.runs.of(key) is not None:  # (another tab of this conversation is answering)
+        if not continuing and self.view.runs_answering(conversation, turn.id):  # (another tab is answering it)
+            await self._give_back(conversation, turn)
             raise self._refuse(conversation, lang, "error.already_streaming")
-        save, checkpoint = self.keeper.keepers(conversation, position, lang, model.name, system_prompt, params)
+        node = turn.answer if continuing else Node(new_message_id(), turn.id, "assistant")
+        assert node is not None
+        save, checkpoint = self.keeper.keepers(conversation, node, lang, model.name, system_prompt, params)
         try:
-            run = self.chat.start(model, fit, options, owner=owner, key=key, save=save, checkpoint=checkpoint)
+            run = self.chat.start(model, fit, options, owner=owner, key=self.view.run_key(conversation, turn.id, node.id),
+                                  save=save, checkpoint=checkpoint, continuing=turn.reply if continuing else None)
         except RunLimitError as exc:  # the question stays; Regenerate asks again later
+            await self._give_back(conversation, turn)
             key_name = "error.too_many_runs" if exc.scope == "owner" else "error.app_busy"
             raise self._refuse(conversation, lang, key_name, limit=exc.limit) from None
-        turn.reply = run.reply
-        # (Not at once: add_message has just shown the question; the first update is the first change.)
+        conversation.answer(turn, run.reply, node=node)
+        # (Not at once: the question, or the answer to continue, is shown; the first update is the first change.)
         async for update in self._watch(conversation, run, lang, at_once=False):
             yield update
+
+    async def _give_back(self, conversation: Conversation, turn: Turn) -> None:
+        """No new answer after all: the one Regenerate took off the branch is put back."""
+        if conversation.restore_replaced(turn):
+            await self.keeper.save_branch(conversation)
 
     def _refuse(self, conversation: Conversation, lang: str, key: str, **values: Any) -> gr.Error:
         """No reply now: the sentence in a toast, and in the status line once the chain ends."""
@@ -193,7 +212,11 @@ class ChatHandlers:
                 yield self.view.chatbot(conversation, lang)
 
     def _run_of(self, conversation: Conversation) -> ReplyRun | None:
-        return self.chat.runs.of((conversation.owner, conversation.id)) if conversation.id else None
+        """The live run of the answer at the end of the branch shown, if any."""
+        last = conversation.turns[-1] if conversation.turns else None
+        if not conversation.id or last is None or last.reply_id is None:
+            return None
+        return self.chat.runs.of(self.view.run_key(conversation, last.id, last.reply_id))
 
     async def stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         """Stop the reply streaming in this conversation, whichever tab started it: the upstream is
@@ -223,20 +246,126 @@ class ChatHandlers:
 
     async def regenerate(self, conversation: Conversation, model_name: str, system_prompt: str,
                           request: gr.Request):
+        """Ask the last question again; the earlier answer stays, a version of the new one."""
         lang = self.t.language_for(request)
         if conversation.forget_last_reply() is None:
             return (gr.skip(),) * 4
         self.keeper.owner(conversation, request)
-        await self.keeper.save_turn(conversation, len(conversation.turns) - 1, lang, model_name, system_prompt)
+        await self.keeper.save_branch(conversation)  # (a crash now: the question shows pending)
         return self._generating(conversation, lang)
 
     async def delete_last(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
+        """Delete the last question with every version of its answer; the branch then shows the
+        newest other version of that question, if any."""
         lang = self.t.language_for(request)
         owner = self.keeper.owner(conversation, request)
-        if conversation.delete_last_round() is not None and conversation.id:
-            await asyncio.to_thread(self.store.truncate, owner, conversation.id, len(conversation.turns))
+        turn = conversation.delete_last_round()
+        if turn is not None and conversation.id:
+            await asyncio.to_thread(self.store.delete_messages, owner, conversation.id, turn.id, conversation.leaf)
         # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
         return (*self.view.shown(conversation, model_name, lang), self.view.history(conversation, query, lang))
+
+    async def edit(self, conversation: Conversation, model_name: str, system_prompt: str, query: str,
+                    data: gr.EditData, request: gr.Request):
+        """A message edited in the chatbot (its edit control)."""
+        if str(data.value) == str(data.previous_value):  # (a bubble's other message, left as it was)
+            return (gr.skip(),) * 5
+        return await self._edit(conversation, model_name, system_prompt, query, data.index, data.value, request)
+
+    async def edit_at(self, index: Any, text: Any, conversation: Conversation, model_name: str, system_prompt: str,
+                      query: str, request: gr.Request):
+        """The same for an API caller: the chatbot message ``index`` (as the chatbot lists them) now
+        says ``text``."""
+        try:
+            index = int(index)
+        except (TypeError, ValueError):
+            index = None
+        return await self._edit(conversation, model_name, system_prompt, query, index, text, request)
+
+    async def _edit(self, conversation: Conversation, model_name: str, system_prompt: str, query: str,
+                    index: Any, value: Any, request: gr.Request):
+        """A question: a new version of it, answered next (the original and what followed stay, on
+        their branch; a reply still answering it is stopped first, and the status line says so).
+        An answer: a new version written by the user. Outputs: (chatbot, send, stop, status, history)."""
+        lang = self.t.language_for(request)
+        data_index, data_value = index, value
+        where = render.locate(conversation, self.t, lang, data_index) if isinstance(data_index, int) else None
+        shown = (self.view.chatbot(conversation, lang), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        if where is None or where[1] == "thinking":  # (a reasoning block is the model's own: not edited)
+            return shown
+        index, part = where
+        text, problem = self._message(lang, render.body_of(str(data_value or "")))
+        if problem or not text.strip():
+            conversation.notice = "⚠️ " + (problem or self.t.text(lang, "error.empty_message"))
+            return (*shown[:3], conversation.notice, gr.skip())
+        self.keeper.owner(conversation, request)
+        turn = conversation.turns[index]
+        if part == "answer":
+            if turn.reply is None or turn.reply.active:
+                conversation.notice = "⚠️ " + self.t.text(lang, "error.edit_streaming")
+                return (*shown[:3], conversation.notice, gr.skip())
+            conversation.edit_answer(index, text)
+            await self.keeper.save_answer(conversation, conversation.turns[-1], lang, model_name, system_prompt)
+            return self.view.chatbot(conversation, lang), gr.skip(), gr.skip(), gr.skip(), \
+                self.view.history(conversation, query, lang)
+        for run in self.view.runs_answering(conversation, turn.id):  # its answer would answer another question
+            run.stop()
+            await run.wait()
+            conversation.notice = "ℹ️ " + self.t.text(lang, "notice.edit_stopped_run")
+        new = conversation.edit_question(index, text, await self.keeper.count_user(text, model_name))
+        await self.keeper.save_question(conversation, new, lang, model_name, system_prompt)
+        return (*self._generating(conversation, lang), self.view.history(conversation, query, lang))
+
+    async def act(self, action: str, conversation: Conversation, model_name: str, query: str,
+                   request: gr.Request):
+        """A link in the chatbot: "v:<id>:<step>" shows another version of a message (and the
+        branch below it), "continue:<id>" continues the last answer, "fork:<id>" starts a new
+        conversation with a copy of the branch up to that answer. Outputs: (chatbot, send, stop,
+        status, usage, history, open conversation, title)."""
+        lang = self.t.language_for(request)
+        skip = (gr.skip(),) * 8
+        kind, _, rest = str(action or "").partition(":")
+        target, _, step = rest.partition("|")[0].partition(":")
+        self.keeper.owner(conversation, request)
+        if kind == "v":
+            try:
+                moved = conversation.switch(target, int(step or 0))
+            except ValueError:
+                moved = False
+            if not moved:
+                return skip
+            self.view.join_runs(conversation)
+            await self.keeper.save_branch(conversation)
+            streaming = conversation.streaming is not None
+            conversation.following = streaming  # the follow event shows the rest
+            chatbot, status, usage = self.view.shown(conversation, model_name, lang)
+            return (chatbot, gr.Button(visible=not streaming), gr.Button(visible=streaming), status, usage,
+                    gr.skip(), gr.skip(), gr.skip())
+        last = conversation.turns[-1] if conversation.turns else None
+        if kind == "continue":
+            if last is None or last.reply_id != target or not render.continuable(last.reply):
+                return skip
+            conversation.continuing = last
+            return (*self._generating(conversation, lang)[:3], self.t.text(lang, "status.generating"),
+                    gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        if kind == "fork":
+            index = conversation.index_of(target)
+            if index is None or conversation.turns[index].reply_id != target:
+                return skip
+            fork = conversation.fork(index)
+            fork.id, fork.title = new_id(), self.t.text(lang, "history.fork_title", title=conversation.title or
+                                                        self.t.text(lang, "history.untitled"))
+            meta = fork.meta(model_name or "", "", conversation.params)
+            record = fork.record(meta, lambda error: self.chat.sentence(lang, error))
+            stored = await asyncio.to_thread(self.store.load, conversation.owner, conversation.id) if conversation.id else None
+            if stored is not None:  # the conversation's own details (model, system prompt)
+                record.model, record.system_prompt = stored.model, stored.system_prompt
+            await asyncio.to_thread(self.store.import_record, record)
+            conversation.replace(fork)
+            chatbot, status, usage = self.view.shown(conversation, model_name, lang)
+            return (chatbot, gr.Button(visible=True), gr.Button(visible=False), status, usage,
+                    self.view.history(conversation, query, lang), conversation.id, conversation.title)
+        return skip
 
     async def new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         """A new, empty conversation; the old one stays in the history (a reply streaming there goes on)."""

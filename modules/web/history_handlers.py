@@ -64,9 +64,8 @@ class HistoryHandlers:
         (chatbot, status, usage, model, system prompt, title, send, stop)."""
         conversation.replace(Conversation.from_record(record))
         conversation.params = dict(record.params)
-        run = self.chat.runs.of((conversation.owner, conversation.id))
-        if run is not None and conversation.turns:  # its reply is the last turn's (the page's runs only answer that)
-            conversation.turns[-1].reply = run.reply
+        self.view.join_runs(conversation)
+        if conversation.streaming is not None:
             conversation.following = True  # shown streaming: the follow event shows the rest, or the end
         model = record.model if record.model in self.models else gr.skip()
         streaming = conversation.streaming is not None

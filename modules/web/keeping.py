@@ -1,6 +1,6 @@
 """Whose a session's conversation is (a user, the desktop's one owner, or a browser), and how its
-turns are kept: saved on a worker thread, and, for a reply that is a run, by the run itself (a
-detached copy of the turn: the run outlives the session)."""
+messages are kept: saved on a worker thread, and, for a reply that is a run, by the run itself (a
+detached copy of the answer: the run outlives the session)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,16 @@ from modules.core import tokens
 from modules.core.chat import ChatService
 from modules.core.streaming import ReplyRun
 from modules.history import ownership
-from modules.history.conversation import Conversation, Turn, checkpoint_record, new_id, turn_record
-from modules.history.records import TurnRecord
+from modules.history.conversation import (
+    Conversation,
+    Node,
+    Turn,
+    answer_record,
+    checkpoint_record,
+    new_id,
+    question_record,
+)
+from modules.history.records import ConversationMeta, MessageRecord
 from modules.history.store import HistoryStore
 from modules.providers.text import repair
 
@@ -48,45 +56,66 @@ class SessionKeeper:
         model = self.models.get(model_name or self.default_model)
         return (await tokens.off_loop(tokens.count, text, model.model_id if model else "", chars=len(text)))[0]
 
-    async def save_turn(self, conversation: Conversation, position: int, lang: str, model: str,
-                         system_prompt: str, params: dict[str, Any] | None = None) -> None:
-        """Save one turn and the conversation's details in one transaction, on a worker thread (an
-        fsync'd commit must not hold up every other stream). Never raises."""
-        if not conversation.owner or position >= len(conversation.turns):
-            return
+    def _meta(self, conversation: Conversation, model: str, system_prompt: str,
+              params: dict[str, Any] | None) -> ConversationMeta:
         system_prompt = repair(str(system_prompt or ""))  # lone surrogates could not be stored
         conversation.id = conversation.id or new_id()
-        record = conversation.turn_record(
-            position, lambda error: self.chat.sentence(lang, error)
-        )
         meta = conversation.meta(model, system_prompt, params if params is not None else conversation.params)
         if params is not None:
             conversation.params = dict(params)
-        try:
-            await asyncio.to_thread(self.store.save_turn, meta, position, record)
-        except Exception:  # a full disk must not break the chat: the session still has it
-            log.exception("could not save turn %d of conversation %s", position, conversation.id)
+        return meta
 
-    def keepers(self, conversation: Conversation, position: int, lang: str, model: str, system_prompt: str,
-                 params: dict[str, Any]) -> tuple[Any, Any]:
-        """(save, checkpoint) for the run that answers turn ``position``: they write a detached copy
-        of the turn (the run outlives this session, and must not touch its state), on a worker thread.
+    async def _write(self, what: str, conversation_id: str, call: Any, *args: Any) -> Any:
+        """``call(*args)`` on a worker thread (an fsync'd commit must not hold up every other
+        stream). Never raises: a full disk must not break the chat (the session still has it)."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except Exception:
+            log.exception("could not save %s of conversation %s", what, conversation_id)
+            return False
+
+    async def save_question(self, conversation: Conversation, turn: Turn, lang: str, model: str,
+                            system_prompt: str, params: dict[str, Any] | None = None) -> None:
+        """Save a question (new, or a new version of one) and the conversation's details in one
+        transaction; the branch viewed now ends with it."""
+        if not conversation.owner:
+            return
+        meta = self._meta(conversation, model, system_prompt, params)
+        await self._write("a question", meta.id, self.store.save_message, meta, question_record(turn.question))
+
+    async def save_answer(self, conversation: Conversation, turn: Turn, lang: str, model: str,
+                          system_prompt: str, params: dict[str, Any] | None = None) -> None:
+        """Save an answer the session made itself (an edited one, or a refusal that never became a
+        run); the branch viewed now ends with it."""
+        if not conversation.owner or turn.answer is None:
+            return
+        meta = self._meta(conversation, model, system_prompt, params)
+        record = answer_record(turn.answer, lambda error: self.chat.sentence(lang, error))
+        await self._write("an answer", meta.id, self.store.save_message, meta, record)
+
+    async def save_branch(self, conversation: Conversation) -> None:
+        """The branch shown is the one to reopen (after a switch, a deletion)."""
+        if conversation.owner and conversation.id and conversation.leaf:
+            await self._write("the branch viewed", conversation.id, self.store.set_leaf,
+                              conversation.owner, conversation.id, conversation.leaf)
+
+    def keepers(self, conversation: Conversation, node: Node, lang: str, model: str, system_prompt: str,
+                params: dict[str, Any]) -> tuple[Any, Any]:
+        """(save, checkpoint) for the run that makes the answer ``node``: they write a detached copy
+        of it (the run outlives this session, and must not touch its state), on a worker thread.
         ``checkpoint`` keeps the reply as a crash would leave it; ``save`` its final state."""
         meta = conversation.meta(model, repair(str(system_prompt or "")), params)
-        turn = conversation.turns[position]
-        detached = Turn(user=turn.user, user_tokens=turn.user_tokens, created_at=turn.created_at)
+        detached = Node(node.id, node.parent, "assistant", edited=node.edited, created_at=node.created_at)
         app_stopped = self.t.text(lang, "error.app_stopped")
 
-        async def write(record: TurnRecord) -> None:
-            # Only the turn (and the time): a rename made meanwhile stays, a deletion is not undone.
-            try:
-                await asyncio.to_thread(self.store.save_reply, replace(meta, updated_at=time.time()), position, record)
-            except Exception:  # a full disk must not break the chat: the session still has it
-                log.exception("could not save turn %d of conversation %s", position, meta.id)
+        async def write(record: MessageRecord) -> None:
+            # Only the answer (and the time): a rename made meanwhile stays, a deletion is not undone.
+            await self._write("an answer", meta.id, self.store.save_reply, replace(meta, updated_at=time.time()),
+                              record)
 
         async def save(run: ReplyRun) -> None:
             detached.reply = run.reply
-            await write(turn_record(detached, lambda error: self.chat.sentence(lang, error)))
+            await write(answer_record(detached, lambda error: self.chat.sentence(lang, error)))
 
         async def checkpoint(run: ReplyRun) -> None:
             detached.reply = run.reply

@@ -65,6 +65,44 @@ THEME_TOGGLE_JS = """() => {
 }"""
 
 
+# The chatbot's own links ("#chuanhu:<action>", see render.link) become actions: the action is
+# written to the hidden #branch-action box and #branch-go pressed. An edit box opening on a message
+# shows its words only: what the page added after them (render.FOOTER on) is taken out.
+ACTIONS_JS = """() => {
+  if (window.chuanhuActions) return;
+  window.chuanhuActions = true;
+  const FOOTER = "<!--chuanhu-->";
+  document.addEventListener("click", (event) => {
+    const link = event.target instanceof Element && event.target.closest('a[href^="#chuanhu:"]');
+    if (!link) return;
+    event.preventDefault();
+    event.stopPropagation();
+    const box = document.querySelector("#branch-action textarea, #branch-action input");
+    const go = document.querySelector("#branch-go");
+    if (!box || !go) return;
+    box.value = link.getAttribute("href").slice("#chuanhu:".length) + "|" + Date.now();
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+    go.click();
+  }, true);
+  const trim = (area) => {
+    const at = area.value.indexOf(FOOTER);
+    if (at < 0) return;
+    area.value = area.value.slice(0, at).replace(/\\n+$/, "");
+    area.dispatchEvent(new Event("input", { bubbles: true }));
+  };
+  document.addEventListener("focusin", (event) => {
+    if (event.target instanceof HTMLTextAreaElement && event.target.matches(".edit-textarea")) trim(event.target);
+  });
+  new MutationObserver((changes) => {
+    for (const change of changes) for (const node of change.addedNodes) {
+      if (!(node instanceof Element)) continue;
+      const areas = node.matches("textarea.edit-textarea") ? [node] : node.querySelectorAll("textarea.edit-textarea");
+      areas.forEach(trim);
+    }
+  }).observe(document.body, { childList: true, subtree: true });
+}"""
+
+
 class ChatPage:
     """The page: its layout (``build``) wired to two sets of handlers, the chat's and the history's,
     composed from what the app gives: the chat service (models, runs), the history store."""
@@ -168,7 +206,16 @@ class ChatPage:
                         latex_delimiters=LATEX,
                         buttons=["copy", "copy_all"],
                         feedback_options=None,
+                        editable="all",  # an edit makes a new version; the original stays on its branch
                     )
+                    # The chatbot's links (versions, Continue, fork) write their action here and press
+                    # the button (ACTIONS_JS): in the page, not shown.
+                    action = gr.Textbox(visible="hidden", elem_id="branch-action")
+                    action_go = gr.Button(visible="hidden", elem_id="branch-go")
+                    # An edit for API callers (the page uses the chatbot's own edit control).
+                    edit_index = gr.Number(visible="hidden", precision=0, elem_id="edit-index")
+                    edit_text = gr.Textbox(visible="hidden", elem_id="edit-text")
+                    edit_go = gr.Button(visible="hidden", elem_id="edit-go")
                     with gr.Row():
                         textbox = gr.Textbox(
                             show_label=False,
@@ -236,8 +283,24 @@ class ChatPage:
                 event.failure(**done_args)  # a refused reply (gr.Error) gives Send back too
                 if self.config.history.title_model:
                     finished.then(**title_args)
+            edit_outputs = [chatbot, send, stop, status, history]
+            for edited in (chatbot.edit(chats.edit, [conversation, model, system_prompt, search], edit_outputs,
+                                        **private),
+                           edit_go.click(chats.edit_at, [edit_index, edit_text, conversation, model, system_prompt,
+                                                         search], edit_outputs, api_name="edit", **undocumented)):
+                edited = edited.then(**respond_args)
+                streams.append(edited)
+                edited.then(**done_args)
+                edited.failure(**done_args)
+            acted = action_go.click(chats.act, [action, conversation, model, search],
+                                    [chatbot, send, stop, status, usage, history, open_id, side["title"]],
+                                    api_name="act", **undocumented).then(**respond_args)
+            streams.append(acted)
+            acted.then(**follow_args).then(**done_args)
+            acted.failure(**done_args)
             regen = regenerate.click(chats.regenerate, [conversation, model, system_prompt],
-                                     [chatbot, send, stop, status], **private).then(**respond_args)
+                                     [chatbot, send, stop, status], api_name="regenerate",
+                                     **undocumented).then(**respond_args)
             streams.append(regen)
             regen.then(**done_args)
             regen.failure(**done_args)
@@ -288,6 +351,7 @@ class ChatPage:
             settings["template"].input(histories.pick_template, [settings["collection"], settings["template"]],
                                        [system_prompt], **private)
             demo.load(None, js=THEME_INIT_JS)
+            demo.load(None, js=ACTIONS_JS)
             theme.click(None, js=THEME_TOGGLE_JS)
 
             # Stop reaches the run from any tab showing it; cancels= ends a send still fitting its request.

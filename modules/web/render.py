@@ -7,12 +7,13 @@ tested without a browser and reused by the ``/chat`` API.
 from __future__ import annotations
 
 import html
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Literal
 
 from modules.core.accounting import format_cost
 from modules.core.sentences import error_message
 from modules.core.streaming import Counts, Reply
-from modules.history.conversation import Conversation, Turn
+from modules.history.conversation import Conversation, Node, Turn
 from modules.i18n import Translator
 
 
@@ -26,8 +27,77 @@ def _sources(outputs: dict[str, Any], label: str) -> str:
     return f"\n\n**{label}**\n" + "\n".join(lines) if lines else ""
 
 
-def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """The chatbot messages for one reply: a "thinking" block, then the answer."""
+FOOTER = "<!--chuanhu-->"  # what follows it in a message is the page's (marks, links), not the message's
+ACTION = "#chuanhu:"  # links the page's script turns into actions (versions, continue, fork)
+Part = Literal["user", "thinking", "answer"]
+
+
+def link(label: str, action: str, title: str) -> str:
+    """A markdown link the page's script catches (``#chuanhu:<action>``); ``title`` is its tooltip."""
+    title = title.replace('"', "'")
+    return f'[{label}]({ACTION}{action} "{title}")'
+
+
+def body_of(content: str) -> str:
+    """A message's own words, without what the page added after them (an edited message)."""
+    body, marker, _ = content.partition(FOOTER)
+    return body.removesuffix("\n\n") if marker else body
+
+
+@dataclass
+class Marks:
+    """What the chatbot shows about the tree: the versions of each message, where replies stream."""
+
+    groups: dict[tuple[str | None, str], list[str]]  # (parent, role) -> sibling ids, in the order made
+    streaming: dict[str, set[str]]  # node id -> the streaming answers below it (itself included)
+    last: str | None  # the last answer on the branch (where Continue applies)
+
+    @classmethod
+    def of(cls, conversation: Conversation, live: Iterable[str] = ()) -> Marks:
+        groups: dict[tuple[str | None, str], list[str]] = {}
+        for node in conversation.nodes.values():
+            groups.setdefault((node.parent, node.role), []).append(node.id)
+        streaming: dict[str, set[str]] = {}
+        for answer in live:
+            node, seen = conversation.nodes.get(answer), 0
+            while node is not None and seen < len(conversation.nodes):
+                streaming.setdefault(node.id, set()).add(answer)
+                node = conversation.nodes.get(node.parent) if node.parent is not None else None
+                seen += 1
+        last = conversation.turns[-1].reply_id if conversation.turns else None
+        return cls(groups, streaming, last)
+
+    def versions(self, node: Node, t: Translator, lang: str) -> str:
+        """"‹ 2 / 3 ›" (each arrow a link when there is a version that way), and "⏳ 1" for the
+        versions where a reply streams, other than this one; "" for a message with no siblings."""
+        ids = self.groups.get((node.parent, node.role), [])
+        if len(ids) < 2 or node.id not in ids:
+            return ""
+        position = ids.index(node.id) + 1
+        back = link("‹", f"v:{node.id}:-1", t.text(lang, "action.previous_version")) if position > 1 else "‹"
+        ahead = link("›", f"v:{node.id}:1", t.text(lang, "action.next_version")) if position < len(ids) else "›"
+        text = f"{back} {position} / {len(ids)} {ahead}"
+        elsewhere = [str(i + 1) for i, other in enumerate(ids) if other != node.id and other in self.streaming]
+        if elsewhere:
+            text += " · " + t.text(lang, "mark.streaming_in", versions=", ".join(elsewhere))
+        return text
+
+
+def _decorated(body: str, marks: list[str], footer: list[str]) -> str:
+    """``body``, then (after the FOOTER marker) the marks, then one small line of ``footer`` items."""
+    extra = [m for m in marks if m]
+    items = [f for f in footer if f]
+    if items:
+        extra.append("<sub>" + " · ".join(items) + "</sub>")
+    if not extra:
+        return body
+    return (body + "\n\n" if body else "") + FOOTER + "\n\n" + "\n\n".join(extra)
+
+
+def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str] = (),
+                   footer: Iterable[str] = (), edited: bool = False) -> list[dict[str, Any]]:
+    """The chatbot messages for one reply: a "thinking" block, then the answer (its text, then
+    its marks and a footer line: usage, then ``footer``'s items)."""
     out: list[dict[str, Any]] = []
     if reply.reasoning:
         thinking = reply.active and not reply.text
@@ -41,42 +111,83 @@ def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str
                 },
             }
         )
-    content = reply.text
+    body = reply.text
+    marks: list[str] = []
     if reply.dropped_rounds:
         mark = "mark.summarized" if reply.summarized else "mark.dropped"
-        content = "*" + t.text(lang, mark, rounds=reply.dropped_rounds) + "*\n\n" + content
+        marks.append("*" + t.text(lang, mark, rounds=reply.dropped_rounds) + "*")
     if reply.outputs:
-        content += _sources(reply.outputs, t.text(lang, "mark.sources"))
+        marks.append(_sources(reply.outputs, t.text(lang, "mark.sources")).strip())
+    if edited:
+        marks.append("*" + t.text(lang, "mark.edited") + "*")
     if reply.status == "stopped":
-        content += "\n\n*" + t.text(lang, "mark.stopped") + "*"
+        marks.append("*" + t.text(lang, "mark.stopped") + "*")
     elif reply.status == "interrupted" and reply.error is not None:
         message = error_message(t, lang, reply.error, secrets)
-        content += "\n\n*" + t.text(lang, "mark.interrupted", message=message) + "*"
+        marks.append("*" + t.text(lang, "mark.interrupted", message=message) + "*")
     elif reply.status == "error" and reply.error is not None:
-        content = t.text(lang, "error.prefix", message=error_message(t, lang, reply.error, secrets))
+        body = t.text(lang, "error.prefix", message=error_message(t, lang, reply.error, secrets))
     elif reply.status == "done" and reply.finish_reason == "length":
-        content += "\n\n*" + t.text(lang, "mark.length") + "*"
-    elif reply.active and reply.retrying is not None and not (content or out):  # until the first token
-        content = "*" + t.text(lang, "status.retrying", attempt=reply.retrying[0], attempts=reply.retrying[1]) + "*"
+        marks.append("*" + t.text(lang, "mark.length") + "*")
+    elif reply.active and reply.retrying is not None and not (body or out):  # until the first token
+        body = "*" + t.text(lang, "status.retrying", attempt=reply.retrying[0], attempts=reply.retrying[1]) + "*"
+    items = []
     if reply.counts is not None and not reply.active:
-        content += "\n\n<sub>" + usage_text(reply.counts, reply.cost, t, lang) + "</sub>"
+        items.append(usage_text(reply.counts, reply.cost, t, lang))
+    content = _decorated(body, marks, [*items, *footer]) if not reply.active else _decorated(body, marks, [])
     if content or not out:
         out.append({"role": "assistant", "content": content})
     return out
 
 
-def turn_messages(turn: Turn, t: Translator, lang: str, secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"role": "user", "content": turn.user}]
-    if turn.reply is not None:
-        out += reply_messages(turn.reply, t, lang, secrets)
-    return out
+def continuable(reply: Reply | None) -> bool:
+    """A reply Continue can extend: stopped, interrupted with text, or cut by the token limit."""
+    if reply is None or reply.active or not reply.text:
+        return False
+    return reply.status in ("stopped", "interrupted") or (reply.status == "done" and reply.finish_reason == "length")
 
 
-def chatbot(conversation: Conversation, t: Translator, lang: str, secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = []
-    for turn in conversation.turns:
-        messages += turn_messages(turn, t, lang, secrets)
-    return messages
+def _answer_footer(turn: Turn, marks: Marks, t: Translator, lang: str) -> list[str]:
+    answer = turn.answer
+    if answer is None or answer.reply is None or answer.reply.active:
+        return []
+    items = [marks.versions(answer, t, lang)]
+    if answer.id == marks.last and continuable(answer.reply):
+        items.append(link(t.text(lang, "action.continue"), f"continue:{answer.id}", t.text(lang, "action.continue_title")))
+    items.append(link(t.text(lang, "action.fork"), f"fork:{answer.id}", t.text(lang, "action.fork_title")))
+    return items
+
+
+def entries(conversation: Conversation, t: Translator, lang: str, secrets: Iterable[str] = (),
+            live: Iterable[str] = ()) -> Iterator[tuple[dict[str, Any], int, Part]]:
+    """Each chatbot message with the turn it shows (its index on the branch) and which part."""
+    marks = Marks.of(conversation, live)
+    for index, turn in enumerate(conversation.turns):
+        yield {"role": "user", "content": _decorated(turn.user, [], [marks.versions(turn.question, t, lang)])}, index, "user"
+        if turn.answer is not None and turn.reply is not None:
+            for message in reply_messages(turn.reply, t, lang, secrets, _answer_footer(turn, marks, t, lang),
+                                          edited=turn.answer.edited):
+                yield message, index, "thinking" if "metadata" in message else "answer"
+        elif turn.replaced is None and len(marks.groups.get((turn.id, "assistant"), [])) > 0:
+            # A question whose answers are all on other branches (none here yet): reach them.
+            answers = marks.groups[(turn.id, "assistant")]
+            first = conversation.nodes[answers[-1]]
+            yield ({"role": "assistant", "content": _decorated("", [], [
+                link(t.text(lang, "action.show_answers", count=len(answers)), f"v:{first.id}:0",
+                     t.text(lang, "action.next_version"))])}, index, "answer")
+
+
+def chatbot(conversation: Conversation, t: Translator, lang: str, secrets: Iterable[str] = (),
+            live: Iterable[str] = ()) -> list[dict[str, Any]]:
+    return [message for message, _, _ in entries(conversation, t, lang, secrets, live)]
+
+
+def locate(conversation: Conversation, t: Translator, lang: str, index: int) -> tuple[int, Part] | None:
+    """The turn and part the chatbot message ``index`` shows (an edit event names a message by it)."""
+    for position, (_, turn, part) in enumerate(entries(conversation, t, lang)):
+        if position == index:
+            return turn, part
+    return None
 
 
 def tokens_text(value: int, exact: bool) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 import gradio as gr
 
 from modules.core.chat import ChatService
-from modules.history.conversation import Conversation
+from modules.core.streaming import ReplyRun
+from modules.history.conversation import Conversation, Node
 from modules.history.store import HistoryStore, StoreProblem
 from modules.providers import ChatModel
 from modules.web import render
@@ -25,7 +26,46 @@ class PageView:
         self.default_model = default_model
 
     def chatbot(self, conversation: Conversation, lang: str) -> list[dict[str, Any]]:
-        return render.chatbot(conversation, self.t, lang, self.secrets)
+        return render.chatbot(conversation, self.t, lang, self.secrets, live=self.live_answers(conversation))
+
+    # -- runs of the session's conversation ------------------------------------------------
+    @staticmethod
+    def run_key(conversation: Conversation, question_id: str, answer_id: str) -> tuple[str, str, str, str]:
+        """A page run's key: whose, which conversation, the question it answers, its answer's id."""
+        return (conversation.owner, conversation.id, question_id, answer_id)
+
+    def _live(self, conversation: Conversation) -> list[tuple[tuple[str, str, str, str], ReplyRun]]:
+        if not conversation.id:
+            return []
+        found = []
+        for key in self.chat.runs.live_keys():
+            if isinstance(key, tuple) and len(key) == 4 and key[:2] == (conversation.owner, conversation.id):
+                run = self.chat.runs.of(key)
+                if run is not None:
+                    found.append((key, run))
+        return found
+
+    def live_answers(self, conversation: Conversation) -> set[str]:
+        """The ids of the answers streaming now in this conversation (on any branch)."""
+        return {key[3] for key, _ in self._live(conversation)}
+
+    def runs_answering(self, conversation: Conversation, question_id: str) -> list[ReplyRun]:
+        return [run for key, run in self._live(conversation) if key[2] == question_id]
+
+    def join_runs(self, conversation: Conversation) -> None:
+        """The session shows the live runs of its conversation (started by another tab, or before
+        a reload): each streaming answer it knows holds the run's reply; one it does not know yet
+        (not saved before the reload) joins the tree, and the branch if its question ends it."""
+        last = conversation.turns[-1] if conversation.turns else None
+        for (_, _, question_id, answer_id), run in self._live(conversation):
+            node = conversation.nodes.get(answer_id)
+            if node is not None:
+                node.reply = run.reply
+            elif question_id in conversation.nodes:
+                node = Node(answer_id, question_id, "assistant", reply=run.reply)
+                conversation.nodes[answer_id] = node
+            if node is not None and last is not None and last.id == question_id and last.answer is None:
+                last.answer = node
 
     def model(self, name: str | None, lang: str) -> ChatModel:
         model = self.models.get(name or self.default_model)
