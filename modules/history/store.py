@@ -1,17 +1,24 @@
-"""The conversation history store: where finished and pending turns are kept.
+"""The conversation history store: where every message of every conversation is kept.
 
 :class:`HistoryStore` is the small interface the app uses; :class:`SQLiteStore`
 implements it on one SQLite file (``history.sqlite3`` in the data folder).
 Every query is scoped by ``owner`` (an opaque string such as ``"local"`` or
 ``"browser:<hex>"``): a conversation of another owner is invisible, even to a
 caller that knows its id. Every write is one transaction, so a process killed
-mid-write leaves either the whole turn or none of it.
+mid-write leaves either the whole message or none of it.
+
+A conversation is a tree of messages (``modules/history/records.py``), kept in
+the ``messages`` table: each row names its parent, and ``seq`` keeps the order
+in which messages were first saved. A file of schema version 1 (the turns of a
+conversation by position, before branches) is upgraded in place when opened,
+after a copy of it is made beside it (``history.sqlite3.v1-backup``).
 
 :func:`open_store` is how the app opens it: a damaged file is moved aside (never
-deleted) and a fresh one started; a folder that cannot be written gives an
-in-memory store, so the app still starts. Either way it says what happened in a
-:class:`StoreProblem`. A damaged write-ahead log (``history.sqlite3-wal``, which
-SQLite would silently ignore, losing what it holds) is moved aside the same way.
+deleted) and a fresh one started; a folder that cannot be written, or a version-1
+file that cannot be upgraded, gives an in-memory store, so the app still starts.
+Either way it says what happened in a :class:`StoreProblem`. A damaged write-ahead
+log (``history.sqlite3-wal``, which SQLite would silently ignore, losing what it
+holds) is moved aside the same way.
 
 The store checkpoints the log into the main file a few seconds after the last
 write and when it is closed, so that ``history.sqlite3`` alone is a complete
@@ -21,6 +28,7 @@ app runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -42,12 +50,15 @@ from modules.history.records import (
     ConversationRecord,
     ConversationSummary,
     MessageRecord,
+    TurnRecord,
+    chain,
 )
 
 log = logging.getLogger(__name__)
 
 FILENAME = "history.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+V1_BACKUP = ".v1-backup"  # after the file's name: the copy of a version-1 file made before upgrading it
 COMPANIONS = ("-wal", "-shm")  # SQLite's write-ahead log and its index, kept beside the file
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
 # The write-ahead log's format (https://www.sqlite.org/fileformat.html#the_write_ahead_log): a
@@ -59,12 +70,18 @@ WAL_HEADER_SIZE, WAL_FRAME_HEADER_SIZE = 32, 24
 CHECKPOINT_SECONDS = 5.0  # the most a write stays in the log alone (when nothing else checkpoints it)
 
 CONVERSATION_COLUMNS = ("id", "owner", "title", "model", "system_prompt", "params", "created_at", "updated_at")
-# One column per TurnRecord field, in the dataclass's order.
-TURN_COLUMNS = ("user", "reply", "reasoning", "outputs", "status", "error", "finish_reason", "model",
-                "user_tokens", "prompt_tokens", "completion_tokens", "tokens_exact", "cost",
-                "dropped_rounds", "summarized", "created_at", "finished_at")
+# One column per MessageRecord field, in the dataclass's order (its ``parent`` is ``parent_id``).
+MESSAGE_COLUMNS = ("id", "parent_id", "role", "content", "reasoning", "outputs", "status", "error", "finish_reason",
+                   "model", "tokens", "prompt_tokens", "completion_tokens", "tokens_exact", "cost", "dropped_rounds",
+                   "summarized", "edited", "created_at", "finished_at")
+_FLAGS = ("tokens_exact", "summarized", "edited")  # stored as 0 and 1
+# Schema 1's turns table: one column per field of the TurnRecord of then (the first 17 of today's).
+V1_TURN_COLUMNS = ("user", "reply", "reasoning", "outputs", "status", "error", "finish_reason", "model",
+                   "user_tokens", "prompt_tokens", "completion_tokens", "tokens_exact", "cost",
+                   "dropped_rounds", "summarized", "created_at", "finished_at")
 
-SCHEMA = """
+# Statements separated by ";" (none in the comments): run one by one, in the caller's transaction.
+CONVERSATIONS_SCHEMA = """
 CREATE TABLE conversations (
     id            TEXT PRIMARY KEY,
     owner         TEXT NOT NULL,
@@ -73,35 +90,45 @@ CREATE TABLE conversations (
     system_prompt TEXT NOT NULL DEFAULT '',
     params        TEXT NOT NULL DEFAULT '{}',  -- JSON object
     created_at    REAL NOT NULL,
-    updated_at    REAL NOT NULL
+    updated_at    REAL NOT NULL,
+    leaf          TEXT  -- the last message of the branch viewed, NULL: the newest branch
 );
 CREATE INDEX conversations_owner_updated ON conversations (owner, updated_at);
-CREATE TABLE turns (
+"""
+MESSAGES_SCHEMA = """
+CREATE TABLE messages (
     conversation_id   TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    position          INTEGER NOT NULL,
-    user              TEXT NOT NULL,
-    reply             TEXT NOT NULL DEFAULT '',
+    id                TEXT NOT NULL,
+    parent_id         TEXT,  -- the message this one follows, NULL: a first question
+    role              TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content           TEXT NOT NULL DEFAULT '',
     reasoning         TEXT NOT NULL DEFAULT '',
     outputs           TEXT NOT NULL DEFAULT '{}',  -- JSON object
-    status            TEXT NOT NULL DEFAULT 'pending',
+    status            TEXT NOT NULL DEFAULT 'done',
     error             TEXT NOT NULL DEFAULT '',
     finish_reason     TEXT,
     model             TEXT NOT NULL DEFAULT '',
-    user_tokens       INTEGER,
+    tokens            INTEGER,
     prompt_tokens     INTEGER,
     completion_tokens INTEGER,
     tokens_exact      INTEGER NOT NULL DEFAULT 0,
     cost              REAL,
     dropped_rounds    INTEGER NOT NULL DEFAULT 0,
     summarized        INTEGER NOT NULL DEFAULT 0,
+    edited            INTEGER NOT NULL DEFAULT 0,
     created_at        REAL NOT NULL,
     finished_at       REAL,
-    PRIMARY KEY (conversation_id, position)
+    seq               INTEGER NOT NULL,  -- the order first saved, within the conversation
+    PRIMARY KEY (conversation_id, id),
+    FOREIGN KEY (conversation_id, parent_id) REFERENCES messages (conversation_id, id)
 );
+CREATE UNIQUE INDEX messages_order ON messages (conversation_id, seq);
+CREATE INDEX messages_children ON messages (conversation_id, parent_id);
 """
 
 # Upsert a conversation row, but never over a row of another owner: on an id
 # conflict the update only happens when the owners match (rowcount 0 otherwise).
+# The leaf is not in it: it changes with the messages.
 _UPSERT_CONVERSATION = f"""
 INSERT INTO conversations ({", ".join(CONVERSATION_COLUMNS)})
 VALUES ({", ".join(":" + c for c in CONVERSATION_COLUMNS)})
@@ -114,11 +141,32 @@ _UPDATE_DETAILS = """
 UPDATE conversations SET model = :model, system_prompt = :system_prompt, params = :params, updated_at = :updated_at
 WHERE id = :id AND owner = :owner
 """
-_UPSERT_TURN = f"""
-INSERT INTO turns (conversation_id, position, {", ".join(TURN_COLUMNS)})
-VALUES (:conversation_id, :position, {", ".join(":" + c for c in TURN_COLUMNS)})
-ON CONFLICT (conversation_id, position) DO UPDATE SET
-    {", ".join(f"{c} = excluded.{c}" for c in TURN_COLUMNS)}
+# A message by its id: ``seq`` is given on the first insert (the next in the conversation) and
+# kept after; so are its place in the tree (parent, role), which the caller checks are the same.
+_UPSERT_MESSAGE = f"""
+INSERT INTO messages (conversation_id, {", ".join(MESSAGE_COLUMNS)}, seq)
+VALUES (:conversation_id, {", ".join(":" + c for c in MESSAGE_COLUMNS)},
+        (SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE conversation_id = :conversation_id))
+ON CONFLICT (conversation_id, id) DO UPDATE SET
+    {", ".join(f"{c} = excluded.{c}" for c in MESSAGE_COLUMNS if c not in ("id", "parent_id", "role"))}
+"""
+_SET_LEAF = "UPDATE conversations SET leaf = :leaf WHERE id = :id AND owner = :owner"
+# An answer saved by its run: the branch viewed follows it only from its question.
+_FOLLOW_ANSWER = _SET_LEAF + " AND leaf = :parent"
+# Where a message of the owner's conversation is in the tree: (role, parent_id).
+_PLACE = """
+SELECT m.role, m.parent_id FROM messages m JOIN conversations c ON c.id = m.conversation_id
+WHERE c.id = :id AND c.owner = :owner AND m.conversation_id = :id AND m.id = :message
+"""
+# A message and everything below it. UNION, not UNION ALL: it ends even on a damaged file's cycle.
+_DELETE_SUBTREE = """
+DELETE FROM messages WHERE conversation_id = :id AND id IN (
+    WITH RECURSIVE subtree (id) AS (
+        SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id
+        WHERE c.id = :id AND c.owner = :owner AND m.conversation_id = :id AND m.id = :message
+        UNION
+        SELECT m.id FROM messages m JOIN subtree s ON m.parent_id = s.id WHERE m.conversation_id = :id)
+    SELECT id FROM subtree)
 """
 
 
@@ -198,6 +246,11 @@ class BackupError(Exception):
     """A backup could not be made: no history file, a target that exists or cannot be written..."""
 
 
+class UpgradeError(Exception):
+    """A history file of an older schema could not be upgraded (nor backed up first); it was left as
+    it was. Not damage: the app does not move it aside, and tries again when next started."""
+
+
 @dataclass(frozen=True)
 class StoreProblem:
     """Why history is not (or no longer) where it was: for the log and the UI.
@@ -232,10 +285,11 @@ class SQLiteStore(HistoryStore):
     """:class:`HistoryStore` on one SQLite file (or ``":memory:"``).
 
     One connection, guarded by a lock; WAL journal and ``synchronous=FULL``, so
-    a committed turn survives a crash. Opening checks the file (``quick_check``,
+    a committed message survives a crash. Opening checks the file (``quick_check``,
     schema version and tables) and raises :class:`CorruptStoreError` when it is
     not a usable history (:class:`CorruptWalError` when its write-ahead log is
-    damaged); other failures (cannot open, read-only) raise
+    damaged); a file of schema version 1 is upgraded (:class:`UpgradeError` when
+    it cannot be); other failures (cannot open, read-only) raise
     :class:`sqlite3.Error` or :class:`OSError` as they come.
 
     Checkpoints: a write checkpoints the log into the main file (``PASSIVE``:
@@ -304,21 +358,25 @@ class SQLiteStore(HistoryStore):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         new = version == 0 and not tables
-        if not new and version != SCHEMA_VERSION:
+        if not new and version not in (1, SCHEMA_VERSION):
             raise CorruptStoreError(f"schema version {version} is unknown to this app"
                                     + (" (a newer version?)" if version > SCHEMA_VERSION else ""))
-        if not new:
+        if version == 1:
             self._check_columns("conversations", CONVERSATION_COLUMNS)
-            self._check_columns("turns", ("conversation_id", "position", *TURN_COLUMNS))
+            self._check_columns("turns", ("conversation_id", "position", *V1_TURN_COLUMNS))
+        elif not new:
+            self._check_columns("conversations", (*CONVERSATION_COLUMNS, "leaf"))
+            self._check_columns("messages", ("conversation_id", *MESSAGE_COLUMNS, "seq"))
         self._wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        if version == 1:
+            self._upgrade_from_v1()
+            return
         # A write even when there is nothing to create: a read-only file fails here, not at the first save.
         with self._transaction():
-            if new:  # statement by statement: executescript() would commit first
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+            if new:
+                _run(conn, CONVERSATIONS_SCHEMA + MESSAGES_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_columns(self, table: str, expected: tuple[str, ...]) -> None:
@@ -328,6 +386,43 @@ class SQLiteStore(HistoryStore):
         missing = [c for c in expected if c not in columns]
         if missing:
             raise CorruptStoreError(f"table {table} lacks columns {', '.join(missing)}")
+
+    def _upgrade_from_v1(self) -> None:
+        """Schema 1 (turns by position) to 2 (a tree of messages), in place: first a copy of the file
+        beside it (``history.sqlite3.v1-backup``; kept, and not made again if it exists), then one
+        transaction: each turn, in position order, becomes a question and (unless it is pending) its
+        answer, each following the message before it; the leaf is the last; the turns table goes.
+        Raises :class:`UpgradeError` on any failure but damage, with the file as it was."""
+        path = Path(self.path)
+        saved = _companion(path, V1_BACKUP)
+        if not saved.exists():
+            try:
+                backup(path, saved)
+            except BackupError as exc:
+                raise UpgradeError("could not upgrade it from schema version 1 without "
+                                   f"copying it first ({exc})") from None
+        try:
+            with self._transaction() as conn:
+                conn.execute("ALTER TABLE conversations ADD COLUMN leaf TEXT")
+                _run(conn, MESSAGES_SCHEMA)
+                rows = conn.execute(f"""
+                    SELECT t.conversation_id, c.owner, {", ".join("t." + c for c in V1_TURN_COLUMNS)}
+                    FROM turns t LEFT JOIN conversations c ON c.id = t.conversation_id
+                    ORDER BY t.conversation_id, t.position""").fetchall()
+                for (conversation_id, owner), group in itertools.groupby(rows, key=lambda row: row[:2]):
+                    if owner is None:
+                        raise ValueError(f"turns of conversation {conversation_id!r} belong to no conversation")
+                    messages = chain(_v1_turn(row[2:]) for row in group)
+                    _insert_tree(conn, conversation_id, owner, messages, messages[-1].id)
+                conn.execute("DROP TABLE turns")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except (sqlite3.Error, ValueError) as exc:  # rolled back
+            if isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc):
+                raise
+            raise UpgradeError(f"could not upgrade it from schema version 1 ({type(exc).__name__}: {exc}); "
+                               "it was left as it was") from exc
+        log.info("Upgraded the history file %s to schema version %d (%d turns); the old file is kept as %s",
+                 path, SCHEMA_VERSION, len(rows), saved)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -395,17 +490,17 @@ class SQLiteStore(HistoryStore):
     # -- reads ---------------------------------------------------------------------------
     def list(self, owner: str, query: str = "", limit: int = 200) -> list[ConversationSummary]:
         # instr() on case-folded text rather than LIKE: no wildcards to escape, and case folding
-        # that knows more than ASCII. Case-insensitive search needs a scan of the owner's turns.
+        # that knows more than ASCII. Case-insensitive search needs a scan of the owner's messages.
         needle = _fold(query.strip())
         sql = """
             SELECT c.id, c.title, c.updated_at,
-                   (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id)
+                   (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user')
             FROM conversations c
             WHERE c.owner = :owner AND (
                 :needle = ''
                 OR instr(fold(c.title), :needle) > 0
-                OR EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id
-                           AND (instr(fold(t.user), :needle) > 0 OR instr(fold(t.reply), :needle) > 0)))
+                OR EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id
+                           AND instr(fold(m.content), :needle) > 0))
             ORDER BY c.updated_at DESC, c.rowid DESC
             LIMIT :limit
         """
@@ -416,43 +511,58 @@ class SQLiteStore(HistoryStore):
     def load(self, owner: str, conversation_id: str) -> ConversationRecord | None:
         with self._lock:
             row = self._conn.execute(
-                f"SELECT {', '.join(CONVERSATION_COLUMNS)} FROM conversations WHERE id = ? AND owner = ?",
+                f"SELECT {', '.join(CONVERSATION_COLUMNS)}, leaf FROM conversations WHERE id = ? AND owner = ?",
                 (conversation_id, owner)).fetchone()
             if row is None:
                 return None
-            turns = self._conn.execute(
-                f"SELECT {', '.join(TURN_COLUMNS)} FROM turns WHERE conversation_id = ? ORDER BY position",
+            messages = self._conn.execute(
+                f"SELECT {', '.join(MESSAGE_COLUMNS)} FROM messages WHERE conversation_id = ? ORDER BY seq",
                 (conversation_id,)).fetchall()
         values = dict(zip(CONVERSATION_COLUMNS, row))
         values["params"] = json.loads(values["params"])
-        return ConversationRecord(**values, turns=[_turn_from_row(t) for t in turns])
+        return ConversationRecord(**values, messages=[_message_from_row(m) for m in messages], leaf=row[-1])
 
     # -- writes --------------------------------------------------------------------------
-    def save_turn(self, meta: ConversationMeta, position: int, turn: TurnRecord) -> None:
-        if position < 0:
-            raise ValueError(f"turn position must be >= 0, not {position}")
-        with self._write() as conn:
-            if conn.execute(_UPSERT_CONVERSATION, _meta_row(meta)).rowcount == 0:
-                log.warning("Not saving a turn of conversation %s: it belongs to another owner", meta.id)
-                return
-            conn.execute(_UPSERT_TURN, _turn_row(meta.id, position, turn))
+    def save_message(self, meta: ConversationMeta, message: MessageRecord, *, leaf: bool = True) -> bool:
+        return self._save(meta, message, _UPSERT_CONVERSATION, _SET_LEAF if leaf else None)
 
-    def save_reply(self, meta: ConversationMeta, position: int, turn: TurnRecord) -> bool:
-        if position < 0:
-            raise ValueError(f"turn position must be >= 0, not {position}")
+    def save_reply(self, meta: ConversationMeta, message: MessageRecord) -> bool:
+        return self._save(meta, message, _UPDATE_DETAILS, _FOLLOW_ANSWER)
+
+    def _save(self, meta: ConversationMeta, message: MessageRecord, conversation_sql: str,
+              leaf_sql: str | None) -> bool:
+        """One message and its conversation's row (``conversation_sql``: False when it changes no row),
+        then the leaf (``leaf_sql``), in one transaction; nothing when the message does not fit."""
         with self._write() as conn:
-            if conn.execute(_UPDATE_DETAILS, _meta_row(meta)).rowcount == 0:
+            problem = _misfit(conn, meta.owner, meta.id, message)
+            if problem is None and conn.execute(conversation_sql, _meta_row(meta)).rowcount == 0:
+                problem = "the owner has no such conversation"
+            if problem is not None:
+                log.info("Not saving message %s of conversation %s: %s", message.id, meta.id, problem)
                 return False
-            conn.execute(_UPSERT_TURN, _turn_row(meta.id, position, turn))
+            conn.execute(_UPSERT_MESSAGE, _message_row(meta.id, message))
+            if leaf_sql is not None:
+                conn.execute(leaf_sql, {"id": meta.id, "owner": meta.owner, "leaf": message.id,
+                                        "parent": message.parent})
             return True
 
-    def truncate(self, owner: str, conversation_id: str, length: int) -> None:
+    def set_leaf(self, owner: str, conversation_id: str, leaf: str) -> bool:
         with self._write() as conn:
-            touched = conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ? AND owner = ?",
-                                   (time.time(), conversation_id, owner)).rowcount
-            if touched:
-                conn.execute("DELETE FROM turns WHERE conversation_id = ? AND position >= ?",
-                             (conversation_id, max(0, length)))
+            return conn.execute(
+                _SET_LEAF + " AND EXISTS (SELECT 1 FROM messages WHERE conversation_id = :id AND id = :leaf)",
+                {"id": conversation_id, "owner": owner, "leaf": leaf}).rowcount > 0
+
+    def delete_messages(self, owner: str, conversation_id: str, message_id: str, leaf: str | None) -> bool:
+        ids = {"id": conversation_id, "owner": owner}
+        with self._write() as conn:
+            if conn.execute(_DELETE_SUBTREE, {**ids, "message": message_id}).rowcount == 0:
+                return False
+            # a leaf that went with the subtree (or is unknown) is no leaf: the newest branch
+            conn.execute("""
+                UPDATE conversations SET updated_at = :now,
+                    leaf = (SELECT id FROM messages WHERE conversation_id = :id AND id = :leaf)
+                WHERE id = :id AND owner = :owner""", {**ids, "leaf": leaf, "now": time.time()})
+            return True
 
     def save_meta(self, meta: ConversationMeta) -> bool:
         with self._write() as conn:
@@ -464,16 +574,19 @@ class SQLiteStore(HistoryStore):
                                 (title, conversation_id, owner)).rowcount > 0
 
     def delete(self, owner: str, conversation_id: str) -> bool:
-        with self._write() as conn:  # the turns go with it (ON DELETE CASCADE)
+        with self._write() as conn:  # the messages go with it (ON DELETE CASCADE)
             return conn.execute("DELETE FROM conversations WHERE id = ? AND owner = ?",
                                 (conversation_id, owner)).rowcount > 0
 
     def import_record(self, record: ConversationRecord) -> None:
+        problem = tree_problem(record.messages, record.leaf)
+        if problem is not None:
+            raise ValueError(f"not a tree of messages: {problem[0]}: {problem[1]}")
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM conversations WHERE id = ?", (record.id,)).fetchone():
                 raise ValueError(f"a conversation with id {record.id!r} already exists")
             conn.execute(_UPSERT_CONVERSATION, _meta_row(record))
-            conn.executemany(_UPSERT_TURN, [_turn_row(record.id, i, t) for i, t in enumerate(record.turns)])
+            _insert_tree(conn, record.id, record.owner, record.messages, record.leaf)
 
     def close(self) -> None:
         """Checkpoint the whole log into the main file (``TRUNCATE``: the log is left empty), stop the
@@ -493,6 +606,8 @@ class SQLiteStore(HistoryStore):
             thread.join(timeout=10)
 
 
+
+
 # -- rows ------------------------------------------------------------------------------------
 def _meta_row(meta: ConversationMeta) -> dict[str, Any]:
     return {"id": meta.id, "owner": meta.owner, "title": meta.title, "model": meta.model,
@@ -500,18 +615,89 @@ def _meta_row(meta: ConversationMeta) -> dict[str, Any]:
             "created_at": meta.created_at, "updated_at": meta.updated_at}
 
 
-def _turn_row(conversation_id: str, position: int, turn: TurnRecord) -> dict[str, Any]:
-    row = {name: getattr(turn, name) for name in TURN_COLUMNS}
-    row["outputs"] = json.dumps(turn.outputs, ensure_ascii=False)
-    return {"conversation_id": conversation_id, "position": position, **row}
+def _message_row(conversation_id: str, message: MessageRecord) -> dict[str, Any]:
+    row = {name: getattr(message, name) for name in MESSAGE_COLUMNS if name != "parent_id"}
+    row["outputs"] = json.dumps(message.outputs, ensure_ascii=False)
+    return {"conversation_id": conversation_id, "parent_id": message.parent, **row}
 
 
-def _turn_from_row(row: tuple[Any, ...]) -> TurnRecord:
-    values = dict(zip(TURN_COLUMNS, row))
+def _message_from_row(row: tuple[Any, ...]) -> MessageRecord:
+    values = dict(zip(MESSAGE_COLUMNS, row))
+    values["parent"] = values.pop("parent_id")
+    values["outputs"] = json.loads(values["outputs"])
+    for flag in _FLAGS:
+        values[flag] = bool(values[flag])
+    return MessageRecord(**values)
+
+
+def _v1_turn(row: tuple[Any, ...]) -> TurnRecord:
+    """A row of schema 1's turns table (``V1_TURN_COLUMNS``), as a turn."""
+    values = dict(zip(V1_TURN_COLUMNS, row))
     values["outputs"] = json.loads(values["outputs"])
     values["tokens_exact"] = bool(values["tokens_exact"])
     values["summarized"] = bool(values["summarized"])
     return TurnRecord(**values)
+
+
+def _insert_tree(conn: sqlite3.Connection, conversation_id: str, owner: str, messages: list[MessageRecord],
+                 leaf: str | None) -> None:
+    """Insert ``messages`` (parents first) into a conversation that has none, and set its leaf."""
+    conn.executemany(_UPSERT_MESSAGE, [_message_row(conversation_id, m) for m in messages])
+    conn.execute(_SET_LEAF, {"id": conversation_id, "owner": owner, "leaf": leaf})
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    """The statements of ``script`` one by one (``executescript()`` would commit first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# -- the tree --------------------------------------------------------------------------------
+def _answer_misplaced(role: str, parent_role: str | None) -> bool:
+    """An answer must follow a question; a question may follow anything (after an unanswered one, too)."""
+    return role == "assistant" and parent_role != "user"
+
+
+def tree_problem(messages: list[MessageRecord], leaf: str | None) -> tuple[str, str] | None:
+    """What keeps ``messages`` (in the order they are to be saved) and ``leaf`` from being a
+    conversation's tree, as ``(where, sentence)``, e.g. ``("messages[3].parent", "'x1' is not the
+    id of an earlier message")``; None when nothing does."""
+    roles: dict[str, str] = {}
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if message.role not in ("user", "assistant"):
+            return f"{where}.role", "must be 'user' or 'assistant'"
+        if message.id in roles:
+            return f"{where}.id", f"{message.id!r} is the id of an earlier message too"
+        if message.parent is not None and message.parent not in roles:
+            return f"{where}.parent", f"{message.parent!r} is not the id of an earlier message"
+        if _answer_misplaced(message.role, roles.get(message.parent) if message.parent is not None else None):
+            return f"{where}.parent", "an assistant message must follow a user message"
+        roles[message.id] = message.role
+    if leaf is not None and leaf not in roles:
+        return "leaf", f"{leaf!r} is not the id of a message"
+    return None
+
+
+def _misfit(conn: sqlite3.Connection, owner: str, conversation_id: str, message: MessageRecord) -> str | None:
+    """Why ``message`` cannot be saved in the owner's conversation, or None: a message keeps its place
+    in the tree (parent and role), and a new one follows a message of the conversation (an answer, a
+    question) or none (a question)."""
+    def place(message_id: str) -> tuple[str, str | None] | None:
+        return conn.execute(_PLACE, {"id": conversation_id, "owner": owner, "message": message_id}).fetchone()
+
+    if message.role not in ("user", "assistant"):
+        return f"its role is {message.role!r}"
+    saved = place(message.id)
+    if saved is not None:
+        return None if saved == (message.role, message.parent) else "it was saved with another role or parent"
+    parent = place(message.parent) if message.parent is not None else None
+    if message.parent is not None and parent is None:
+        return f"its parent {message.parent!r} is not in the conversation"
+    if _answer_misplaced(message.role, parent[0] if parent else None):
+        return "an answer must follow a question"
+    return None
 
 
 def _check_header(path: Path) -> None:
@@ -625,8 +811,9 @@ def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
 
     Never raises for a bad file or folder: a damaged file is moved aside and a
     new one started ("moved"); a damaged write-ahead log is moved aside and the
-    file opened without it ("wal_moved"); a folder or file that cannot be used
-    gives an in-memory store ("unavailable").
+    file opened without it ("wal_moved"); a folder or file that cannot be used,
+    or a version-1 file that cannot be upgraded (left as it was, and tried again
+    next time), gives an in-memory store ("unavailable").
     """
     path = Path(data_dir) / FILENAME
     moved_to: Path | None = None
@@ -649,7 +836,7 @@ def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
         moved_to = _move_aside(path)
         problem = StoreProblem("moved", path, moved_to, reason)
         store = SQLiteStore(path)
-    except (OSError, sqlite3.Error, CorruptStoreError) as exc:
+    except (OSError, sqlite3.Error, CorruptStoreError, UpgradeError) as exc:
         problem = StoreProblem("unavailable", path, moved_to, f"{type(exc).__name__}: {exc}")
         store = SQLiteStore(":memory:")
     log.warning("%s", problem)
@@ -734,7 +921,7 @@ def _copy(source: Path, target: Path) -> int:
             if check != ["ok"]:
                 raise BackupError(f"the history file {source} is damaged: " + "; ".join(map(str, check[:3])))
             tables = {row[0] for row in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not {"conversations", "turns"} <= tables:
+            if "conversations" not in tables or not tables & {"messages", "turns"}:  # schema 2, or 1
                 raise BackupError(f"{source} is not a history file (it has no conversations table)")
             return dst.execute("SELECT count(*) FROM conversations").fetchone()[0]
         finally:
