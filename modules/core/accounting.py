@@ -31,15 +31,36 @@ def format_cost(value: float, significant: int = 2) -> str:
 
 
 def settle(reply: Reply, model: ChatModel) -> None:
-    """Final token counts and cost of a reply that ended: the API's usage when present, else tiktoken."""
-    if reply.status == "error":  # nothing came back: nothing to count or pay
-        reply.counts, reply.cost = None, None
+    """Final token counts and cost of a reply that ended: the API's usage when present, else tiktoken.
+
+    A reply that continues an earlier one counts its new part only (the usage of its own request,
+    else tiktoken on the text after the earlier one's) and adds the earlier counts: exact only if
+    both are; the cost is the sum, None when either is unknown. Without earlier counts, the new
+    part's counts stand, as an estimate of the whole.
+    """
+    new = _counts(reply, model)
+    new_cost = None if new is None else cost(model.config.price, new.prompt, new.completion)
+    if not reply.continued:
+        reply.counts, reply.cost = new, new_cost
         return
+    earlier = reply.earlier_counts
+    if new is None:  # the continuation failed before anything came: the earlier reply is what was counted
+        reply.counts, reply.cost = earlier, reply.earlier_cost
+        return
+    if earlier is None:
+        reply.counts, reply.cost = Counts(new.prompt, new.completion, False), None
+        return
+    reply.counts = Counts(earlier.prompt + new.prompt, earlier.completion + new.completion,
+                          earlier.exact and new.exact)
+    reply.cost = None if new_cost is None or reply.earlier_cost is None else reply.earlier_cost + new_cost
+
+
+def _counts(reply: Reply, model: ChatModel) -> Counts | None:
+    """The counts of what this run produced; None when nothing came back (it failed first)."""
+    if reply.status == "error" or (reply.error is not None and not (reply.new_text or reply.new_reasoning)):
+        return None  # (a continuation that failed so is "interrupted": the earlier text is there)
     if reply.usage is not None:
-        counts = Counts(reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.exact)
-    else:
-        completion, exact = tokens.count(reply.reasoning + reply.text, model.model_id)
-        prompt, prompt_exact = reply.prompt_estimate or (0, False)
-        counts = Counts(prompt, completion, exact and prompt_exact)
-    reply.counts = counts
-    reply.cost = cost(model.config.price, counts.prompt, counts.completion)
+        return Counts(reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.exact)
+    completion, exact = tokens.count(reply.new_reasoning + reply.new_text, model.model_id)
+    prompt, prompt_exact = reply.prompt_estimate or (0, False)
+    return Counts(prompt, completion, exact and prompt_exact)

@@ -4,7 +4,14 @@ One pipeline: :meth:`ChatService.fit` fits the request to the model's context (t
 rounds left out, or summarised, as ``context.strategy`` says); :meth:`ChatService.start`
 starts a :class:`~modules.core.streaming.ReplyRun` in the registry of live runs, which
 streams, and when the reply ends in any way settles its token counts and cost once, then
-calls the front end's ``save``. Errors get their sentence from :meth:`sentence`. Nothing
+calls the front end's ``save``. Errors get their sentence from :meth:`sentence`.
+
+"Continue" (a reply that was stopped, cut by max tokens or interrupted) is the same pipeline:
+:meth:`ChatService.continuation` is the request that continues the answer so far (the partial
+answer as a final assistant message for a model that ``can_continue``, else that and
+:data:`CONTINUE_INSTRUCTION`), ``fit`` fits it like any other (the partial answer and the
+instruction stay with their question), and ``start(..., continuing=earlier)`` grows the earlier
+reply in place and settles the new part on top of the earlier counts. Nothing
 here knows Gradio, HTTP or the history store: a front end passes ``save`` and
 ``checkpoint`` (what keeps the reply) and says whose the run is.
 
@@ -20,6 +27,7 @@ from typing import Awaitable, Callable, Hashable, Mapping
 
 from modules.config import ContextConfig, RunsConfig
 from modules.core import accounting, context, tokens
+from modules.core.context import CONTINUE_INSTRUCTION
 from modules.core.runs import ReplyRuns
 from modules.core.sentences import error_message
 from modules.core.streaming import Pacer, Reply, ReplyRun
@@ -53,15 +61,30 @@ class ChatService:
                                          reserve_default=self.context.reserve_output_tokens,
                                          strategy=self.context.strategy)
 
+    @staticmethod
+    def continuation(model: ChatModel, messages: list[Message], partial: str) -> list[Message]:
+        """The request that continues ``partial``, the answer so far to ``messages`` (which end with
+        its question): the partial answer as the last message when ``model.can_continue``, else
+        followed by :data:`CONTINUE_INSTRUCTION` (the model may then repeat or rephrase a little)."""
+        request = [*messages, Message("assistant", partial)]
+        return request if model.can_continue else [*request, Message("user", CONTINUE_INSTRUCTION)]
+
     def start(self, model: ChatModel, fit: context.Fit, options: GenerationOptions, *,
               owner: str | None = None, key: Hashable | None = None, save: Save | None = None,
-              checkpoint: Save | None = None, grace: float | None = None) -> ReplyRun:
+              checkpoint: Save | None = None, grace: float | None = None,
+              continuing: Reply | None = None) -> ReplyRun:
         """Stream a reply to ``fit.messages`` (check ``fit.overflows`` first). With ``owner`` the
         run outlives its viewers as ``runs.unwatched`` says; without, it stops when its last viewer
         leaves (``grace``: that many seconds later, unless a viewer comes back; for a reconnecting
-        EventSource). Raises RunLimitError past ``runs.max_per_owner`` or the app's limit."""
+        EventSource). Raises RunLimitError past ``runs.max_per_owner`` or the app's limit.
+
+        ``continuing``: the earlier reply this run continues (``fit`` is then the fitted
+        :meth:`continuation`): the new reply starts with its text, reasoning and outputs and adds
+        to its counts and cost (see :meth:`Reply.continue_from`); ``continuing`` is not changed."""
         reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
                       dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
+        if continuing is not None:
+            reply.continue_from(continuing)
 
         async def finish(run: ReplyRun) -> None:
             await self.settle(run.reply, model)
@@ -78,7 +101,7 @@ class ChatService:
 
     async def settle(self, reply: Reply, model: ChatModel) -> None:
         """The reply's final counts and cost (tiktoken runs off the event loop for a long reply)."""
-        await tokens.off_loop(accounting.settle, reply, model, chars=len(reply.text) + len(reply.reasoning))
+        await tokens.off_loop(accounting.settle, reply, model, chars=len(reply.new_text) + len(reply.new_reasoning))
 
     # -- words ---------------------------------------------------------------------------------------
     def sentence(self, lang: str, error: errors.ModelError) -> str:

@@ -3,7 +3,9 @@
 Before each request, :func:`fit` counts the messages (tiktoken; exact for
 OpenAI-family models, an estimate for the rest) and, when the history plus the
 tokens reserved for the reply would overflow the context, leaves out the
-oldest rounds. The system prompt and the question being asked always stay.
+oldest rounds. The system prompt and the question being asked always stay; so
+does, in a request that continues a reply, the answer so far after it (and the
+:data:`CONTINUE_INSTRUCTION` asking to continue it, for models that cannot).
 With the "summarize" strategy the rounds left out are replaced by a summary
 the model writes (:func:`summarize`), one system message after the prompt.
 """
@@ -21,6 +23,12 @@ from modules.providers import ChatModel, GenerationOptions, Message, errors
 SUMMARY_INSTRUCTION = (
     "Summarise the conversation below for your own later reference: keep facts, names, numbers, decisions, "
     "the user's preferences and open questions. Be brief. Write in the conversation's language."
+)
+# The user message that asks a model which cannot continue a message of its own (``can_continue``
+# False) to continue its last, partial answer; ``ChatService.continuation`` sends it after that answer.
+CONTINUE_INSTRUCTION = (
+    "Your last message was cut off. Continue it exactly where it stopped, from the next character: "
+    "do not repeat any of it, do not restart or summarise it, and add no preamble."
 )
 SUMMARY_PREFIX = "Summary of the earlier conversation (older rounds were left out to fit the context):\n"
 
@@ -53,12 +61,22 @@ def reserve_for_reply(context_size: int, options: GenerationOptions, default: in
 
 
 def _rounds(messages: list[Message]) -> tuple[list[Message], list[list[Message]], list[Message]]:
-    """Split into (leading system messages, earlier rounds, the current question's messages)."""
+    """Split into (leading system messages, earlier rounds, the current question's messages).
+
+    The current question's messages are the last user message and what follows it (a partial
+    answer being continued); when the last message is :data:`CONTINUE_INSTRUCTION`, they start
+    at the user message before it: question, partial answer and instruction stay together
+    (without a question, a continuation keeps every message after the system prompt)."""
     head = 0
     while head < len(messages) and messages[head].role == "system":
         head += 1
     system, rest = messages[:head], messages[head:]
-    last_user = max((i for i, m in enumerate(rest) if m.role == "user"), default=len(rest))
+    users = [i for i, m in enumerate(rest) if m.role == "user"]
+    instructed = bool(rest) and rest[-1].role == "user" and rest[-1].content == CONTINUE_INSTRUCTION
+    if instructed:
+        users.pop()
+    continuing = instructed or (bool(rest) and rest[-1].role == "assistant")
+    last_user = users[-1] if users else (0 if continuing else len(rest))
     rounds: list[list[Message]] = []
     for message in rest[:last_user]:
         if message.role == "user" or not rounds:

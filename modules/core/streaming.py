@@ -44,7 +44,17 @@ class Counts:
 
 @dataclass(slots=True)
 class Reply:
-    """An assistant reply as it grows, with its measurements."""
+    """An assistant reply as it grows, with its measurements.
+
+    A reply that continues an earlier one (:meth:`continue_from`, "Continue" on a stopped, cut
+    or interrupted reply) starts with the earlier reply's text, reasoning and outputs, so that
+    its viewers see it grow in place, and remembers what came before: the first
+    ``prefix_chars`` characters of ``text`` (``prefix_reasoning_chars`` of ``reasoning``) are
+    the earlier reply's, and ``earlier_counts`` / ``earlier_cost`` are what it counted and
+    cost. Everything measured here (``deltas``, ``usage``, time to first token, tokens per
+    second, ``finish_reason``, ``status``) is the new run's; ``settle`` counts the new part
+    and adds the earlier counts and cost to ``counts`` and ``cost``.
+    """
 
     model: str = ""
     text: str = ""
@@ -64,6 +74,28 @@ class Reply:
     first_token_at: float | None = None
     finished_at: float | None = None
     retrying: tuple[int, int] | None = None  # (attempt, attempts) while the adapter retries before any text
+    continued: bool = False  # continues an earlier reply (see the class docstring)
+    prefix_chars: int = 0  # characters of ``text`` that are the earlier reply's
+    prefix_reasoning_chars: int = 0  # characters of ``reasoning`` that are the earlier reply's
+    earlier_counts: Counts | None = None  # the earlier reply's final counts (None: unknown)
+    earlier_cost: float | None = None  # ...and cost in USD (None: unknown)
+
+    def continue_from(self, earlier: "Reply") -> None:
+        """Start as the continuation of ``earlier``: its text, reasoning and outputs first, its
+        counts and cost remembered (call before the run starts)."""
+        self.text, self.reasoning, self.outputs = earlier.text, earlier.reasoning, dict(earlier.outputs)
+        self.continued = True
+        self.prefix_chars, self.prefix_reasoning_chars = len(earlier.text), len(earlier.reasoning)
+        self.earlier_counts, self.earlier_cost = earlier.counts, earlier.cost
+
+    @property
+    def new_text(self) -> str:
+        """The text this run added (all of it, for a reply that continues nothing)."""
+        return self.text[self.prefix_chars:]
+
+    @property
+    def new_reasoning(self) -> str:
+        return self.reasoning[self.prefix_reasoning_chars:]
 
     @property
     def active(self) -> bool:

@@ -11,6 +11,12 @@ upstream connection in ``finally`` (which is what makes Stop stop the upstream).
             async with open_upstream(...) as upstream:   # closed on Stop too
                 async for piece in upstream:
                     yield Delta(text=piece)
+
+Continuing a reply: :attr:`ChatModel.can_continue` says what an adapter does with messages
+that end with an assistant message. True: it continues that message, so its deltas extend
+the partial answer (the text already there is not sent again, and usage counts the new
+tokens only). False (the default): it answers such a list anew like any other, so a caller
+that wants a continuation asks for one in words (see ``ChatService.continuation``).
 """
 
 from __future__ import annotations
@@ -138,6 +144,12 @@ class ChatModel(abc.ABC):
     @property
     def context_size(self) -> int:
         return self.config.context_size
+
+    @property
+    def can_continue(self) -> bool:
+        """True when, given messages that end with an assistant message, the model continues that
+        message (its deltas extend it) instead of answering anew. False by default."""
+        return False
 
     def secrets(self) -> list[str]:
         """Every secret value of this model, so that messages can be scrubbed."""

@@ -5,6 +5,12 @@ so the app chats offline with no key. llama.cpp is blocking and not
 thread-safe, so each model owns one worker thread: requests run one after
 another there, tokens cross to the event loop through :mod:`.bridge`, and
 Stop sets a flag the worker checks after every token.
+
+It continues a reply truly (``can_continue``): when the messages end with an
+assistant message, the earlier ones are rendered with the model's own chat
+template (GGUF ``tokenizer.chat_template``) up to the assistant header, the
+partial answer is appended verbatim (no end-of-turn token), and the model
+completes that prompt (:func:`continuation_prompt`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,18 @@ from . import bridge, errors, register
 from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
 
 log = logging.getLogger(__name__)
+
+
+def continuation_prompt(template: str, messages: list[dict[str, str]], partial: str, *,
+                        bos_token: str = "", eos_token: str = "") -> str:
+    """The prompt that makes a model continue ``partial``, its answer to ``messages`` so far:
+    ``messages`` rendered with the chat ``template`` (Jinja, as in GGUF metadata) and its
+    generation prompt (the assistant header), then ``partial`` as it is, no end-of-turn token."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token,
+                                    add_generation_prompt=True)
+    return formatter(messages=messages).prompt + partial  # type: ignore[arg-type]
 
 
 def default_model_path() -> Path | None:
@@ -104,21 +122,44 @@ class EmbeddedChatModel(ChatModel):
         params.setdefault("temperature", self.config.temperature)
         return params
 
+    @property
+    def can_continue(self) -> bool:
+        return True
+
+    @staticmethod
+    def _continuation_tokens(llm: Any, payload: list[dict[str, str]]) -> list[int]:
+        """The prompt (as tokens, like llama-cpp's own chat path) that continues ``payload[-1]``."""
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise errors.BadRequestError("this model file has no chat template, so it cannot continue a reply")
+
+        def special(token: int) -> str:
+            return "" if token < 0 else llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+        prompt = continuation_prompt(template, payload[:-1], payload[-1]["content"],
+                                     bos_token=special(llm.token_bos()), eos_token=special(llm.token_eos()))
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
         params = self._params(options)
         payload = [m.as_dict() for m in messages]
+        continuing = bool(payload) and payload[-1]["role"] == "assistant"
 
         def generate(emit: bridge.Emit[Delta], stopped: threading.Event) -> None:
             try:
                 llm = self._load()
-                chunks = llm.create_chat_completion(messages=payload, stream=True, **params)
+                if continuing:  # a plain completion of the rendered conversation + the partial answer
+                    chunks = llm.create_completion(prompt=self._continuation_tokens(llm, payload), stream=True,
+                                                   **params)
+                else:
+                    chunks = llm.create_chat_completion(messages=payload, stream=True, **params)
                 completion = 0
                 try:
                     for chunk in chunks:
                         if stopped.is_set():
                             break
                         choice = chunk["choices"][0]
-                        text = choice["delta"].get("content") or ""
+                        text = (choice.get("text") if continuing else choice["delta"].get("content")) or ""
                         completion += bool(text)
                         emit(Delta(text=text, finish_reason=choice.get("finish_reason")))
                 finally:

@@ -45,6 +45,15 @@ class HTTPModelConfig(ModelConfig):
     retry_budget: float = Field(60.0, gt=0, description="Seconds all attempts together (backoff included) may "
                                                          "take before the first token.")
     stream_usage: bool = Field(True, description="Ask for a usage chunk (stream_options).")
+    continuation: Literal["prefill", "request"] = Field(
+        "request", description="How a stopped or cut reply is continued. 'prefill': the server continues a final "
+        "assistant message (llama.cpp's server does by default; vLLM with continue_final_message, see "
+        "continuation_body), so the partial answer is sent as the last message and the reply grows in place. "
+        "'request': it cannot (OpenAI, Azure and most others), so the continuation is asked for in words.")
+    continuation_body: dict[str, Any] = Field(
+        default_factory=dict, description="Extra request-body fields sent with a continuation in 'prefill' mode "
+        "(a request that ends with an assistant message); vLLM needs "
+        "{continue_final_message: true, add_generation_prompt: false}.")
 
 
 class OpenAIModelConfig(HTTPModelConfig):
@@ -97,6 +106,10 @@ class OpenAIChatModel(ChatModel):
     def model_id(self) -> str:
         return self.config.upstream_model
 
+    @property
+    def can_continue(self) -> bool:
+        return self.config.continuation == "prefill"
+
     # -- the parts a subclass (Azure) changes -------------------------------------------
     def _make_client(self) -> openai.AsyncOpenAI:
         cfg = self.config
@@ -121,6 +134,10 @@ class OpenAIChatModel(ChatModel):
         }
         if self.config.stream_usage:
             body["stream_options"] = {"include_usage": True}
+        if self.can_continue and messages and messages[-1].role == "assistant":
+            extra = {k: v for k, v in self.config.continuation_body.items() if k not in body}  # never its own
+            if extra:
+                body["extra_body"] = extra  # (the SDK's way to send fields it does not know)
         return body
 
     # -- the contract -------------------------------------------------------------------
