@@ -45,12 +45,12 @@ def say(session: Session, fake: FakeOpenAIServer, question: str, answer: str) ->
 
 
 def act(session: Session, action: str) -> tuple[Any, ...]:
-    """A link of the chatbot: (chatbot, send, stop, status, usage, history, open id, title)."""
+    """A link of the chatbot: (chatbot, send, stop, status, usage, history, title)."""
     return session.client.predict(action + "|1", MODEL, "", api_name="/act")
 
 
 def edit(session: Session, index: int, text: str) -> tuple[Any, ...]:
-    return session.client.predict(index, text, MODEL, session.system_prompt, "", api_name="/edit")
+    return session.client.predict(index, text, MODEL, session.system_prompt, "", api_name="/edit_message")
 
 
 def versions_link(chatbot: list[dict[str, Any]], index: int, step: int) -> str:
@@ -148,7 +148,7 @@ def test_fork_copies_the_branch_into_a_new_conversation(launch_app, sessions) ->
         [fork] = [a for a in links(message_text(chatbot[1])) if a.startswith("fork:")]
         update = act(page, fork)
         assert bodies(update[0]) == [("user", "first"), ("assistant", "one")]
-        assert update[7].endswith("(branch)")
+        assert update[-1].endswith("(branch)")  # the title box (the open conversation, a BrowserState, is not sent)
         titles = [title for title, _ in page.search("")]
         assert len(titles) == 2 and any(t.endswith("(branch)") for t in titles)
         say(page, fake, "third", "three")  # goes on in the fork
@@ -180,3 +180,24 @@ def test_search_finds_text_in_any_branch_and_export_carries_the_tree(launch_app,
         assert [(m["id"], m["parent"], m["content"]) for m in again["messages"]] == \
             [(m["id"], m["parent"], m["content"]) for m in document["messages"]]
         assert again["leaf"] == document["leaf"]
+
+
+def test_editing_the_question_being_answered_stops_its_run_first(launch_app, sessions) -> None:
+    """(The page hides the chatbot's edit control while the reply it shows streams; an API caller
+    can still edit the question a run answers.)"""
+    with FakeOpenAIServer() as fake:
+        page = sessions(start(fake, launch_app))
+        fake.enqueue(*[f" s{i}" for i in range(400)], delay=0.02, pace=True)
+        page.add("tell a story")
+        job = page.submit_respond()
+        assert fake.wait_chunks(5, 10)
+        fake.enqueue("a short one")
+        edited = edit(page, 0, "tell a short story")
+        assert fake.disconnected.is_set()  # stopped before the edit returned
+        assert any("was stopped" in str(value) for value in edited), edited  # the status line says so
+        chatbot = page.respond()
+        job.result()
+        assert bodies(chatbot) == [("user", "tell a short story"), ("assistant", "a short one")]
+        back = act(page, versions_link(chatbot, 0, -1))[0]
+        old = message_text(back[1])
+        assert body_of(old).startswith("s0 s1 s2 s3") and "Stopped" in old

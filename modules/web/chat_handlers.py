@@ -114,7 +114,8 @@ class ChatHandlers:
         turn = conversation.continuing or conversation.pending
         continuing = conversation.continuing is not None
         conversation.continuing = None
-        if turn is None:  # nothing to answer (empty input, or already streaming)
+        if turn is None:  # nothing to answer (empty input, already streaming, or another link's chain)
+            yield gr.skip()  # (a generator that yields nothing would clear the chatbot)
             return
         owner = self.keeper.owner(conversation, request)
         system_prompt = repair(str(system_prompt or ""))
@@ -135,7 +136,8 @@ class ChatHandlers:
             messages = conversation.messages(system_prompt)
         fit, conversation.summary = await self.chat.fit(model, messages, options, summary=conversation.summary)
         if turn not in conversation.turns or (not continuing and conversation.pending is not turn):
-            return  # the conversation changed meanwhile (another one was opened, another branch shown)
+            yield gr.skip()  # the conversation changed meanwhile (another one was opened, another branch shown)
+            return
         if fit.overflows:  # the question alone is too long: say so, keep it
             if continuing:
                 raise self._refuse(conversation, lang, "error.continue_overflow",
@@ -314,7 +316,9 @@ class ChatHandlers:
             conversation.notice = "ℹ️ " + self.t.text(lang, "notice.edit_stopped_run")
         new = conversation.edit_question(index, text, await self.keeper.count_user(text, model_name))
         await self.keeper.save_question(conversation, new, lang, model_name, system_prompt)
-        return (*self._generating(conversation, lang), self.view.history(conversation, query, lang))
+        chatbot, send, stop, generating = self._generating(conversation, lang)
+        # (A stopped run is said at once, and again when the new reply ends.)
+        return chatbot, send, stop, conversation.notice or generating, self.view.history(conversation, query, lang)
 
     async def act(self, action: str, conversation: Conversation, model_name: str, query: str,
                    request: gr.Request):

@@ -287,7 +287,8 @@ class ChatPage:
             for edited in (chatbot.edit(chats.edit, [conversation, model, system_prompt, search], edit_outputs,
                                         **private),
                            edit_go.click(chats.edit_at, [edit_index, edit_text, conversation, model, system_prompt,
-                                                         search], edit_outputs, api_name="edit", **undocumented)):
+                                                         search], edit_outputs, api_name="edit_message",
+                                         **undocumented)):
                 edited = edited.then(**respond_args)
                 streams.append(edited)
                 edited.then(**done_args)
