@@ -167,7 +167,8 @@ def test_another_owner_can_neither_see_nor_change_a_conversation(store: SQLiteSt
 def test_search_matches_title_questions_and_answers_case_insensitively(store: SQLiteStore) -> None:
     save_all(store, meta("title", title="Trip to KYOTO", updated_at=3.0), q("q", None, "plans"))
     save_all(store, meta("user", title="Untitled", updated_at=2.0), q("q", None, "如何学习中文？"))
-    save_all(store, meta("reply", title="Other", updated_at=1.0), q("q", None, "hm"), a("a", "q", "The Straße is long"))
+    save_all(store, meta("reply", title="Other", updated_at=1.0), q("q", None, "hm"),
+             a("a", "q", "The Straße is long"))
     save_all(store, meta("bob", owner=BOB, title="kyoto 中文 straße"), q("q", None, "kyoto"))
 
     def found(query: str) -> list[str]:
@@ -600,11 +601,12 @@ def test_a_data_folder_that_is_a_file_gives_a_store_in_memory(tmp_path: Path) ->
 
 def read_only_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
     """SQLite opens every file read-only from now on, as on a read-only file or file system (root
-    ignores file modes, so SQLite is asked directly); ``:memory:`` still works."""
+    ignores file modes, so SQLite is asked directly); ``:memory:`` still works, and a URI (a
+    backup's source, read-only already) is taken as it is."""
     connect = sqlite3.connect
 
-    def read_only(path: object, *args: object, **kwargs: object) -> sqlite3.Connection:
-        if str(path) == ":memory:":
+    def read_only(path: object, *args: object, **kwargs: Any) -> sqlite3.Connection:
+        if str(path) == ":memory:" or kwargs.get("uri"):
             return connect(path, *args, **kwargs)  # type: ignore[arg-type]
         return connect(f"file:{path}?mode=ro", *args, uri=True, **kwargs)  # type: ignore[arg-type]
 
