@@ -33,7 +33,7 @@ import yaml
 
 from modules.history import store as store_module
 from modules.i18n import Translator
-from modules.history.records import ConversationMeta, TurnRecord
+from modules.history.records import ConversationMeta, ConversationRecord, MessageRecord
 from modules.history.store import FILENAME, BackupError, SQLiteStore, StoreProblem, backup, backup_path, open_store
 from tests.conftest import fake_model_entry, free_port
 from tests.test_app_api import wait_until
@@ -41,7 +41,7 @@ from tests.test_app_api import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = "local"
 WAL, SHM = FILENAME + "-wal", FILENAME + "-shm"
-TEXT = "一段相当长的历史记录, with some ASCII too. " * 40  # ~2 KB a turn: a few pages of log per write
+TEXT = "一段相当长的历史记录, with some ASCII too. " * 40  # ~2 KB an answer: a few pages of log per write
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -49,18 +49,33 @@ def meta(conversation_id: str, title: str = "") -> ConversationMeta:
     return ConversationMeta(conversation_id, OWNER, title or conversation_id, "fake", "", {}, 1.0, 2.0)
 
 
-def turn(user: str) -> TurnRecord:
-    return TurnRecord(user=user, reply=TEXT, status="done", created_at=1.0, finished_at=2.0)
+def round_of(n: int, user: str) -> list[MessageRecord]:
+    """Round ``n`` of a conversation: a question (after the answer of round n - 1) and its answer."""
+    return [MessageRecord(f"q{n}", f"a{n - 1}" if n else None, "user", user, created_at=1.0),
+            MessageRecord(f"a{n}", f"q{n}", "assistant", TEXT, created_at=1.0, finished_at=2.0)]
+
+
+def save_round(store: SQLiteStore, conversation_id: str, n: int, user: str) -> None:
+    """As the app saves a round: the question, then the reply (two writes)."""
+    question, answer = round_of(n, user)
+    assert store.save_message(meta(conversation_id), question)
+    assert store.save_reply(meta(conversation_id), answer)
+
+
+def one_write(conversation_id: str, user: str) -> ConversationRecord:
+    """A conversation of one round, to import: one write."""
+    messages = round_of(0, user)
+    return ConversationRecord(**vars(meta(conversation_id)), messages=messages, leaf=messages[-1].id)
 
 
 def write(store: SQLiteStore, conversations: int, turns: int = 3, prefix: str = "c") -> dict[str, list[str]]:
-    """Save ``conversations`` x ``turns`` turns; what a reader should find: {id: [user texts]}."""
+    """Save ``conversations`` x ``turns`` rounds; what a reader should find: {id: [user texts]}."""
     expected = {}
     for c in range(conversations):
         cid = f"{prefix}{c}"
         expected[cid] = [f"{cid}/{t} {TEXT}" for t in range(turns)]
         for t, user in enumerate(expected[cid]):
-            store.save_turn(meta(cid), t, turn(user))
+            save_round(store, cid, t, user)
     return expected
 
 
@@ -135,7 +150,7 @@ def test_the_main_file_alone_holds_a_write_within_checkpoint_seconds_with_no_fur
     s = SQLiteStore(path, checkpoint_seconds=seconds)
     opened = time.monotonic()
     try:
-        s.save_turn(meta("only"), 0, turn("the last write before a long pause"))
+        save_round(s, "only", 0, "the last write before a long pause")
         written = time.monotonic()
         early = main_file_alone(path, tmp_path, s)
         if time.monotonic() - opened < 0.8 * seconds:  # surely before the checkpoint was due
@@ -166,7 +181,7 @@ def test_a_write_checkpoints_when_the_last_checkpoint_is_old_enough(tmp_path: Pa
     s = WithoutCheckpointer(path, checkpoint_seconds=0)  # every write finds the last checkpoint old enough
     try:
         for i in range(3):
-            s.save_turn(meta(f"c{i}"), 0, turn(f"question {i}"))
+            save_round(s, f"c{i}", 0, f"question {i}")
             assert main_file_alone(path, tmp_path, s) == {f"c{j}": [f"question {j}"] for j in range(i + 1)}
     finally:
         s.close()
@@ -178,7 +193,7 @@ def test_checkpoints_while_many_threads_write_and_read(tmp_path: Path) -> None:
 
     def work(worker: int) -> None:
         for position in range(15):
-            s.save_turn(meta(f"w{worker}"), position, turn(f"{worker}/{position}"))
+            save_round(s, f"w{worker}", position, f"{worker}/{position}")
             s.list(OWNER, query=f"{worker}/")
 
     with ThreadPoolExecutor(8) as pool:
@@ -193,7 +208,7 @@ def test_a_store_dropped_without_close_is_still_collected_and_its_checkpointer_e
     path = tmp_path / FILENAME
     before = set(checkpointers())
     s = SQLiteStore(path, checkpoint_seconds=0.5)
-    s.save_turn(meta("c1"), 0, turn("dropped"))
+    save_round(s, "c1", 0, "dropped")
     [thread] = set(checkpointers()) - before
     ref = weakref.ref(s)
     del s
@@ -218,11 +233,11 @@ def crashed(tmp_path: Path) -> Path:
     live = tmp_path / "live"
     live.mkdir()
     s = SQLiteStore(live / FILENAME)
-    s.save_turn(meta("old"), 0, turn("saved long ago"))
+    s.import_record(one_write("old", "saved long ago"))
     s.close()  # checkpointed: "old" is in the main file
     s = SQLiteStore(live / FILENAME, checkpoint_seconds=3600)
-    s.save_turn(meta("new1"), 0, turn("saved a second ago"))
-    s.save_turn(meta("new2"), 0, turn("saved just now"))
+    s.import_record(one_write("new1", "saved a second ago"))
+    s.import_record(one_write("new2", "saved just now"))
     folder = tmp_path / "crashed"
     folder.mkdir()
     with s._lock:  # the files as they are on disk while the app runs, i.e. when it is killed
@@ -284,7 +299,7 @@ def test_a_damaged_wal_is_moved_aside_and_reported(crashed: Path, damage: Callab
         assert str(problem.path) in str(problem) and str(problem.moved_to) in str(problem)
         # the main file was opened as it was: what it holds is there, what only the log held is not
         assert {c.id for c in s.list(OWNER)} == {"old"}
-        s.save_turn(meta("after"), 0, turn("works"))
+        save_round(s, "after", 0, "works")
     finally:
         s.close()
     assert crashed.read_bytes() != main  # written to since, normally
@@ -416,7 +431,7 @@ def test_a_backup_holds_every_conversation_even_with_the_log_unchecked_and_a_wri
     finally:
         writer.execute("ROLLBACK")
         writer.close()
-    s.save_turn(meta("later"), 0, turn("after the backup"))  # the store goes on working
+    save_round(s, "later", 0, "after the backup")  # the store goes on working
     s.close()
 
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # one file, no temporary left
@@ -647,7 +662,8 @@ def test_a_crash_mid_reply_loses_at_most_a_second_and_the_reply_says_the_app_sto
 
     def checkpointed() -> str:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            row = conn.execute("SELECT reply FROM turns WHERE status = 'interrupted'").fetchone()
+            row = conn.execute("SELECT content FROM messages WHERE role = 'assistant' AND status = 'interrupted'"
+                               ).fetchone()
         return row[0] if row and len(row[0]) > 20 else ""
 
     wait_until(checkpointed, "a checkpoint of the streaming reply", timeout=30)

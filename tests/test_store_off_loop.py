@@ -15,7 +15,7 @@ from modules.config import build_config
 from tests.conftest import fake_model_entry, free_port
 from tests.test_app_history import Session
 
-WRITES = {"save_turn", "save_reply", "truncate", "save_meta", "rename", "delete", "import_record"}
+WRITES = {"save_message", "save_reply", "set_leaf", "delete_messages", "save_meta", "rename", "delete", "import_record"}
 
 
 class RecordingStore:
@@ -63,5 +63,5 @@ def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path):
     finally:
         app.demo.close()
     names = {name for name, _ in recording.writes}
-    assert {"save_turn", "save_reply", "rename", "import_record", "delete"} <= names, recording.writes
+    assert {"save_message", "save_reply", "rename", "import_record", "delete"} <= names, recording.writes
     assert not [w for w in recording.writes if w[1]], f"writes on the event loop: {recording.writes}"

@@ -1,17 +1,21 @@
-"""Export and import: exact round trips, readable Markdown, clear refusals, safe file names and paths."""
+"""Export and import: exact round trips of the whole tree, readable Markdown, clear refusals, safe file
+names and paths."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from modules.history import transfer
-from modules.history.records import ConversationRecord, TurnRecord
+from modules.history.records import ConversationRecord, MessageRecord
+from modules.history.store import SQLiteStore
 from modules.history.titles import clean_title
 from modules.history.transfer import (
     ImportProblem,
@@ -25,45 +29,87 @@ from modules.history.transfer import (
 )
 
 T0 = 1714567890.1234567  # finer than a microsecond: the export must keep it exactly
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# What an export holds of a message, by role; the rest of a message keeps its default.
+EXPORTED = {"user": {"id", "parent", "role", "content", "tokens", "created_at"},
+            "assistant": {f.name for f in dataclasses.fields(MessageRecord)} - {"tokens"}}
+
+
+def user(mid: str, parent: str | None, content: str, **fields: Any) -> MessageRecord:
+    return MessageRecord(mid, parent, "user", content, **fields)
+
+
+def answer(mid: str, parent: str, content: str, **fields: Any) -> MessageRecord:
+    return MessageRecord(mid, parent, "assistant", content, **fields)
 
 
 def sample() -> ConversationRecord:
-    """A conversation with a turn of each status and every kind of value a turn holds."""
+    """A conversation of three branches, with an answer of each status and every kind of value a message
+    holds. The branch viewed ends at the pending q5:
+
+    q1 ─ a1 ─ q2 ─ a2 ─ q3 ─ a3              (interrupted)
+                             └ a3e ─ q4 ─ a4 ─ q5   (an edited answer; an error; pending)
+            └ q2c ─ a2c                      (an edited question)
+    """
     return ConversationRecord(
         id="conv-123", owner="user:alice", title="旅行计划 Trip plans", model="GPT Test",
         system_prompt="You are helpful.\nAnswer in 中文.", params={"temperature": 0.7, "stop": ["\n\n"]},
-        created_at=T0, updated_at=T0 + 100.0000001,
-        turns=[
-            TurnRecord(user="去京都要几天？", reply="三到五天。", reasoning="Think about 京都 sights.",
-                       outputs={"sources": [{"title": "指南", "page": 2}], "score": 0.5}, status="done",
-                       finish_reason="stop", model="GPT Test", user_tokens=9, prompt_tokens=120,
-                       completion_tokens=45, tokens_exact=True, cost=0.000123, created_at=T0 + 1,
-                       finished_at=T0 + 2.5),
-            TurnRecord(user="And Osaka?", reply="Osaka is", status="stopped", finish_reason=None,
-                       model="GPT Test", user_tokens=3, prompt_tokens=10, completion_tokens=5,
-                       tokens_exact=False, cost=None, dropped_rounds=1, summarized=True,
-                       created_at=T0 + 3, finished_at=T0 + 4),
-            TurnRecord(user="Nara?", reply="Nara has", status="interrupted", error="The connection was lost.",
-                       model="Other", created_at=T0 + 5, finished_at=time.time()),
-            TurnRecord(user="Kobe?", status="error", error="The model refused: *quota* exceeded.",
-                       model="Other", created_at=T0 + 6, finished_at=None),
-            TurnRecord(user="Still there?", user_tokens=4, created_at=time.time()),
+        created_at=T0, updated_at=T0 + 100.0000001, leaf="q5",
+        messages=[
+            user("q1", None, "去京都要几天？", tokens=9, created_at=T0 + 1),
+            answer("a1", "q1", "三到五天。", reasoning="Think about 京都 sights.",
+                   outputs={"sources": [{"title": "指南", "page": 2}], "score": 0.5}, status="done",
+                   finish_reason="stop", model="GPT Test", prompt_tokens=120, completion_tokens=45,
+                   tokens_exact=True, cost=0.000123, created_at=T0 + 1.5, finished_at=T0 + 2.5),
+            user("q2", "a1", "And Osaka?", tokens=3, created_at=T0 + 3),
+            answer("a2", "q2", "Osaka is", status="stopped", finish_reason=None, model="GPT Test",
+                   prompt_tokens=10, completion_tokens=5, tokens_exact=False, cost=None, dropped_rounds=1,
+                   summarized=True, created_at=T0 + 3, finished_at=T0 + 4),
+            user("q3", "a2", "Nara?", created_at=T0 + 5),
+            answer("a3", "q3", "Nara has", status="interrupted", error="The connection was lost.", model="Other",
+                   created_at=T0 + 5, finished_at=time.time()),
+            user("q2c", "a1", "And Osaka, by train?", tokens=5, created_at=T0 + 5.5),
+            answer("a2c", "q2c", "An hour from Kyoto.", model="GPT Test", created_at=T0 + 5.6, finished_at=T0 + 5.7),
+            answer("a3e", "q3", "Nara has deer.", edited=True, created_at=T0 + 5.8),
+            user("q4", "a3e", "Kobe?", created_at=T0 + 6),
+            answer("a4", "q4", "", status="error", error="The model refused: *quota* exceeded.", model="Other",
+                   created_at=T0 + 6, finished_at=None),
+            user("q5", "a4", "Still there?", tokens=4, created_at=time.time()),
         ])
 
 
-def test_the_sample_sets_every_turn_field() -> None:
-    """Guards the round trip: a field added to TurnRecord must be exported too."""
-    default = TurnRecord(user="")
-    unset = [f.name for f in dataclasses.fields(TurnRecord)
-             if all(getattr(t, f.name) == getattr(default, f.name) for t in sample().turns)]
-    assert unset == []
+def test_the_sample_sets_every_field_an_export_holds() -> None:
+    """Guards the round trip: a field added to MessageRecord must be exported too."""
+    messages = sample().messages
+    for role, exported in EXPORTED.items():
+        default = MessageRecord(id="", parent=None, role="assistant" if role == "user" else "user")
+        of_role = [m for m in messages if m.role == role]
+        unset = [f.name for f in dataclasses.fields(MessageRecord)
+                 if f.name in exported and all(getattr(m, f.name) == getattr(default, f.name) for m in of_role)]
+        assert unset == [], role
+        blank = MessageRecord(id="", parent=None, role=role)  # type: ignore[arg-type]
+        kept_default = {f.name for f in dataclasses.fields(MessageRecord) if f.name not in exported}
+        assert all(getattr(m, name) == getattr(blank, name) for m in of_role for name in kept_default), role
 
 
-def test_export_then_import_gives_the_same_conversation() -> None:
+def test_export_then_import_gives_the_same_tree() -> None:
     record = sample()
+    assert len([m for m in record.messages if m.id not in {x.parent for x in record.messages}]) == 3  # 3 leaves
     text = to_json(record)
     assert from_json(text, owner=record.owner, new_id=record.id) == record
     assert from_json(text.encode("utf-8"), owner=record.owner, new_id=record.id) == record
+
+
+def test_an_imported_tree_is_stored_and_exported_again_the_same(tmp_path: Path) -> None:
+    record = sample()
+    store = SQLiteStore(tmp_path / "history.sqlite3")
+    try:
+        store.import_record(from_json(to_json(record), owner="user:bob", new_id="fresh"))
+        loaded = store.load("user:bob", "fresh")
+    finally:
+        store.close()
+    assert loaded == dataclasses.replace(record, id="fresh", owner="user:bob")
+    assert to_json(loaded) == to_json(record)
 
 
 @pytest.mark.parametrize("ts", [T0, 0.0, -0.5, 1e-7, 1714567890.0, 4102444799.999999, time.time()])
@@ -84,14 +130,17 @@ def test_the_json_export_has_the_documented_shape_and_no_id_or_owner() -> None:
     text = to_json(record)
     data = json.loads(text)
     assert "去京都要几天？" in text  # not \\u-escaped
-    assert (data["format"], data["version"], data["title"]) == ("chuanhustylechat.conversation", 1, record.title)
+    assert (data["format"], data["version"], data["title"]) == ("chuanhustylechat.conversation", 2, record.title)
     assert data["parameters"] == record.params and data["created_at"] == "2024-05-01T12:51:30.1234567Z"
-    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 4 + ["user"]
+    assert data["leaf"] == "q5"
+    assert [(m["id"], m["parent"], m["role"]) for m in data["messages"]] == [
+        (m.id, m.parent, m.role) for m in record.messages]
     first = data["messages"][1]
     assert first["usage"] == {"input_tokens": 120, "output_tokens": 45, "exact": True}
-    assert (first["content"], first["reasoning"], first["cost"], first["status"]) == ("三到五天。", record.turns[0].reasoning,
-                                                                                    0.000123, "done")
-    assert data["messages"][0] == {"role": "user", "content": "去京都要几天？", "tokens": 9,
+    assert (first["content"], first["reasoning"], first["cost"], first["status"], first["edited"]) == (
+        "三到五天。", record.messages[1].reasoning, 0.000123, "done", False)
+    assert [m["edited"] for m in data["messages"] if m["role"] == "assistant"] == [False] * 4 + [True, False]
+    assert data["messages"][0] == {"id": "q1", "parent": None, "role": "user", "content": "去京都要几天？", "tokens": 9,
                                    "created_at": iso_time(T0 + 1)}
 
     def keys(value: object) -> set[str]:
@@ -101,11 +150,11 @@ def test_the_json_export_has_the_documented_shape_and_no_id_or_owner() -> None:
             return {k for v in value for k in keys(v)}
         return set()
 
-    assert not keys(data) & {"id", "owner"}
+    assert not set(data) & {"id", "owner"} and "owner" not in keys(data)
     assert record.id not in text and record.owner not in text
 
 
-def test_markdown_has_each_piece() -> None:
+def test_markdown_is_the_branch_viewed_and_says_there_are_others() -> None:
     md = to_markdown(sample())
     for piece in ["# 旅行计划 Trip plans\n", "- Model: GPT Test", "- Created: 2024-05-01T12:51:30+00:00",
                   '- Parameters: temperature=0.7, stop=["\\n\\n"]', "> You are helpful.\n> Answer in 中文.",
@@ -114,25 +163,36 @@ def test_markdown_has_each_piece() -> None:
                   "<sub>tokens in 120 · out 45 · $0.000123</sub>",
                   "Osaka is\n\n*⏹ Stopped.*\n\n<sub>≈ tokens in 10 · out 5</sub>",
                   "*(1 earlier round was replaced by a summary)*",
-                  "Nara has\n\n*⚠️ Interrupted: The connection was lost.*",
+                  "### User\n\nNara?\n\n### Assistant\n\n*(edited)*\n\nNara has deer.\n\n### User",
                   r"*⚠️ The model refused: \*quota\* exceeded.*",
                   "### User\n\nStill there?\n\n### Assistant\n\n*(no reply)*\n"]:
         assert piece in md
-    assert md.count("### User") == 5 and md.count("### Assistant") == 5
+    assert md.count("### User") == 5 and md.count("### Assistant") == 5 and md.count("*(edited)*") == 1
+    head = md.split("### User")[0]
+    assert "other branches" in head and "The JSON export holds them all." in head
+    for elsewhere in ("Nara has\n", "The connection was lost", "by train", "An hour from Kyoto"):
+        assert elsewhere not in md  # on other branches
     assert "user:alice" not in md and "conv-123" not in md
 
 
+def test_markdown_of_another_branch() -> None:
+    md = to_markdown(dataclasses.replace(sample(), leaf="a3"))
+    assert "Nara has\n\n*⚠️ Interrupted: The connection was lost.*" in md
+    assert md.count("### User") == 3 and "*(edited)*" not in md and "Still there?" not in md
+    assert "The JSON export holds them all." in md
+
+
 def test_markdown_without_optional_facts() -> None:
-    md = to_markdown(ConversationRecord("i", "o", "", created_at=0.0, turns=[TurnRecord(user="hi")]))
+    md = to_markdown(ConversationRecord("i", "o", "", created_at=0.0, messages=[user("q", None, "hi")]))
     assert md.startswith("# Conversation\n\n- Created: 1970-01-01T00:00:00+00:00\n\n### User")
-    assert "Model:" not in md and "Parameters" not in md and "System prompt" not in md
+    assert "Model:" not in md and "Parameters" not in md and "System prompt" not in md and "branches" not in md
 
 
 def test_import_takes_owner_and_id_from_the_caller_never_the_file() -> None:
     original = sample()
     data = json.loads(to_json(original))
     data.update(id="attacker-chosen", owner="user:mallory")
-    data["messages"][0].update(id="x", owner="user:mallory")
+    data["messages"][0].update(owner="user:mallory", conversation_id="attacker-chosen")
     record = from_json(json.dumps(data), owner="user:bob", new_id="fresh-id")
     assert record == dataclasses.replace(original, id="fresh-id", owner="user:bob")
 
@@ -149,8 +209,15 @@ def with_message(index: int, **changes: object) -> str:
     return json.dumps(data)
 
 
-def messages(*items: dict[str, object]) -> str:
-    return export(messages=list(items))
+def without(index: int, key: str) -> str:
+    data = json.loads(to_json(sample()))
+    del data["messages"][index][key]
+    return json.dumps(data)
+
+
+def v1(*items: dict[str, object]) -> str:
+    """A version-1 export (one branch, no ids) of ``items``."""
+    return json.dumps({"format": transfer.FORMAT, "version": 1, "title": "Old", "messages": list(items)})
 
 
 @pytest.mark.parametrize("content, message", [
@@ -159,8 +226,9 @@ def messages(*items: dict[str, object]) -> str:
     ('"hello"', "not a ChuanhuStyleChat conversation export (expected a JSON object or a list of messages)"),
     ('{"title": "x", "messages": []}', "not a ChuanhuStyleChat conversation export (format is missing)"),
     ('{"format": "other.app", "version": 1}', "not a ChuanhuStyleChat conversation export (format is 'other.app')"),
-    (export(version=7), "version 7 is newer than this app understands"),
-    (export(version="1"), "version must be a whole number, not '1'"),
+    (export(version=3), "version 3 is newer than this app understands"),
+    (export(version=0), "version 0 is not a valid version"),
+    (export(version="2"), "version must be a whole number, not '2'"),
     (export(version=None), "version is missing"),
     (export(messages={"0": "hi"}), "messages: must be a list"),
     (export(title=["a"]), "title: Input should be a valid string"),
@@ -170,16 +238,41 @@ def messages(*items: dict[str, object]) -> str:
     (with_message(1, status="pending"), "messages[1].status: Input should be 'done', 'stopped', 'interrupted' or"),
     (with_message(1, usage={"input_tokens": -1}), "messages[1].usage.input_tokens: Input should be greater than"),
     (with_message(1, cost="free"), "messages[1].cost: Input should be a valid number"),
+    (with_message(1, edited="yes"), "messages[1].edited: Input should be a valid boolean"),
     (export(messages=["hi"]), "messages[0]: must be an object"),
-    (messages({"role": "assistant", "content": "hi"}), "messages[0]: an assistant message must follow a user message"),
-    (messages({"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant"}),
+    # the tree
+    (with_message(0, id="has space"), "messages[0].id: must be 1 to 64 letters, digits, '-' or '_'"),
+    (with_message(0, id=""), "messages[0].id: must be 1 to 64 letters, digits, '-' or '_'"),
+    (with_message(0, id="x" * 65), "messages[0].id: must be 1 to 64 letters, digits, '-' or '_'"),
+    (with_message(0, id="q1\n"), "messages[0].id: must be 1 to 64 letters, digits, '-' or '_'"),
+    (with_message(0, id=7), "messages[0].id: Input should be a valid string"),
+    (without(0, "id"), "messages[0].id: Field required"),
+    (without(1, "parent"), "messages[1].parent: Field required"),
+    (with_message(1, parent="../q1"), "messages[1].parent: must be 1 to 64 letters, digits, '-' or '_'"),
+    (with_message(2, id="q1"), "messages[2].id: 'q1' is the id of an earlier message too"),
+    (with_message(1, parent="nope"), "messages[1].parent: 'nope' is not the id of an earlier message"),
+    (with_message(1, parent="q2"), "messages[1].parent: 'q2' is not the id of an earlier message"),  # after it
+    (with_message(0, parent="q1"), "messages[0].parent: 'q1' is not the id of an earlier message"),  # itself
+    (with_message(1, parent=None), "messages[1].parent: an assistant message must follow a user message"),
+    (with_message(3, parent="a1"), "messages[3].parent: an assistant message must follow a user message"),
+    (export(leaf="nope"), "leaf: 'nope' is not the id of a message"),
+    (export(leaf="no good"), "leaf: must be 1 to 64 letters, digits, '-' or '_'"),
+    (export(leaf=5), "leaf: Input should be a valid string"),
+    # version 1: one branch, alternating
+    (v1({"role": "user", "content": "a"}, {"role": "system", "content": "b"}), "messages[1].role: must be 'user' or"),
+    (v1({"role": "assistant", "content": "hi"}), "messages[0]: an assistant message must follow a user message"),
+    (v1({"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant"}),
      "messages[1]: two user messages in a row (only the last message may lack a reply)"),
-    (messages({"role": "user", "content": "a"}, {"role": "assistant"}, {"role": "assistant"}),
+    (v1({"role": "user", "content": "a"}, {"role": "assistant"}, {"role": "assistant"}),
      "messages[2]: an assistant message must follow a user message"),
+    (v1({"role": "user", "content": "a"}, {"role": "assistant", "status": "pending"}),
+     "messages[1].status: Input should be 'done', 'stopped', 'interrupted' or"),
+    (v1("hi"), "messages[0]: must be an object"),  # type: ignore[arg-type]
     (('{"format": "chuanhustylechat.conversation", "version": 1, "messages": [{"role": "user", "content": "a"}, '
      '{"role": "assistant", "cost": NaN}]}'), "not valid JSON: NaN is not a JSON number"),
     ('[{"role": "tool", "content": "x"}]', "messages[0].role: must be 'system', 'user' or 'assistant'"),
     ('[{"role": "user", "content": 5}]', "messages[0].content: must be text"),
+    ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', "messages[1]: two user messages in a row"),
 ])
 def test_a_bad_file_is_refused_with_a_clear_message(content: str | bytes, message: str) -> None:
     with pytest.raises(ImportProblem) as caught:
@@ -193,20 +286,49 @@ def test_a_surrogate_escape_is_refused() -> None:
 
 
 def test_too_big_and_too_long_files_are_refused() -> None:
-    huge = messages({"role": "user", "content": "x" * (5 * 1024 * 1024)})
+    huge = v1({"role": "user", "content": "x" * (5 * 1024 * 1024)})
     with pytest.raises(ImportProblem, match="^file is larger than 5 MB$"):
         from_json(huge, owner="o", new_id="i")
-    many = messages(*[{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(10_001)])
+    many = v1(*[{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(10_001)])
     with pytest.raises(ImportProblem, match=r"^too many messages \(10001; at most 10000\)$"):
         from_json(many, owner="o", new_id="i")
-    just_enough = messages(*[{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(10_000)])
+    just_enough = v1(*[{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(10_000)])
     assert len(from_json(just_enough, owner="o", new_id="i").turns) == 5000
+    tree = [{"id": f"m{i}", "parent": None, "role": "user", "content": ""} for i in range(10_001)]
+    with pytest.raises(ImportProblem, match=r"^too many messages \(10001; at most 10000\)$"):
+        from_json(export(messages=tree, leaf=None), owner="o", new_id="i")
+
+
+def assert_one_chain(record: ConversationRecord) -> None:
+    """A version-1 or plain import: one branch, each message after the one before, the leaf its end."""
+    assert [m.parent for m in record.messages] == [None, *[m.id for m in record.messages]][:len(record.messages)]
+    assert record.leaf == (record.messages[-1].id if record.messages else None) and not record.branched
+    assert len({m.id for m in record.messages}) == len(record.messages)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", m.id) for m in record.messages)
+
+
+def test_a_version_1_export_of_the_old_app_imports_as_one_branch() -> None:
+    """``conversation_v1.json`` is what the version-1 app exported (``tests/fixtures/make_history_v1.py``)."""
+    text = (FIXTURES / "conversation_v1.json").read_text(encoding="utf-8")
+    assert json.loads(text)["version"] == 1
+    expected = json.loads((FIXTURES / "history_v1.expected.json").read_text(encoding="utf-8"))
+    old = expected["owners"]["local"]["conversations"]["local-trip"]
+    record = from_json(text, owner="local", new_id="new")
+    assert (record.id, record.owner) == ("new", "local")
+    for name in ("title", "model", "system_prompt", "params", "created_at", "updated_at"):
+        assert getattr(record, name) == old[name], name
+    assert [{k: getattr(t, k) for k in old_turn} for t, old_turn in zip(record.turns, old["turns"])] == old["turns"]
+    assert len(record.turns) == len(old["turns"]) == 6
+    assert [m.role for m in record.messages] == ["user", "assistant"] * 5 + ["user"]
+    assert_one_chain(record)
+    assert from_json(to_json(record), owner="local", new_id="new") == record  # and on as version 2
 
 
 def test_an_unanswered_last_message_becomes_a_pending_turn() -> None:
-    record = from_json(messages({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                {"role": "user", "content": "c"}), owner="o", new_id="i")
+    record = from_json(v1({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}), owner="o", new_id="i")
     assert [(t.user, t.reply, t.status) for t in record.turns] == [("a", "b", "done"), ("c", "", "pending")]
+    assert_one_chain(record)
 
 
 @pytest.mark.parametrize("title, cleaned", [
@@ -236,7 +358,10 @@ def test_an_openai_style_message_list_is_imported() -> None:
                                                                              "Be brief.")
     assert [(t.user, t.reply, t.status) for t in record.turns] == [
         ("  What is\nSQLite? ", "A database.", "done"), ("And WAL?", "", "done"), ("Thanks", "", "pending")]
-    assert from_json("[]", owner="o", new_id="i").title == "Imported conversation"
+    assert "ignored" not in [m.id for m in record.messages]
+    assert_one_chain(record)
+    empty = from_json("[]", owner="o", new_id="i")
+    assert (empty.title, empty.messages, empty.leaf) == ("Imported conversation", [], None)
 
 
 # -- file names and paths -------------------------------------------------------------------

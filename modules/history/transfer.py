@@ -1,11 +1,15 @@
 """Export and import of conversations: Markdown to read, JSON to move between installs.
 
-The JSON export (``to_json``) keeps everything a :class:`ConversationRecord`
-holds except its id and owner, and ``from_json`` reads it back exactly (times
-are ISO 8601 in UTC, with as many fractional digits as the float needs).
-``from_json`` also takes a plain OpenAI-style list of ``{"role", "content"}``
-messages. It trusts nothing in the file: sizes and shapes are checked, and the
-record's id and owner always come from the caller.
+The JSON export (``to_json``, version 2) keeps everything a :class:`ConversationRecord`
+holds except its id and owner: every message of every branch, in the order first
+saved, with its ``id`` and ``parent``, and the ``leaf`` of the branch viewed; and
+``from_json`` reads it back exactly (times are ISO 8601 in UTC, with as many
+fractional digits as the float needs; message ids are kept, as they need only be
+unique within the conversation). ``from_json`` also takes a version-1 export (one
+branch, no ids) and a plain OpenAI-style list of ``{"role", "content"}`` messages,
+each as one chain of messages. It trusts nothing in the file: sizes, shapes and
+the tree are checked, and the record's id and owner always come from the caller.
+The Markdown export is the branch viewed.
 
 ``write_export`` puts a file under a random folder of the exports folder (which
 the web server serves), with a name made safe by ``safe_filename``.
@@ -13,6 +17,7 @@ the web server serves), with a name made safe by ``safe_filename``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,15 +30,16 @@ from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from modules.core.accounting import format_cost
-from modules.history.records import ConversationRecord, TurnRecord
+from modules.history.records import ConversationRecord, MessageRecord, TurnRecord, chain
+from modules.history.store import tree_problem
 from modules.history.titles import clean_title
 from modules.providers.validation import first_problem
 
 FORMAT = "chuanhustylechat.conversation"
-VERSION = 1
+VERSION = 2
 MAX_BYTES = 5 * 1024 * 1024
 MAX_MESSAGES = 10_000
 DEFAULT_TITLE = "Imported conversation"
@@ -75,32 +81,33 @@ def parse_time(text: str) -> float:
 
 # -- export ----------------------------------------------------------------------------------
 def to_json(record: ConversationRecord) -> str:
-    """The conversation as a ChuanhuStyleChat export (no id, no owner)."""
-    messages: list[dict[str, Any]] = []
-    for turn in record.turns:
-        messages.append({"role": "user", "content": turn.user, "tokens": turn.user_tokens,
-                         "created_at": iso_time(turn.created_at)})
-        if turn.status == "pending":
-            continue
-        messages.append({
-            "role": "assistant", "content": turn.reply, "reasoning": turn.reasoning, "outputs": turn.outputs,
-            "status": turn.status, "error": turn.error, "finish_reason": turn.finish_reason, "model": turn.model,
-            "usage": {"input_tokens": turn.prompt_tokens, "output_tokens": turn.completion_tokens,
-                      "exact": turn.tokens_exact},
-            "cost": turn.cost, "dropped_rounds": turn.dropped_rounds, "summarized": turn.summarized,
-            "finished_at": None if turn.finished_at is None else iso_time(turn.finished_at),
-        })
+    """The conversation as a ChuanhuStyleChat export (no id, no owner): its whole tree."""
     document = {
         "format": FORMAT, "version": VERSION, "title": record.title, "model": record.model,
         "system_prompt": record.system_prompt, "parameters": record.params,
         "created_at": iso_time(record.created_at), "updated_at": iso_time(record.updated_at),
-        "messages": messages,
+        "leaf": record.leaf, "messages": [_message_json(m) for m in record.messages],
     }
     return json.dumps(document, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
 
 
+def _message_json(message: MessageRecord) -> dict[str, Any]:
+    head = {"id": message.id, "parent": message.parent, "role": message.role, "content": message.content}
+    if message.role == "user":
+        return {**head, "tokens": message.tokens, "created_at": iso_time(message.created_at)}
+    return {
+        **head, "reasoning": message.reasoning, "outputs": message.outputs, "status": message.status,
+        "error": message.error, "finish_reason": message.finish_reason, "model": message.model,
+        "usage": {"input_tokens": message.prompt_tokens, "output_tokens": message.completion_tokens,
+                  "exact": message.tokens_exact},
+        "cost": message.cost, "dropped_rounds": message.dropped_rounds, "summarized": message.summarized,
+        "edited": message.edited, "created_at": iso_time(message.created_at),
+        "finished_at": None if message.finished_at is None else iso_time(message.finished_at),
+    }
+
+
 def to_markdown(record: ConversationRecord) -> str:
-    """The conversation for reading: title, a few facts, then each round."""
+    """The conversation for reading: title, a few facts, then each round of the branch viewed."""
     blocks = [f"# {' '.join(record.title.split()) or 'Conversation'}"]
     facts = []
     if record.model:
@@ -110,6 +117,9 @@ def to_markdown(record: ConversationRecord) -> str:
         facts.append("- Parameters: " + ", ".join(f"{name}={json.dumps(value, ensure_ascii=False)}"
                                                   for name, value in record.params.items()))
     blocks.append("\n".join(facts))
+    if record.branched:
+        blocks.append("*This conversation has other branches (edited questions or other answers); this is the "
+                      "one last viewed. The JSON export holds them all.*")
     if record.system_prompt:
         blocks.append("**System prompt**\n\n" + "\n".join("> " + line for line in record.system_prompt.splitlines()))
     for turn in record.turns:
@@ -128,6 +138,8 @@ def _markdown_reply(turn: TurnRecord) -> list[str]:
         how = "replaced by a summary" if turn.summarized else "left out to fit the model's context"
         rounds = "1 earlier round was" if turn.dropped_rounds == 1 else f"{turn.dropped_rounds} earlier rounds were"
         blocks.append(f"*({rounds} {how})*")
+    if turn.edited:
+        blocks.append("*(edited)*")
     if turn.reply:
         blocks.append(turn.reply)
     error = " ".join(turn.error.split()).replace("*", r"\*")
@@ -155,8 +167,15 @@ def _time_value(value: Any) -> Any:
     return parse_time(value) if isinstance(value, str) else value
 
 
+def _message_id(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError("must be 1 to 64 letters, digits, '-' or '_'")
+    return value
+
+
 Time = Annotated[float, BeforeValidator(_time_value)]
 Count = Annotated[int, Field(ge=0)]
+MessageId = Annotated[str, AfterValidator(_message_id)]
 
 
 class _Strict(BaseModel):
@@ -201,6 +220,24 @@ class _AssistantMessage(_Strict):
     finished_at: Time | None = None
 
 
+class _TreeHeader(_Header):  # version 2
+    leaf: MessageId | None = None
+
+
+class _Node(_Strict):  # a message of version 2: where it is in the tree
+    id: MessageId
+    parent: MessageId | None
+
+
+class _UserNode(_Node, _UserMessage):
+    pass
+
+
+class _AssistantNode(_Node, _AssistantMessage):
+    edited: bool = False
+    created_at: Time | None = None
+
+
 def from_json(text: str | bytes, *, owner: str, new_id: str) -> ConversationRecord:
     """A conversation from an export (or an OpenAI-style message list), owned by ``owner`` with id ``new_id``.
 
@@ -224,16 +261,23 @@ def from_json(text: str | bytes, *, owner: str, new_id: str) -> ConversationReco
         raise ImportProblem(f"version {version} is newer than this app understands")
     if version < 1:
         raise ImportProblem(f"version {version} is not a valid version")
-    header = _validate(_Header, {k: v for k, v in data.items() if k != "messages"}, "")
-    messages = data.get("messages")
-    if not isinstance(messages, list):
+    header = _validate(_Header if version == 1 else _TreeHeader, {k: v for k, v in data.items() if k != "messages"}, "")
+    items = data.get("messages")
+    if not isinstance(items, list):
         raise ImportProblem("messages: must be a list")
     created = header.created_at if header.created_at is not None else time.time()
+    if version == 1:  # one branch, no ids
+        messages = chain(_turns(list(enumerate(items)), default_time=created))
+        leaf = messages[-1].id if messages else None
+    else:
+        messages, leaf = _tree(items, default_time=created), header.leaf
+        problem = tree_problem(messages, leaf)
+        if problem is not None:
+            raise ImportProblem(f"{problem[0]}: {problem[1]}")
     return ConversationRecord(
         id=new_id, owner=owner, title=clean_title(header.title, DEFAULT_TITLE), model=header.model,
         system_prompt=header.system_prompt, params=header.parameters, created_at=created,
-        updated_at=header.updated_at if header.updated_at is not None else created,
-        turns=_turns(list(enumerate(messages)), default_time=created))
+        updated_at=header.updated_at if header.updated_at is not None else created, messages=messages, leaf=leaf)
 
 
 def _load_json(text: str | bytes) -> Any:
@@ -285,8 +329,9 @@ def _from_message_list(items: list[Any], *, owner: str, new_id: str) -> Conversa
     now = time.time()
     turns = _turns(messages, default_time=now)
     title = clean_title(turns[0].user if turns else "", DEFAULT_TITLE)
-    return ConversationRecord(id=new_id, owner=owner, title=title,
-                              system_prompt="\n\n".join(system), created_at=now, updated_at=now, turns=turns)
+    tree = chain(turns)
+    return ConversationRecord(id=new_id, owner=owner, title=title, system_prompt="\n\n".join(system),
+                              created_at=now, updated_at=now, messages=tree, leaf=tree[-1].id if tree else None)
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -321,18 +366,42 @@ def _turns(messages: list[tuple[int, Any]], *, default_time: float) -> list[Turn
             if not awaiting_reply:
                 raise ImportProblem(f"{where}: an assistant message must follow a user message")
             reply = _validate(_AssistantMessage, message, where)
-            turn = turns[-1]
-            turn.reply, turn.reasoning, turn.outputs = reply.content, reply.reasoning, reply.outputs
-            turn.status, turn.error, turn.finish_reason = reply.status, reply.error, reply.finish_reason
-            turn.model, turn.cost = reply.model, reply.cost
-            turn.prompt_tokens, turn.completion_tokens = reply.usage.input_tokens, reply.usage.output_tokens
-            turn.tokens_exact = reply.usage.exact
-            turn.dropped_rounds, turn.summarized = reply.dropped_rounds, reply.summarized
-            turn.finished_at = reply.finished_at
+            turns[-1] = dataclasses.replace(turns[-1], reply=reply.content, **_answer_details(reply))
             awaiting_reply = False
         else:
             raise ImportProblem(f"{where}.role: must be 'user' or 'assistant'")
     return turns
+
+
+def _tree(items: list[Any], *, default_time: float) -> list[MessageRecord]:
+    """The messages of a version-2 export, each checked (the tree they make is checked after)."""
+    messages: list[MessageRecord] = []
+    for index, item in enumerate(items):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise ImportProblem(f"{where}: must be an object")
+        role = item.get("role")
+        if role == "user":
+            user = _validate(_UserNode, item, where)
+            messages.append(MessageRecord(user.id, user.parent, "user", user.content, tokens=user.tokens,
+                                          created_at=default_time if user.created_at is None else user.created_at))
+        elif role == "assistant":
+            reply = _validate(_AssistantNode, item, where)
+            messages.append(MessageRecord(
+                reply.id, reply.parent, "assistant", reply.content, edited=reply.edited,
+                created_at=default_time if reply.created_at is None else reply.created_at, **_answer_details(reply)))
+        else:
+            raise ImportProblem(f"{where}.role: must be 'user' or 'assistant'")
+    return messages
+
+
+def _answer_details(reply: _AssistantMessage) -> dict[str, Any]:
+    """What an imported answer holds, by the names a TurnRecord and a MessageRecord share."""
+    return {"reasoning": reply.reasoning, "outputs": reply.outputs, "status": reply.status, "error": reply.error,
+            "finish_reason": reply.finish_reason, "model": reply.model, "cost": reply.cost,
+            "prompt_tokens": reply.usage.input_tokens, "completion_tokens": reply.usage.output_tokens,
+            "tokens_exact": reply.usage.exact, "dropped_rounds": reply.dropped_rounds,
+            "summarized": reply.summarized, "finished_at": reply.finished_at}
 
 
 def _validate(model: type[_Strict], data: Any, where: str) -> Any:
