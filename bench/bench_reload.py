@@ -60,6 +60,7 @@ HOST = "127.0.0.1"
 API_KEY = "sk-bench-0123456789"
 MESSAGE = "Write a long answer about streaming."
 USAGE_FOOTER = re.compile(r"\n\n<sub>[^<]*</sub>$")  # a finished reply's tokens and cost (modules/web/render.py)
+ADDED = re.compile(r"(?:\n\n)?<!--chuanhu-->[\s\S]*$")  # what the page adds after a reply's text (render.FOOTER)
 CHILDREN: list[subprocess.Popen] = []
 
 # Each distinct raw content of the last bot message (Gradio's aria-label "bot's message: ..."),
@@ -104,7 +105,7 @@ def ms(value: float | None) -> str:
 
 def answer(content: str) -> str:
     """The reply's text in a chatbot message: without the usage footer (and Gradio's trimming)."""
-    return USAGE_FOOTER.sub("", content).rstrip()
+    return ADDED.sub("", content).rstrip()
 
 
 def lost_and_extra(got: str, want: str) -> tuple[int, int]:

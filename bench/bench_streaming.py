@@ -208,6 +208,7 @@ def apply_diff(value: Any, diff: list[list[Any]]) -> Any:
 
 
 USAGE_FOOTER = re.compile(r"\n\n<sub>[^<]*</sub>$")  # a finished reply's tokens and cost (modules/web/render.py)
+ADDED = re.compile(r"(?:\n\n)?<!--chuanhu-->[\s\S]*$")  # what the page adds after a reply's text (render.FOOTER)
 
 
 def chatbot_reply(messages: Any) -> str:
@@ -217,7 +218,7 @@ def chatbot_reply(messages: Any) -> str:
             content = message.get("content")
             if not isinstance(content, str):
                 content = "".join(part.get("text", "") for part in content or () if isinstance(part, dict))
-            return USAGE_FOOTER.sub("", content)
+            return ADDED.sub("", content)
     return ""
 
 

@@ -297,7 +297,8 @@ class ChatPage:
                                     [chatbot, send, stop, status, usage, history, open_id, side["title"]],
                                     api_name="act", **undocumented).then(**respond_args)
             streams.append(acted)
-            acted.then(**follow_args).then(**done_args)
+            # (A switch to a branch whose reply streams shows it growing; its own name: "follow" is the load's.)
+            acted.then(**{**follow_args, "api_name": "follow_branch", "api_visibility": "private"}).then(**done_args)
             acted.failure(**done_args)
             regen = regenerate.click(chats.regenerate, [conversation, model, system_prompt],
                                      [chatbot, send, stop, status], api_name="regenerate",
