@@ -37,13 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.procs import child_env, cpu_seconds, free_port, pct, stop_process, tail, terminated  # noqa: E402
 from modules.history.conversation import Conversation  # noqa: E402
+from modules.history.ownership import SHARED_OWNER  # noqa: E402
 from modules.history.records import ConversationRecord, MessageRecord, new_message_id  # noqa: E402
 from modules.history.store import FILENAME, SQLiteStore  # noqa: E402
 from modules.i18n import Translator  # noqa: E402
 from modules.web import render  # noqa: E402
 
 HOST = "127.0.0.1"
-OWNER = "shared"  # history.mode shared: every session's owner
+OWNER = SHARED_OWNER  # history.mode shared: every session's owner
 ANSWER = ("Here is a **clear** answer with a list:\n\n- first point, explained in a sentence or two\n"
           "- second point, with `code` and a [link](https://example.com)\n\n```python\nprint('hello')\n```\n\n")
 BASE_ROUNDS, FORK_AT, FORK_ROUNDS = 40, (8, 16, 24, 32), 15
