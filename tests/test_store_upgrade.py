@@ -107,14 +107,19 @@ def assert_upgraded_whole(store: SQLiteStore) -> None:
         assert len(record.turns) == len(old["turns"])
 
 
-def test_a_version_1_file_is_upgraded_with_nothing_lost(v1: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="modules.history.store")
+def open_upgraded(v1: Path) -> None:
+    """Open the history folder of ``v1``: no problem, and everything of the fixture is there."""
     store, problem = open_store(v1.parent)
     try:
         assert problem is None
         assert_upgraded_whole(store)
     finally:
         store.close()
+
+
+def test_a_version_1_file_is_upgraded_with_nothing_lost(v1: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="modules.history.store")
+    open_upgraded(v1)
     assert "Upgraded the history file" in caplog.text and str(v1) in caplog.text
     assert sql(v1, "PRAGMA user_version") == [(2,)]
     assert sql(v1, "PRAGMA journal_mode") == [("wal",)]
@@ -258,9 +263,4 @@ def test_a_version_1_file_that_cannot_be_written_is_left_alone(v1: Path, monkeyp
     # no half-made copy either; a read-only connection leaves its -wal and -shm, with nothing in the log
     assert {p.name for p in v1.parent.iterdir()} - {FILENAME + "-wal", FILENAME + "-shm"} == {FILENAME}
     assert not (v1.parent / (FILENAME + "-wal")).exists() or (v1.parent / (FILENAME + "-wal")).stat().st_size == 0
-    store, problem = open_store(v1.parent)
-    try:
-        assert problem is None
-        assert_upgraded_whole(store)
-    finally:
-        store.close()
+    open_upgraded(v1)

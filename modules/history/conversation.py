@@ -127,11 +127,6 @@ class Conversation:
         last = self.turns[-1]
         return last.reply_id or last.id
 
-    def _last_id(self, turns: list[Turn]) -> str | None:
-        if not turns:
-            return None
-        return turns[-1].reply_id or turns[-1].id
-
     def _add(self, node: Node) -> Node:
         self.nodes[node.id] = node
         return node

@@ -285,25 +285,27 @@ class ChatHandlers:
         return await self._edit(conversation, model_name, system_prompt, query, index, text, request)
 
     async def _edit(self, conversation: Conversation, model_name: str, system_prompt: str, query: str,
-                    index: Any, value: Any, request: gr.Request):
-        """A question: a new version of it, answered next (the original and what followed stay, on
-        their branch; a reply still answering it is stopped first, and the status line says so).
-        An answer: a new version written by the user. Outputs: (chatbot, send, stop, status, history)."""
+                    position: Any, value: Any, request: gr.Request):
+        """The chatbot message ``position`` now says ``value``. A question: a new version of it,
+        answered next (the original and what followed stay, on their branch; a reply still
+        answering it is stopped first, and the status line says so). An answer: a new version
+        written by the user. Outputs: (chatbot, send, stop, status, history)."""
         lang = self.t.language_for(request)
-        data_index, data_value = index, value
-        where = render.locate(conversation, self.t, lang, data_index) if isinstance(data_index, int) else None
+        where = render.locate(conversation, self.t, lang, position) if isinstance(position, int) else None
         shown = (self.view.chatbot(conversation, lang), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         if where is None or where[1] == "thinking":  # (a reasoning block is the model's own: not edited)
             return shown
         index, part = where
-        text, problem = self._message(lang, render.body_of(str(data_value or "")))
+        text, problem = self._message(lang, render.body_of(str(value or "")))
         if problem or not text.strip():
             conversation.notice = "⚠️ " + (problem or self.t.text(lang, "error.empty_message"))
             return (*shown[:3], conversation.notice, gr.skip())
         self.keeper.owner(conversation, request)
         turn = conversation.turns[index]
         if part == "answer":
-            if turn.reply is None or turn.reply.active:
+            if turn.reply is None:  # (the link to answers on other branches)
+                return shown
+            if turn.reply.active:
                 conversation.notice = "⚠️ " + self.t.text(lang, "error.edit_streaming")
                 return (*shown[:3], conversation.notice, gr.skip())
             conversation.edit_answer(index, text)
@@ -324,52 +326,63 @@ class ChatHandlers:
                    request: gr.Request):
         """A link in the chatbot: "v:<id>:<step>" shows another version of a message (and the
         branch below it), "continue:<id>" continues the last answer, "fork:<id>" starts a new
-        conversation with a copy of the branch up to that answer. Outputs: (chatbot, send, stop,
-        status, usage, history, open conversation, title)."""
+        conversation with a copy of the branch up to that answer ("|<nonce>" may follow). Outputs:
+        (chatbot, send, stop, status, usage, history, open conversation, title)."""
         lang = self.t.language_for(request)
-        skip = (gr.skip(),) * 8
         kind, _, rest = str(action or "").partition(":")
         target, _, step = rest.partition("|")[0].partition(":")
         self.keeper.owner(conversation, request)
         if kind == "v":
-            try:
-                moved = conversation.switch(target, int(step or 0))
-            except ValueError:
-                moved = False
-            if not moved:
-                return skip
-            self.view.join_runs(conversation)
-            await self.keeper.save_branch(conversation)
-            streaming = conversation.streaming is not None
-            conversation.following = streaming  # the follow event shows the rest
-            chatbot, status, usage = self.view.shown(conversation, model_name, lang)
-            return (chatbot, gr.Button(visible=not streaming), gr.Button(visible=streaming), status, usage,
-                    gr.skip(), gr.skip(), gr.skip())
-        last = conversation.turns[-1] if conversation.turns else None
+            return await self._switch(conversation, target, step, model_name, lang)
         if kind == "continue":
-            if last is None or last.reply_id != target or not render.continuable(last.reply):
-                return skip
-            conversation.continuing = last
-            return (*self._generating(conversation, lang)[:3], self.t.text(lang, "status.generating"),
-                    gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            return self._continue(conversation, target, lang)
         if kind == "fork":
-            index = conversation.index_of(target)
-            if index is None or conversation.turns[index].reply_id != target:
-                return skip
-            fork = conversation.fork(index)
-            fork.id, fork.title = new_id(), self.t.text(lang, "history.fork_title", title=conversation.title or
-                                                        self.t.text(lang, "history.untitled"))
-            meta = fork.meta(model_name or "", "", conversation.params)
-            record = fork.record(meta, lambda error: self.chat.sentence(lang, error))
-            stored = await asyncio.to_thread(self.store.load, conversation.owner, conversation.id) if conversation.id else None
-            if stored is not None:  # the conversation's own details (model, system prompt)
-                record.model, record.system_prompt = stored.model, stored.system_prompt
-            await asyncio.to_thread(self.store.import_record, record)
-            conversation.replace(fork)
-            chatbot, status, usage = self.view.shown(conversation, model_name, lang)
-            return (chatbot, gr.Button(visible=True), gr.Button(visible=False), status, usage,
-                    self.view.history(conversation, query, lang), conversation.id, conversation.title)
-        return skip
+            return await self._fork(conversation, target, model_name, query, lang)
+        return (gr.skip(),) * 8
+
+    async def _switch(self, conversation: Conversation, target: str, step: str, model_name: str, lang: str):
+        try:
+            moved = conversation.switch(target, int(step or 0))
+        except ValueError:
+            moved = False
+        if not moved:
+            return (gr.skip(),) * 8
+        self.view.join_runs(conversation)
+        await self.keeper.save_branch(conversation)
+        streaming = conversation.streaming is not None
+        conversation.following = streaming  # the follow event shows the rest
+        chatbot, status, usage = self.view.shown(conversation, model_name, lang)
+        return (chatbot, gr.Button(visible=not streaming), gr.Button(visible=streaming), status, usage,
+                gr.skip(), gr.skip(), gr.skip())
+
+    def _continue(self, conversation: Conversation, target: str, lang: str):
+        """The next respond continues the last answer (if it is ``target`` and can be continued)."""
+        last = conversation.turns[-1] if conversation.turns else None
+        if last is None or last.reply_id != target or not render.continuable(last.reply):
+            return (gr.skip(),) * 8
+        conversation.continuing = last
+        return (*self._generating(conversation, lang), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+
+    async def _fork(self, conversation: Conversation, target: str, model_name: str, query: str, lang: str):
+        """A new conversation, saved at once, with a copy of the branch up to the answer ``target``;
+        the session moves to it (the original stays as it was)."""
+        index = conversation.index_of(target)
+        if index is None or conversation.turns[index].reply_id != target:
+            return (gr.skip(),) * 8
+        fork = conversation.fork(index)
+        fork.id = new_id()
+        fork.title = self.t.text(lang, "history.fork_title",
+                                 title=conversation.title or self.t.text(lang, "history.untitled"))
+        record = fork.record(fork.meta(model_name or "", "", conversation.params),
+                             lambda error: self.chat.sentence(lang, error))
+        stored = await asyncio.to_thread(self.store.load, conversation.owner, conversation.id) if conversation.id else None
+        if stored is not None:  # the conversation's own details (model, system prompt)
+            record.model, record.system_prompt = stored.model, stored.system_prompt
+        await asyncio.to_thread(self.store.import_record, record)
+        conversation.replace(fork)
+        chatbot, status, usage = self.view.shown(conversation, model_name, lang)
+        return (chatbot, gr.Button(visible=True), gr.Button(visible=False), status, usage,
+                self.view.history(conversation, query, lang), conversation.id, conversation.title)
 
     async def new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         """A new, empty conversation; the old one stays in the history (a reply streaming there goes on)."""
