@@ -201,3 +201,19 @@ def test_editing_the_question_being_answered_stops_its_run_first(launch_app, ses
         back = act(page, versions_link(chatbot, 0, -1))[0]
         old = message_text(back[1])
         assert body_of(old).startswith("s0 s1 s2 s3") and "Stopped" in old
+
+
+def test_delete_last_round_takes_only_the_answer_shown(launch_app, sessions) -> None:
+    with FakeOpenAIServer() as fake:
+        page = sessions(start(fake, launch_app))
+        say(page, fake, "a word?", "first")
+        fake.enqueue("second")
+        page.client.predict(MODEL, page.system_prompt, api_name="/regenerate")
+        page.respond()
+        chatbot = page.client.predict(MODEL, "", api_name="/delete_last")[0]
+        assert bodies(chatbot) == [("user", "a word?"), ("assistant", "first")]  # the other version
+        assert "/ " not in message_text(chatbot[1])  # no versions left
+        other = sessions(page.client.src)
+        assert bodies(other.open(other.ids()[0])[0]) == bodies(chatbot)  # as the history has it
+        chatbot = page.client.predict(MODEL, "", api_name="/delete_last")[0]
+        assert chatbot == []

@@ -102,17 +102,25 @@ def test_switching_goes_down_to_the_newest_message_of_the_branch() -> None:
     assert shown(conversation) == [("q1", "a1"), ("q2 v2", "a2 v2"), ("q3 v2", "a3 v2")]
 
 
-def test_delete_last_round_takes_every_answer_and_shows_another_version() -> None:
+def test_delete_last_round_takes_only_what_is_shown() -> None:
     conversation = chat("1", "2")
+    conversation.forget_last_reply()
+    conversation.answer(conversation.turns[-1], done("a2 again"))
+    total = len(conversation.nodes)
+    # The question has another answer: only the one shown goes, and the other shows.
+    deleted = conversation.delete_last_round()
+    assert conversation.nodes.get(deleted) is None and len(conversation.nodes) == total - 1
+    assert shown(conversation) == [("q1", "a1"), ("q2", "a2")]
+    # Now its only answer: the question goes with it; an edited version of it stays and shows.
     conversation.edit_question(1, "q2 v2")
     conversation.answer(conversation.turns[-1], done("a2 v2"))
-    conversation.forget_last_reply()
-    conversation.answer(conversation.turns[-1], done("a2 v2 again"))
+    conversation.switch(conversation.turns[1].id, -1)
+    assert shown(conversation) == [("q1", "a1"), ("q2", "a2")]
     conversation.delete_last_round()
-    assert shown(conversation) == [("q1", "a1"), ("q2", "a2")]  # the other version of the question
-    assert not any(n.text == "q2 v2" or (n.reply and "v2" in n.reply.text) for n in conversation.nodes.values())
+    assert shown(conversation) == [("q1", "a1"), ("q2 v2", "a2 v2")]
     conversation.delete_last_round()
     assert shown(conversation) == [("q1", "a1")]
+    assert [n.text or n.reply.text for n in conversation.nodes.values()] == ["q1", "a1"]
 
 
 def test_fork_copies_the_branch_up_to_a_reply() -> None:

@@ -297,21 +297,25 @@ class Conversation:
         turn.answer, turn.replaced = turn.replaced, None
         return True
 
-    def delete_last_round(self) -> Turn | None:
-        """Delete the last question with every answer to it (and anything below them); the branch
-        then shows the newest remaining version there, if any."""
+    def delete_last_round(self) -> str | None:
+        """Delete the round at the end of the branch; the id of the message deleted (with what is
+        below it), or None. When its question has other answers, only the answer shown goes (the
+        branch then shows the newest other one); else the question goes with its answer. Either
+        way nothing but what is on screen: the end of a branch has nothing below it."""
         if not self.turns or self.streaming is not None:
             return None
         turn = self.turns[-1]
-        doomed = {turn.id}
+        others = [n for n in self.children(turn.id) if turn.answer is None or n.id != turn.answer.id]
+        target = turn.answer if turn.answer is not None and others else turn.question
+        doomed = {target.id}
         for node in list(self.nodes.values()):  # in the order made: a child comes after its parent
             if node.parent in doomed:
                 doomed.add(node.id)
         for node_id in doomed:
             del self.nodes[node_id]
-        parent = turn.question.parent
+        parent = target.parent
         self.show((self.path_to(parent) if parent else []) + self.below(parent))
-        return turn
+        return target.id
 
     def clear(self) -> None:
         """Start afresh: a new, empty conversation of the same owner."""

@@ -257,13 +257,13 @@ class ChatHandlers:
         return self._generating(conversation, lang)
 
     async def delete_last(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """Delete the last question with every version of its answer; the branch then shows the
-        newest other version of that question, if any."""
+        """Delete the round shown last: its answer, when the question has other versions of it
+        (the newest other one shows), else the question and its answer."""
         lang = self.t.language_for(request)
         owner = self.keeper.owner(conversation, request)
-        turn = conversation.delete_last_round()
-        if turn is not None and conversation.id:
-            await asyncio.to_thread(self.store.delete_messages, owner, conversation.id, turn.id, conversation.leaf)
+        deleted = conversation.delete_last_round()
+        if deleted is not None and conversation.id:
+            await asyncio.to_thread(self.store.delete_messages, owner, conversation.id, deleted, conversation.leaf)
         # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
         return (*self.view.shown(conversation, model_name, lang), self.view.history(conversation, query, lang))
 

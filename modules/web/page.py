@@ -306,7 +306,8 @@ class ChatPage:
             streams.append(regen)
             regen.then(**done_args)
             regen.failure(**done_args)
-            delete_last.click(chats.delete_last, [conversation, model, search], [*shown, history], **private)
+            delete_last.click(chats.delete_last, [conversation, model, search], [*shown, history], api_name="delete_last",
+                              **undocumented)
             new_chat_args = dict(fn=chats.new_chat, inputs=[conversation, model, search],
                                  outputs=[*shown, side["title"], history, send, stop, open_id])
             # While the sidebar marks a conversation whose reply streams elsewhere (⏳), it is refreshed
