@@ -46,11 +46,11 @@ def say(session: Session, fake: FakeOpenAIServer, question: str, answer: str) ->
 
 def act(session: Session, action: str) -> tuple[Any, ...]:
     """A link of the chatbot: (chatbot, send, stop, status, usage, history, title)."""
-    return session.client.predict(action + "|1", MODEL, "", api_name="/act")
+    return session.client.predict(action + "|1", session.model, "", api_name="/act")
 
 
 def edit(session: Session, index: int, text: str) -> tuple[Any, ...]:
-    return session.client.predict(index, text, MODEL, session.system_prompt, "", api_name="/edit_message")
+    return session.client.predict(index, text, session.model, session.system_prompt, "", api_name="/edit_message")
 
 
 def versions_link(chatbot: list[dict[str, Any]], index: int, step: int) -> str:
@@ -217,3 +217,26 @@ def test_delete_last_round_takes_only_the_answer_shown(launch_app, sessions) -> 
         assert bodies(other.open(other.ids()[0])[0]) == bodies(chatbot)  # as the history has it
         chatbot = page.client.predict(MODEL, "", api_name="/delete_last")[0]
         assert chatbot == []
+
+
+def test_continue_with_the_embedded_model_grows_the_reply_in_place(launch_app, sessions) -> None:
+    """The model a fresh install chats with continues truly: cut at 8 tokens, then continued, the
+    reply is the one the model writes at once with room for 16 (greedy)."""
+    url = launch_app({"models": [{"provider": "embedded", "name": "local"}], "history": {"mode": "shared"}})
+    page = sessions(url, model="local")
+    greedy = (0.0, 1.0)  # temperature 0, top_p 1
+
+    def respond(max_tokens: int) -> list[dict[str, Any]]:
+        return page.client.predict("local", page.system_prompt, *greedy, max_tokens, "", 0, 0, -1, api_name="/respond")
+
+    page.add("Write one sentence about the sea.")
+    whole = body_of(message_text(respond(16)[-1]))
+    page.client.predict("local", page.system_prompt, api_name="/regenerate")
+    cut = respond(8)[-1]
+    [go_on] = [a for a in links(message_text(cut)) if a.startswith("continue:")]
+    act(page, go_on)
+    grown = respond(8)
+    assert len(grown) == 2  # in place: still one question and one answer
+    text = body_of(message_text(grown[-1]))
+    assert text.startswith(body_of(message_text(cut)).rstrip()) and len(text) > len(body_of(message_text(cut)))
+    assert text == whole
