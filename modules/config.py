@@ -123,6 +123,18 @@ class RunsConfig(_Section):
         "past it, a new message gets a sentence saying so."))
 
 
+class AttachmentsConfig(_Section):
+    """Files attached to a message: images for models that see them, documents read as text."""
+
+    max_mb: float = Field(20.0, gt=0, le=1024, description=(
+        "Largest file, in megabytes; a larger one is refused with a sentence naming it (the message and "
+        "the other files are kept)."))
+    max_files: int = Field(10, ge=1, le=100, description="Most files one message may carry.")
+    max_document_chars: int = Field(2_000_000, ge=1000, description=(
+        "Most characters of text read from one document; a longer one is refused, naming its size."))
+    max_pdf_pages: int = Field(2000, ge=1, description="Most pages read from one PDF.")
+
+
 class HistoryConfig(_Section):
     """Where conversations are kept, and whose they are."""
 
@@ -181,6 +193,7 @@ class AppConfig(_Section):
     api: APIConfig = Field(default_factory=APIConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     runs: RunsConfig = Field(default_factory=RunsConfig)
+    attachments: AttachmentsConfig = Field(default_factory=AttachmentsConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -32,6 +32,21 @@ def new_message_id() -> str:
 
 
 @dataclass
+class Attachment:
+    """A file attached to a question. Its bytes are kept once, by content hash, in the data
+    folder (``modules/history/attachments.py``); a record names them."""
+
+    sha256: str  # hex digest of the file's bytes: where they are kept
+    name: str  # the file's name as the user attached it (a name, never a path)
+    mime: str
+    size: int  # bytes
+    kind: Literal["image", "document"]
+    width: int | None = None  # an image's size, as attached
+    height: int | None = None
+    tokens: int | None = None  # a document's text, counted when it was read (≈ unless exact)
+
+
+@dataclass
 class MessageRecord:
     """One message of a conversation: a question (``role`` "user") or an answer ("assistant")."""
 
@@ -53,6 +68,7 @@ class MessageRecord:
     dropped_rounds: int = 0  # earlier rounds left out of the request to fit the model's context
     summarized: bool = False  # ...and replaced by a summary the model wrote
     edited: bool = False  # an answer the user wrote by editing another (no model made it)
+    attachments: list[Attachment] = field(default_factory=list)  # a question's files, in the order attached
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
 

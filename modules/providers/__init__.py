@@ -17,12 +17,13 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, TypeVar
 
-from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
+from .base import ChatModel, Delta, GenerationOptions, Image, Message, ModelConfig, Usage
 
 __all__ = [
     "ChatModel",
     "Delta",
     "GenerationOptions",
+    "Image",
     "Message",
     "ModelConfig",
     "Usage",

@@ -22,6 +22,7 @@ that wants a continuation asks for one in words (see ``ChatService.continuation`
 from __future__ import annotations
 
 import abc
+import base64
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, ClassVar, Literal
 
@@ -30,18 +31,36 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 Role = Literal["system", "user", "assistant"]
 
 
+@dataclass(slots=True, frozen=True)
+class Image:
+    """An image attached to a user message, as it is sent: already decoded, checked and scaled
+    down to the model's limit (``modules/core/images.py``); ``name`` is the file's, for labels."""
+
+    mime: str  # image/png, image/jpeg, image/webp or image/gif
+    data: bytes
+    width: int
+    height: int
+    name: str = ""
+
+    def data_url(self) -> str:
+        return f"data:{self.mime};base64," + base64.b64encode(self.data).decode("ascii")
+
+
 @dataclass(slots=True)
 class Message:
     """One message as sent to a model.
 
     ``outputs``: for an earlier assistant reply, the non-streamed fields it
     came with (e.g. sources), for adapters whose history carries them
-    (Promptflow's ``chat_history``); others ignore it.
+    (Promptflow's ``chat_history``); others ignore it. ``images``: a user message's
+    images, for models that see them (:attr:`ChatModel.vision`); an adapter of a model that
+    does not is never given any. Documents are text by then: part of ``content``.
     """
 
     role: Role
     content: str
     outputs: dict[str, Any] | None = None
+    images: tuple[Image, ...] = ()
 
     def as_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
