@@ -55,7 +55,8 @@ def main() -> int:
                 time.sleep(0.2)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         for i in range(CONVERSATIONS):
-            client.predict(f"Question {i}: " + "words " * 300, "fake", "You are terse.", "", api_name="/add_message")
+            client.predict({"text": f"Question {i}: " + "words " * 300, "files": []}, "fake", "You are terse.", "",
+                           api_name="/add_message")
             client.predict("fake", "You are terse.", 1.0, 1.0, 0, "", 0, 0, -1, api_name="/respond")
             client.predict("fake", "", api_name="/new_chat")
         client.close()

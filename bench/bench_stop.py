@@ -80,7 +80,7 @@ def main() -> int:
                     fake.reset_events()
                     fake.enqueue(*tokens, delay=0.02, first_delay=first_delay)
                     writer.predict("fake", "", api_name="/new_chat")
-                    writer.predict("go", "fake", "", "", api_name="/add_message")
+                    writer.predict({"text": "go", "files": []}, "fake", "", "", api_name="/add_message")
                     job = writer.submit(*defaults, api_name="/respond")
                     wait_for(lambda: len(fake.requests) and (first_delay or job.outputs()), "the reply under way")
                     listed = other.predict("", api_name="/search")["choices"]

@@ -240,7 +240,7 @@ async def gradio_chat(client: httpx.AsyncClient, app: AppInfo, path: str, max_ev
     try:
         if path == "ui":
             r = await client.post(f"{app.base}/run/predict", json={
-                "data": [MESSAGE, *app.add_data[1:]], "event_data": None, "fn_index": app.add_fn,
+                "data": [{"text": MESSAGE, "files": []}, *app.add_data[1:]], "event_data": None, "fn_index": app.add_fn,
                 "trigger_id": app.trigger_id, "session_hash": session})
             chat.bytes += len(r.content)
             if r.status_code != 200:

@@ -57,10 +57,13 @@ class ChatApp:
         _tune_process()
         server = self.config.server
         demo.queue(default_concurrency_limit=server.concurrency)
+        app_kwargs = dict(kwargs.get("app_kwargs") or {})
+        app_kwargs["routes"] = [*self.page.routes(), *app_kwargs.get("routes", [])]  # its attached files
         if self.config.api.enabled:  # its routes join the FastAPI app Gradio creates
             gateway = Gateway(self.chat, self.config.api, limits=self.config.limits,
                               default_model=self.page.default_model, system_prompt=self.config.ui.system_prompt)
-            kwargs["app_kwargs"] = gateway.app_kwargs(kwargs.get("app_kwargs"))
+            app_kwargs = gateway.app_kwargs(app_kwargs)
+        kwargs["app_kwargs"] = app_kwargs
         if self.page.mode == "users":
             from modules.auth import Authenticator
 

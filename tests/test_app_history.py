@@ -54,7 +54,8 @@ class Session:
         self.client, self.model, self.system_prompt = client, model, system_prompt
 
     def add(self, text: str, query: str = "") -> tuple[Any, ...]:
-        return self.client.predict(text, self.model, self.system_prompt, query, api_name="/add_message")
+        return self.client.predict({"text": text, "files": []}, self.model, self.system_prompt, query,
+                                   api_name="/add_message")
 
     def respond(self, model: str | None = None) -> list[dict[str, Any]]:
         return self.client.predict(model or self.model, self.system_prompt, *NEUTRAL, api_name="/respond")

@@ -137,7 +137,7 @@ def test_lone_surrogates_are_repaired_and_the_message_is_kept(fake_openai, launc
     page = Session(client)
     info = httpx.get(f"{url}/config", timeout=10).json()
     add = next(d for d in info["dependencies"] if d.get("api_name") == "add_message")
-    payload = json.dumps({"data": ["hi \udfff there", None, MODEL, SYSTEM, ""], "fn_index": add["id"],
+    payload = json.dumps({"data": [{"text": "hi \udfff there", "files": []}, None, MODEL, SYSTEM, ""], "fn_index": add["id"],
                           "session_hash": client.session_hash, "event_data": None, "trigger_id": None})
     sent = httpx.post(f"{url}/gradio_api/run/predict", content=payload.encode(), timeout=10,
                       headers={"Content-Type": "application/json"})

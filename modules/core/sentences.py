@@ -23,6 +23,8 @@ def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: I
         values["seconds"] = f"{error.seconds:g}"
     if isinstance(error, errors.ContextOverflowError):
         values.update(tokens=f"{error.tokens:,}", limit=f"{error.limit:,}")
+    if isinstance(error, errors.DocumentOverflowError):
+        values.update(document=error.largest[0], document_tokens=f"{error.largest[1]:,}")
     if isinstance(error, errors.RateLimitError) and error.retry_after:
         kind, values["seconds"] = "rate_limit_retry", f"{error.retry_after:g}"
     message = t.text(lang, f"error.{kind}", **values)

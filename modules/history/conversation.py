@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from modules.history.records import (
+    Attachment,
     ConversationMeta,
     ConversationRecord,
     MessageRecord,
@@ -30,7 +31,9 @@ from modules.history.records import (
 )
 from modules.history.titles import title_from
 from modules.core.streaming import Counts, Reply
-from modules.providers import Message, errors
+from modules.providers import Image, Message, errors
+
+Extras = dict[str, tuple[str, tuple[Image, ...]]]  # question id -> (text added for the model, its images)
 
 
 class StoredError(errors.ModelError):
@@ -50,6 +53,7 @@ class Node:
     tokens: int | None = None  # a question's tokens
     reply: Reply | None = None  # an answer (the live object while it streams)
     edited: bool = False  # an answer the user wrote by editing another
+    attachments: list[Attachment] = field(default_factory=list)  # a question's files
     created_at: float = field(default_factory=time.time)
 
 
@@ -131,15 +135,17 @@ class Conversation:
         self.nodes[node.id] = node
         return node
 
-    def add_user(self, text: str, user_tokens: int | None = None) -> Turn:
+    def add_user(self, text: str, user_tokens: int | None = None,
+                 attachments: list[Attachment] | None = None) -> Turn:
         """A new question at the end of the branch."""
-        node = self._add(Node(new_message_id(), self.leaf, "user", text=text, tokens=user_tokens))
+        node = self._add(Node(new_message_id(), self.leaf, "user", text=text, tokens=user_tokens,
+                              attachments=list(attachments or [])))
         if not self.turns and not self.id:  # a new conversation is created by its first message
             self.created_at = node.created_at
         turn = Turn(node)
         self.turns.append(turn)
         if not self.title:
-            self.title = title_from(text)
+            self.title = title_from(text or ", ".join(a.name for a in node.attachments))
         return turn
 
     def answer(self, turn: Turn, reply: Reply, edited: bool = False, node: Node | None = None) -> Node:
@@ -164,9 +170,10 @@ class Conversation:
         reply = self.turns[-1].reply if self.turns else None
         return reply if reply is not None and reply.active else None
 
-    def messages(self, system_prompt: str, upto: int | None = None) -> list[Message]:
+    def messages(self, system_prompt: str, upto: int | None = None, extras: Extras | None = None) -> list[Message]:
         """What the model is sent: the system prompt, then the branch shown up to the turn
-        ``upto`` (its question included, its answer not; None: every turn).
+        ``upto`` (its question included, its answer not; None: every turn). ``extras``: what a
+        question's attachments add (the text of its documents, its images), by question id.
 
         Earlier replies go back as they were shown, stopped or partial ones
         included (the marks are rendering, not content); a reply that failed
@@ -175,7 +182,9 @@ class Conversation:
         messages = [Message("system", system_prompt)] if system_prompt.strip() else []
         turns = self.turns if upto is None else self.turns[:upto + 1]
         for index, turn in enumerate(turns):
-            messages.append(Message("user", turn.user))
+            extra, images = (extras or {}).get(turn.id, ("", ()))
+            content = turn.user + ("\n\n" + extra if extra and turn.user else extra)
+            messages.append(Message("user", content, images=images))
             if upto is not None and index == upto:
                 break
             if turn.reply is not None and turn.reply.text:
@@ -257,10 +266,11 @@ class Conversation:
         return next((i for i, t in enumerate(self.turns) if node_id in (t.id, t.reply_id)), None)
 
     def edit_question(self, index: int, text: str, user_tokens: int | None = None) -> Turn:
-        """A new version of the question of turn ``index``: the branch now ends with it (pending);
-        what followed the original stays, on its branch."""
+        """A new version of the question of turn ``index`` (with the same attachments): the branch
+        now ends with it (pending); what followed the original stays, on its branch."""
         original = self.turns[index]
-        node = self._add(Node(new_message_id(), original.question.parent, "user", text=text, tokens=user_tokens))
+        node = self._add(Node(new_message_id(), original.question.parent, "user", text=text, tokens=user_tokens,
+                              attachments=list(original.question.attachments)))
         turn = Turn(node)
         self.turns = self.turns[:index] + [turn]
         self.summary, self.continuing = None, None
@@ -330,7 +340,7 @@ class Conversation:
         """A new conversation (not saved yet) holding a copy of the branch up to turn ``index``."""
         other = Conversation(owner=self.owner, title=self.title, params=dict(self.params))
         for turn in self.turns[:index + 1]:
-            copy = other.add_user(turn.user, turn.user_tokens)
+            copy = other.add_user(turn.user, turn.user_tokens, turn.question.attachments)
             copy.question.created_at = turn.created_at
             if turn.answer is not None and turn.reply is not None and not turn.reply.active:
                 reply = _copy_reply(turn.reply)
@@ -375,7 +385,7 @@ class Conversation:
         for rec in record.messages:
             node = Node(rec.id, rec.parent, rec.role, created_at=rec.created_at, edited=rec.edited)
             if rec.role == "user":
-                node.text, node.tokens = rec.content, rec.tokens
+                node.text, node.tokens, node.attachments = rec.content, rec.tokens, list(rec.attachments)
             else:
                 node.reply = reply_from_record(rec)
             conversation.nodes[node.id] = node
@@ -404,7 +414,7 @@ def _copy_reply(reply: Reply) -> Reply:
 def question_record(node: Node) -> MessageRecord:
     """What history keeps of a question."""
     return MessageRecord(id=node.id, parent=node.parent, role="user", content=node.text, tokens=node.tokens,
-                         created_at=node.created_at)
+                         attachments=list(node.attachments), created_at=node.created_at)
 
 
 def answer_record(node: Node, error_text: Callable[[errors.ModelError], str]) -> MessageRecord:

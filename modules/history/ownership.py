@@ -65,14 +65,25 @@ def browser_secret(data_dir: Path) -> str:
     Kept in the data directory (created once, readable by the owner only);
     a random one per start when the directory cannot be written.
     """
-    path = data_dir / ".browser-secret"
+    return _secret(data_dir / ".browser-secret")
+
+
+def app_key(data_dir: Path) -> bytes:
+    """The key that signs the page's links to attached files (``modules/web/files.py``); kept like
+    :func:`browser_secret`, in a file of its own."""
+    return bytes.fromhex(_secret(data_dir / ".app-key", 32))
+
+
+def _secret(path: Path, size: int = 16) -> str:
+    """A random hex secret kept in ``path`` (made once, mode 0600); a new one per start when the
+    folder cannot be written."""
     try:
         return path.read_text(encoding="ascii").strip()
     except OSError:
         pass
-    value = secrets.token_hex(16)
+    value = secrets.token_hex(size)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(value)
@@ -81,3 +92,4 @@ def browser_secret(data_dir: Path) -> str:
     except OSError:
         pass
     return value
+

@@ -95,6 +95,17 @@ class ContextOverflowError(ModelError):
         self.tokens, self.limit = tokens, limit
 
 
+class DocumentOverflowError(ContextOverflowError):
+    """As ContextOverflowError, for a question with documents: ``largest`` (name, tokens) is the
+    document that takes the most of it."""
+
+    kind = "document_overflow"
+
+    def __init__(self, tokens: int, limit: int, largest: tuple[str, int]):
+        super().__init__(tokens, limit)
+        self.largest = largest
+
+
 class TimeLimitError(ModelError):
     """The reply ran longer than the app allows one to (``runs.max_seconds``) and was stopped."""
 

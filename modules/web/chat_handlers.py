@@ -19,20 +19,42 @@ from modules.core.runs import RunLimitError
 from modules.core.streaming import Reply, ReplyRun
 from modules.history.conversation import Conversation, Node, Turn, new_id
 from modules.history.records import new_message_id
-from modules.providers import ChatModel, GenerationOptions
+from modules.core import context
+from modules.providers import ChatModel, GenerationOptions, errors
 from modules.providers.text import repair
 from modules.providers.validation import first_problem
 from modules.web import render
+from modules.web.attaching import Attaching
 from modules.web.keeping import SessionKeeper
 from modules.web.view import PageView
 
 log = logging.getLogger(__name__)
 
+_EMPTY_BOX = {"text": "", "files": []}
+
+
+def _box(value: Any) -> tuple[str, list[str]]:
+    """(text, file paths) of the message box's value (an API caller may send plain text)."""
+    if isinstance(value, dict):
+        files = [str(f.get("path", "")) if isinstance(f, dict) else str(f) for f in value.get("files") or []]
+        return str(value.get("text") or ""), [f for f in files if f]
+    return str(value or ""), []
+
+
+def _overflow(fit: context.Fit, turn: Turn) -> errors.ContextOverflowError:
+    """Too long for the context: said with the largest document, when the question has some."""
+    documents = [a for a in turn.question.attachments if a.kind == "document" and a.tokens is not None]
+    if documents:
+        largest = max(documents, key=lambda a: a.tokens or 0)
+        return errors.DocumentOverflowError(fit.prompt_tokens, fit.budget, (largest.name, largest.tokens or 0))
+    return errors.ContextOverflowError(fit.prompt_tokens, fit.budget)
+
 
 class ChatHandlers:
-    def __init__(self, config: AppConfig, chat: ChatService, view: PageView, keeper: SessionKeeper):
+    def __init__(self, config: AppConfig, chat: ChatService, view: PageView, keeper: SessionKeeper,
+                 attaching: Attaching):
         self.config, self.chat, self.t, self.pacer = config, chat, chat.t, chat.pacer
-        self.view, self.keeper, self.store = view, keeper, keeper.store
+        self.view, self.keeper, self.store, self.attaching = view, keeper, keeper.store, attaching
 
     def _options(self, lang: str, temperature: Any, top_p: Any, max_tokens: Any, stop: Any,
                  presence: Any, frequency: Any, seed: Any) -> GenerationOptions:
@@ -87,20 +109,29 @@ class ChatHandlers:
         return (self.view.chatbot(conversation, lang), gr.Button(visible=False), gr.Button(visible=True),
                 self.t.text(lang, "status.generating"))
 
-    async def add_message(self, text: str, conversation: Conversation, model_name: str, system_prompt: str,
+    async def add_message(self, box: Any, conversation: Conversation, model_name: str, system_prompt: str,
                            query: str, request: gr.Request):
-        """Keep the user's words first (in the session and on disk); only then clear the box and reply.
-        The last output is the conversation this browser is in (reopened on the next load)."""
-        if str(text or "").strip() and conversation.streaming is None:
+        """Keep the user's words and files first (in the session and on disk); only then clear the
+        box and reply. The last output is the conversation this browser is in (reopened on the
+        next load). A file that cannot be taken stops the send: the sentence says why, and the
+        text and the other files stay in the box."""
+        raw, paths = _box(box)
+        if (raw.strip() or paths) and conversation.streaming is None:
             lang = self.t.language_for(request)
-            text, problem = self._message(lang, text)
+            text, problem = self._message(lang, raw)
             if problem:  # the text stays in the box; the status line says why (until the chain ends)
                 conversation.notice = "⚠️ " + problem
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), conversation.notice, gr.skip(), gr.skip()
+            taken = await self.attaching.take(paths, lang)
+            if taken.problems:
+                conversation.notice = "⚠️ " + " ".join([*taken.problems, self.t.text(lang, "attach.kept")])
+                gr.Warning(conversation.notice)
+                return ({"text": raw, "files": taken.kept_paths}, gr.skip(), gr.skip(), gr.skip(), conversation.notice,
+                        gr.skip(), gr.skip())
             self.keeper.owner(conversation, request)
-            turn = conversation.add_user(text, await self.keeper.count_user(text, model_name))
+            turn = conversation.add_user(text, await self.keeper.count_user(text, model_name), taken.attachments)
             await self.keeper.save_question(conversation, turn, lang, model_name, system_prompt)
-            return ("", *self._generating(conversation, lang), self.view.history(conversation, query, lang),
+            return (_EMPTY_BOX, *self._generating(conversation, lang), self.view.history(conversation, query, lang),
                     conversation.id)
         return (gr.skip(),) * 7
 
@@ -126,24 +157,30 @@ class ChatHandlers:
         except gr.Error:
             await self._give_back(conversation, turn)
             raise
+        if Attaching.images_of(turn.question) and not model.vision:  # kept: another model, then Regenerate
+            await self._give_back(conversation, turn)
+            raise self._refuse(conversation, lang, "error.no_vision", model=model.name)
         params = options.openai_params()
         conversation.params = dict(params)
         index = conversation.turns.index(turn)
+        extras = await self.attaching.extras(conversation, model, upto=index)
         if continuing:
             assert turn.reply is not None
-            messages = self.chat.continuation(model, conversation.messages(system_prompt, upto=index), turn.reply.text)
+            messages = self.chat.continuation(model, conversation.messages(system_prompt, upto=index, extras=extras),
+                                              turn.reply.text)
         else:
-            messages = conversation.messages(system_prompt)
+            messages = conversation.messages(system_prompt, extras=extras)
         fit, conversation.summary = await self.chat.fit(model, messages, options, summary=conversation.summary)
         if turn not in conversation.turns or (not continuing and conversation.pending is not turn):
             yield gr.skip()  # the conversation changed meanwhile (another one was opened, another branch shown)
             return
         if fit.overflows:  # the question alone is too long: say so, keep it
+            overflow = _overflow(fit, turn)
             if continuing:
                 raise self._refuse(conversation, lang, "error.continue_overflow",
-                                   message=self.chat.sentence(lang, self.chat.overflow(fit)))
+                                   message=self.chat.sentence(lang, overflow))
             reply = Reply(model=model.name)
-            reply.fail(self.chat.overflow(fit))
+            reply.fail(overflow)
             reply.finished_at = reply.started_at
             conversation.answer(turn, reply)
             await self.keeper.save_answer(conversation, turn, lang, model.name, system_prompt, params)

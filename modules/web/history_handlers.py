@@ -15,7 +15,8 @@ import gradio as gr
 
 from modules.config import AppConfig
 from modules.core.chat import ChatService
-from modules.history import ownership, titles, transfer
+from modules.history import attachments, ownership, titles, transfer
+from modules.history.attachments import AttachmentFiles
 from modules.history.conversation import Conversation, new_id
 from modules.history.records import ConversationRecord
 from modules.providers.text import clip, repair
@@ -32,10 +33,10 @@ class HistoryHandlers:
     """(``self`` is not annotated: Gradio reads these signatures and must resolve every annotation.)"""
 
     def __init__(self, config: AppConfig, chat: ChatService, view: PageView, keeper: SessionKeeper,
-                 exports_dir: Path, templates: list[Collection]):
+                 exports_dir: Path, templates: list[Collection], files: AttachmentFiles):
         self.config, self.chat, self.t, self.models = config, chat, chat.t, chat.models
         self.view, self.keeper, self.store, self.mode = view, keeper, keeper.store, keeper.mode
-        self.exports_dir, self.templates = exports_dir, templates
+        self.exports_dir, self.templates, self.files = exports_dir, templates, files
 
     async def on_load(self, browser_token: str | None, open_id: str | None, conversation: Conversation,
                        model_name: str, request: gr.Request):
@@ -123,6 +124,7 @@ class HistoryHandlers:
         if conversation.streaming is None:
             if conversation.id:
                 await asyncio.to_thread(self.store.delete, owner, conversation.id)
+                await asyncio.to_thread(attachments.collect, self.store, self.files)  # files no one has now
             conversation.clear()
         return (gr.Row(visible=False), *self.view.shown(conversation, model_name, lang),
                 self.view.history(conversation, query, lang), conversation.id)

@@ -21,7 +21,10 @@ from modules.history import ownership
 from modules.history.conversation import Conversation
 from modules.history.store import HistoryStore, StoreProblem
 from modules.providers import ChatModel
+from modules.history.attachments import AttachmentFiles
+from modules.web.attaching import Attaching
 from modules.web.chat_handlers import ChatHandlers
+from modules.web.files import FileLinks
 from modules.web.history_handlers import HistoryHandlers
 from modules.web.keeping import SessionKeeper
 from modules.web.templates import load_templates
@@ -48,6 +51,7 @@ CSS = """
 #conversation-usage .context-gauge[data-level="mid"] progress { accent-color: #d97706; }
 #conversation-usage .context-gauge[data-level="high"] progress { accent-color: #dc2626; }
 #history-list { max-height: 55vh; overflow-y: auto; }
+#chatbot [data-testid="user"] img { max-height: 12em; max-width: 100%; border-radius: 6px; }
 #history-list label { width: 100%; }
 #header-row { align-items: center; }
 """
@@ -117,10 +121,12 @@ class ChatPage:
         self.templates, problems = load_templates(_app_folder(config.templates_dir))
         for problem in problems:
             log.warning("template skipped: %s", problem)
-        view = PageView(chat, store, store_problem, self.default_model)
+        self.files = AttachmentFiles(data_dir / "attachments")
+        self.links = FileLinks(ownership.app_key(data_dir), store, self.files)
+        view = PageView(chat, store, store_problem, self.default_model, self.links)
         keeper = SessionKeeper(self.mode, chat, store, self.default_model)
-        self.chats = ChatHandlers(config, chat, view, keeper)
-        self.histories = HistoryHandlers(config, chat, view, keeper, self.exports_dir, self.templates)
+        self.chats = ChatHandlers(config, chat, view, keeper, Attaching(config.attachments, self.files, chat.t))
+        self.histories = HistoryHandlers(config, chat, view, keeper, self.exports_dir, self.templates, self.files)
         self.demo: gr.Blocks | None = None
 
     def _render_sidebar(self) -> dict[str, Any]:
@@ -217,14 +223,20 @@ class ChatPage:
                     edit_text = gr.Textbox(visible="hidden", elem_id="edit-text")
                     edit_go = gr.Button(visible="hidden", elem_id="edit-go")
                     with gr.Row():
-                        textbox = gr.Textbox(
+                        # Text and files: drop, paste or 📎; Enter sends, Shift+Enter adds a line.
+                        textbox = gr.MultimodalTextbox(
                             show_label=False,
                             placeholder=t("chat.placeholder"),
-                            lines=1,  # Enter sends, Shift+Enter adds a line; grows to 12
+                            lines=1,
                             max_lines=12,
                             scale=6,
                             elem_id="user-input",
                             autofocus=True,
+                            file_count="multiple",
+                            sources=["upload"],
+                            submit_btn=False,  # the Send button beside it
+                            # Long pasted text stays text (not a file), up to the message limit.
+                            max_plain_text_length=self.config.limits.max_message_chars,
                         )
                         send = gr.Button(t("button.send"), variant="primary", scale=1, elem_id="send-btn")
                         stop = gr.Button(t("button.stop"), variant="stop", scale=1, visible=False, elem_id="stop-btn")
@@ -364,6 +376,10 @@ class ChatPage:
             gr.api(chats.chat_api, api_name="chat", concurrency_limit=limit, concurrency_id="generate")
         self.demo = demo
         return demo
+
+    def routes(self) -> list[Any]:
+        """The page's own HTTP routes (its attached files), beside Gradio's."""
+        return self.links.routes()
 
     def launch_options(self) -> dict[str, Any]:
         """What ``Blocks.launch`` needs from the page (its look, its files, its translations)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from modules.core.accounting import format_cost
 from modules.core.sentences import error_message
 from modules.core.streaming import Counts, Reply
 from modules.history.conversation import Conversation, Node, Turn
+from modules.history.records import Attachment
 from modules.i18n import Translator
 
 
@@ -158,12 +159,33 @@ def _answer_footer(turn: Turn, marks: Marks, t: Translator, lang: str) -> list[s
     return items
 
 
+Links = Callable[[Attachment], str]  # an attachment's URL for this session's owner
+
+
+def attachment_chips(node: Node, link: Links, t: Translator, lang: str) -> str:
+    """A question's files: each image as a thumbnail, each document as a link with its size."""
+    chips = []
+    for attachment in node.attachments:
+        url = link(attachment)
+        name = attachment.name.replace("[", "(").replace("]", ")")
+        if attachment.kind == "image":
+            chips.append(f"![{name}]({url})")
+        else:
+            chip = f"[{t.text(lang, 'attach.document', name=name)}]({url})"
+            if attachment.tokens is not None:
+                chip += " · " + t.text(lang, "attach.tokens", tokens=f"{attachment.tokens:,}")
+            chips.append(chip)
+    return " ".join(chips)
+
+
 def entries(conversation: Conversation, t: Translator, lang: str, secrets: Iterable[str] = (),
-            live: Iterable[str] = ()) -> Iterator[tuple[dict[str, Any], int, Part]]:
+            live: Iterable[str] = (), links: Links | None = None) -> Iterator[tuple[dict[str, Any], int, Part]]:
     """Each chatbot message with the turn it shows (its index on the branch) and which part."""
     marks = Marks.of(conversation, live)
     for index, turn in enumerate(conversation.turns):
-        yield {"role": "user", "content": _decorated(turn.user, [], [marks.versions(turn.question, t, lang)])}, index, "user"
+        files = [attachment_chips(turn.question, links, t, lang)] if links and turn.question.attachments else []
+        yield ({"role": "user", "content": _decorated(turn.user, files, [marks.versions(turn.question, t, lang)])},
+               index, "user")
         if turn.answer is not None and turn.reply is not None:
             for message in reply_messages(turn.reply, t, lang, secrets, _answer_footer(turn, marks, t, lang),
                                           edited=turn.answer.edited):
@@ -178,8 +200,8 @@ def entries(conversation: Conversation, t: Translator, lang: str, secrets: Itera
 
 
 def chatbot(conversation: Conversation, t: Translator, lang: str, secrets: Iterable[str] = (),
-            live: Iterable[str] = ()) -> list[dict[str, Any]]:
-    return [message for message, _, _ in entries(conversation, t, lang, secrets, live)]
+            live: Iterable[str] = (), links: Links | None = None) -> list[dict[str, Any]]:
+    return [message for message, _, _ in entries(conversation, t, lang, secrets, live, links)]
 
 
 def locate(conversation: Conversation, t: Translator, lang: str, index: int) -> tuple[int, Part] | None:

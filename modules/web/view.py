@@ -15,18 +15,22 @@ from modules.history.conversation import Conversation, Node
 from modules.history.store import HistoryStore, StoreProblem
 from modules.providers import ChatModel
 from modules.web import render
+from modules.web.files import FileLinks
 
 log = logging.getLogger(__name__)
 
 
 class PageView:
-    def __init__(self, chat: ChatService, store: HistoryStore, store_problem: StoreProblem | None, default_model: str):
+    def __init__(self, chat: ChatService, store: HistoryStore, store_problem: StoreProblem | None, default_model: str,
+                 links: FileLinks):
         self.chat, self.t, self.models, self.secrets = chat, chat.t, chat.models, chat.secrets
         self.store, self.store_problem = store, store_problem
-        self.default_model = default_model
+        self.default_model, self.links = default_model, links
 
     def chatbot(self, conversation: Conversation, lang: str) -> list[dict[str, Any]]:
-        return render.chatbot(conversation, self.t, lang, self.secrets, live=self.live_answers(conversation))
+        owner = conversation.owner
+        return render.chatbot(conversation, self.t, lang, self.secrets, live=self.live_answers(conversation),
+                              links=lambda attachment: self.links.url(owner, attachment))
 
     # -- runs of the session's conversation ------------------------------------------------
     @staticmethod
