@@ -448,7 +448,14 @@ def _read_docx(data: bytes) -> str:
 
     try:
         document = docx.Document(io.BytesIO(data))
-        blocks = [_table_text(block) if isinstance(block, Table) else _paragraph_text(block)
+        # Style names by id, read once: ``paragraph.style`` looks the default style up anew each time
+        # (most of the time on a long document). Built-in styles keep English names in any language.
+        headings = {}
+        for style in document.styles:
+            match = _HEADING.match(style.name or "")
+            if match and style.style_id:
+                headings[style.style_id] = int(match.group(1) or 1)
+        blocks = [_table_text(block) if isinstance(block, Table) else _paragraph_text(block, headings)
                   for block in document.iter_inner_content()]
     except DocumentProblem:
         raise
@@ -460,15 +467,13 @@ def _read_docx(data: bytes) -> str:
 _HEADING = re.compile(r"heading (\d)$|title$", re.IGNORECASE)
 
 
-def _paragraph_text(paragraph) -> str:  # a docx.text.paragraph.Paragraph
+def _paragraph_text(paragraph, headings: dict[str, int]) -> str:  # a docx.text.paragraph.Paragraph
+    """Its text; a heading's (or the title's) as a Markdown heading."""
     text = paragraph.text
     if not text.strip():
         return ""
-    style = paragraph.style.name if paragraph.style is not None else ""
-    heading = _HEADING.match(style or "")
-    if heading:
-        return "#" * int(heading.group(1) or 1) + " " + text
-    return text
+    level = headings.get(paragraph._p.style or "")  # (the paragraph's style id)
+    return "#" * level + " " + text if level else text
 
 
 def _table_text(table) -> str:  # a docx.table.Table: one line a row, cells between bars

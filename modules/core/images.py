@@ -24,7 +24,7 @@ MAX_PIXELS = 50_000_000  # larger images are refused before they are decoded
 # is scaled so by OpenAI anyway: sending it larger only costs upload time.
 OPENAI_LIMIT = (2048, 768)
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
-_SAVE = {"PNG": {"compress_level": 6}, "JPEG": {"quality": 90, "optimize": False}, "WEBP": {"quality": 90}}
+_SAVE = {"PNG": {"compress_level": 3}, "JPEG": {"quality": 90, "optimize": False}, "WEBP": {"quality": 90}}
 ACCEPTED = "PNG, JPEG, WebP or GIF"
 DAMAGED = "the image is damaged or incomplete and cannot be read"
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -128,7 +128,7 @@ def for_model(name: str, data: bytes, *, max_long: int = OPENAI_LIMIT[0],
         _decoded(image)
         frame = _plain_mode(image if not animated else _first_frame(image), fmt)
         if frame.size != stored:  # scaled first, then turned: turning the smaller image is quicker
-            frame = frame.resize(stored, PILImage.Resampling.LANCZOS, reducing_gap=2.0)
+            frame = frame.resize(stored, PILImage.Resampling.LANCZOS, reducing_gap=1.5)
         if orientation != 1:
             frame = frame.transpose(_TRANSPOSE[orientation])
         out_fmt = "PNG" if animated or fmt == "GIF" else fmt
