@@ -19,7 +19,7 @@ from modules.core import accounting
 from modules.core import tokens
 from modules.history.conversation import Conversation, StoredError, answer_record
 from modules.history.titles import TITLE_LENGTH, title_from
-from modules.providers import GenerationOptions, Message, ModelConfig, Usage, errors
+from modules.providers import GenerationOptions, Image, Message, ModelConfig, Usage, errors
 from modules.providers.base import Price
 from modules.core.streaming import Counts, Reply
 from tests.fakes.scripted_model import ScriptedModel
@@ -97,6 +97,54 @@ def test_fit_with_an_estimate_model_is_not_exact() -> None:
     result = context.fit(messages, "llama3.1:8b", context_size=8192, reserve=1024)
     assert not result.exact
     assert result.prompt_tokens == n_messages(messages, "llama3.1:8b")
+
+
+def with_images(message: Message, *sizes: tuple[int, int]) -> Message:
+    return Message(message.role, message.content, images=tuple(Image("image/png", b"", w, h) for w, h in sizes))
+
+
+def test_fit_counts_images_and_drops_them_with_their_round() -> None:
+    _, head, rounds, pending = six_rounds()
+    rounds[1][0] = with_images(rounds[1][0], (1024, 768), (2000, 1000))  # 765 + 1105 tokens with gpt-4o
+    pending = with_images(pending, (512, 512))  # 255
+    messages = [*head, *flat(rounds), pending]
+    everything = tokens.count_messages(messages, MODEL)[0]
+    assert everything == n_messages(messages) + 765 + 1105 + 255
+    result = context.fit(messages, MODEL, context_size=8192, reserve=1024)
+    assert result.prompt_tokens == everything and result.exact and result.dropped_rounds == 0
+    # A budget where two rounds must go because of the second one's images: without any image,
+    # one round would be enough.
+    without_two = [*head, *flat(rounds[2:]), pending]
+    budget = tokens.count_messages(without_two, MODEL)[0]
+    plain = [Message(m.role, m.content) for m in messages]
+    assert context.fit(plain, MODEL, context_size=budget + 1024, reserve=1024).dropped_rounds == 1
+    result = context.fit(messages, MODEL, context_size=budget + 1024, reserve=1024)
+    assert result.dropped == rounds[:2] and result.dropped[1][0].images == rounds[1][0].images
+    assert result.messages == without_two and result.messages[-1].images == pending.images
+    assert result.prompt_tokens == budget == tokens.count_messages(result.messages, MODEL)[0]
+
+
+def test_fit_with_images_of_a_model_without_a_known_rule_is_not_exact() -> None:
+    _, head, rounds, pending = six_rounds()
+    rounds[0][0] = with_images(rounds[0][0], (1024, 1024))
+    messages = [*head, *flat(rounds), pending]
+    result = context.fit(messages, "gpt-4", context_size=8192, reserve=1024)  # exact text, estimated image
+    assert result.dropped_rounds == 0 and not result.exact
+    assert result.prompt_tokens == tokens.count_messages(messages, "gpt-4")[0]
+    after = [*head, *flat(rounds[1:]), pending]
+    result = context.fit(messages, "gpt-4", context_size=tokens.count_messages(after, "gpt-4")[0] + 1024,
+                         reserve=1024)
+    assert result.dropped_rounds == 1 and result.exact  # the estimated image went with its round
+
+
+def test_with_summary_counts_the_images_it_keeps() -> None:
+    _, head, rounds, pending = six_rounds()
+    pending = with_images(pending, (1024, 1024))
+    messages = [*head, *flat(rounds), pending]
+    budget = tokens.count_messages([*head, *flat(rounds[3:]), pending], MODEL)[0]
+    result = context.with_summary(context.fit(messages, MODEL, budget + 1024, 1024), "They talked.", MODEL)
+    assert result.summarized and result.prompt_tokens == tokens.count_messages(result.messages, MODEL)[0]
+    assert result.prompt_tokens == n_messages(result.messages) + 765
 
 
 def test_fit_overflows_when_the_question_alone_is_too_big() -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from modules.core import tokens
+from modules.providers import Image, Message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,6 +220,26 @@ def test_count_messages_hand_counted() -> None:
     assert tokens.count_messages(messages, "gpt-4") == (23, True)
     assert tokens.count_messages(messages, "llama3.1:8b") == (23, False)
     assert tokens.count_messages([], "gpt-4o") == (3, True)
+
+
+def test_count_messages_counts_a_messages_images() -> None:
+    photo = Image("image/jpeg", b"", 1024, 768)  # gpt-4o: 2 x 2 tiles -> 765 (images.image_tokens)
+    square = Image("image/png", b"", 512, 512)  # 1 tile -> 255
+    text_only = Message("user", "hello world")
+    assert tokens.count_messages([text_only], "gpt-4o") == (9, True)  # as the dict: nothing else counted
+    with_images = Message("user", "hello world", images=(photo, square))
+    assert tokens.count_messages([with_images], "gpt-4o") == (9 + 765 + 255, True)
+    assert tokens.count_messages([with_images], "gpt-4o-mini") == (9 + 2833 + 4 * 5667 + 2833 + 5667, True)
+    # gpt-4: exact text, but no published image rule: the gpt-4o rule, as an estimate
+    n, exact = tokens.count_messages([Message("user", "hello world", images=(square,))], "gpt-4")
+    assert (n, exact) == (tokens.count_messages([text_only], "gpt-4")[0] + 255, False)
+
+
+def test_count_messages_of_messages_and_of_their_dicts_agree() -> None:
+    messages = [Message("system", "You are a helpful assistant."), Message("user", "tiktoken is great!"),
+                Message("assistant", "It is.", outputs={"sources": ["not counted"]})]
+    for model in ("gpt-4", "gpt-4o", "llama3.1:8b"):
+        assert tokens.count_messages(messages, model) == tokens.count_messages([m.as_dict() for m in messages], model)
 
 
 def test_count_messages_matches_the_openai_cookbook_example() -> None:

@@ -17,7 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
-from modules.core import tokens
+from modules.core import images, tokens
 from modules.providers import ChatModel, GenerationOptions, Message, errors
 
 SUMMARY_INSTRUCTION = (
@@ -87,14 +87,17 @@ def _rounds(messages: list[Message]) -> tuple[list[Message], list[list[Message]]
 
 
 def count(messages: list[Message], model_id: str) -> tuple[int, bool]:
-    return tokens.count_messages([m.as_dict() for m in messages], model_id)
+    """Prompt tokens of ``messages``, their images included (``images.image_tokens`` each)."""
+    return tokens.count_messages(messages, model_id)
 
 
 def fit(messages: list[Message], model_id: str, context_size: int, reserve: int) -> Fit:
     """Leave out the fewest oldest rounds so that prompt + reserve fits ``context_size``."""
     system, rounds, current = _rounds(messages)
     budget = context_size - reserve
-    enc_count = [count([m], model_id)[0] - 3 for m in messages]  # per-message cost without the reply priming
+    # Per-message cost without the reply priming; a message's images are part of it, so a round left
+    # out takes its images with it.
+    enc_count = [count([m], model_id)[0] - 3 for m in messages]
     per_message = dict(zip(map(id, messages), enc_count))
     exact = count([], model_id)[1]
 
@@ -107,8 +110,11 @@ def fit(messages: list[Message], model_id: str, context_size: int, reserve: int)
         used -= sum(per_message[id(m)] for m in rounds[dropped])
         dropped += 1
     kept = rounds[dropped:]
+    sent = [*system, *(m for r in kept for m in r), *current]
+    if exact and any(m.images for m in sent):  # an image of a model whose rule is unknown: an estimate
+        exact = all(images.images_tokens(model_id, m.images)[1] for m in sent)
     return Fit(
-        messages=[*system, *(m for r in kept for m in r), *current],
+        messages=sent,
         dropped=rounds[:dropped],
         dropped_rounds=dropped,
         prompt_tokens=used,

