@@ -1,0 +1,175 @@
+"""Attached files: their bytes once each by content hash, whose they are, and when they go.
+
+The files are real files in a temporary folder; the store is a real SQLite file. Times are never
+waited for: a file's age is set with ``os.utime``, or the collector is given its ``now``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modules.history import attachments
+from modules.history.attachments import GRACE_SECONDS, AttachmentFiles, collect, open_files
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+PDF = b"%PDF-1.7\n" + "一份文件".encode() * 100
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> AttachmentFiles:
+    return AttachmentFiles(tmp_path / "data" / "attachments")
+
+
+def age(files: AttachmentFiles, sha256: str, seconds: float) -> None:
+    """Make the file of ``sha256`` look written ``seconds`` ago."""
+    then = time.time() - seconds
+    os.utime(files.path(sha256), (then, then))
+
+
+def every_file(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+# -- the files ---------------------------------------------------------------------------------
+def test_put_keeps_the_bytes_once_under_their_hash(files: AttachmentFiles) -> None:
+    sha = files.put(PNG)
+    assert sha == hashlib.sha256(PNG).hexdigest()
+    assert files.path(sha) == files.folder / sha[:2] / sha
+    assert files.read(sha) == PNG and files.exists(sha)
+    assert files.put(PNG) == sha and files.put(bytearray(PNG)) == sha  # idempotent
+    other = files.put(PDF)
+    assert every_file(files.folder) == sorted([f"{sha[:2]}/{sha}", f"{other[:2]}/{other}"])  # no temporary left
+    assert files.hashes() == {sha, other}
+    empty = files.put(b"")
+    assert files.read(empty) == b"" and empty == hashlib.sha256(b"").hexdigest()
+
+
+def test_a_file_not_kept_is_not_found(files: AttachmentFiles) -> None:
+    absent = hashlib.sha256(b"never put").hexdigest()
+    assert not files.exists(absent) and files.hashes() == set()
+    with pytest.raises(FileNotFoundError):
+        files.read(absent)
+
+
+@pytest.mark.parametrize("name", [
+    "../" * 10 + "etc/passwd", "/etc/passwd", "..", "", "ab", "A" * 64, "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08",
+    "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0",
+    "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08/..", "9f/../../../../../../etc/passwd" + "0" * 34,
+    "g" * 64, "９" * 64,
+])
+def test_a_name_that_is_no_digest_is_never_a_path(files: AttachmentFiles, name: str) -> None:
+    with pytest.raises(ValueError, match="not a SHA-256 hex digest"):
+        files.path(name)
+    with pytest.raises(ValueError):
+        files.read(name)
+    assert not files.exists(name)
+
+
+def test_a_damaged_file_is_written_again(files: AttachmentFiles) -> None:
+    sha = files.put(PNG)
+    files.path(sha).write_bytes(PNG[:10])  # cut short (by hand, or a disk)
+    assert files.put(PNG) == sha and files.read(sha) == PNG
+
+
+def test_writers_of_the_same_bytes_at_once_each_leave_a_whole_file(files: AttachmentFiles) -> None:
+    big = os.urandom(4 * 1024 * 1024)
+    start = threading.Barrier(16)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        start.wait()
+        try:
+            results.append(files.put(big))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sha = hashlib.sha256(big).hexdigest()
+    assert errors == [] and results == [sha] * 16
+    assert files.read(sha) == big
+    assert every_file(files.folder) == [f"{sha[:2]}/{sha}"]
+
+
+def test_a_put_cut_short_leaves_no_file_under_the_hash(files: AttachmentFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(attachments.os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        files.put(PNG)
+    monkeypatch.undo()
+    assert files.hashes() == set() and every_file(files.folder) == []
+    assert files.read(files.put(PNG)) == PNG
+
+
+# -- collection --------------------------------------------------------------------------------
+def test_remove_unreferenced_spares_what_is_referenced_and_what_is_fresh(files: AttachmentFiles) -> None:
+    kept, old, fresh = files.put(PNG), files.put(PDF), files.put(b"just attached")
+    for sha in (kept, old):
+        age(files, sha, GRACE_SECONDS + 60)
+    age(files, fresh, GRACE_SECONDS - 60)
+    assert files.remove_unreferenced({kept}) == 1
+    assert files.hashes() == {kept, fresh}
+    assert files.remove_unreferenced({kept}, now=time.time() + 120) == 1  # once it is old enough
+    assert files.hashes() == {kept}
+    assert files.remove_unreferenced(set()) == 1 and files.hashes() == set()
+    assert files.remove_unreferenced(set()) == 0
+
+
+def test_putting_old_bytes_again_makes_them_fresh(files: AttachmentFiles) -> None:
+    sha = files.put(PNG)
+    age(files, sha, GRACE_SECONDS + 60)
+    files.put(PNG)  # attached again, by someone: its question is on its way
+    assert files.remove_unreferenced(set()) == 0 and files.exists(sha)
+
+
+def test_a_fresh_folder_collects_nothing_it_does_not_own(files: AttachmentFiles) -> None:
+    assert files.remove_unreferenced(set()) == 0  # no folder yet
+    sha = files.put(PNG)
+    age(files, sha, GRACE_SECONDS + 60)
+    strangers = [files.folder / "README.txt", files.folder / sha[:2] / "notes.txt", files.folder / "zz" / ("0" * 64)]
+    for path in strangers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("not ours")
+        os.utime(path, (0, 0))
+    leftover = files.folder / sha[:2] / f".{sha}.abc123_x.tmp"  # a put() that crashed before its rename
+    leftover.write_bytes(PNG[:5])
+    os.utime(leftover, (0, 0))
+    assert files.remove_unreferenced(set()) == 1
+    assert all(path.read_text() == "not ours" for path in strangers) and not leftover.exists()
+
+
+def test_a_temporary_folder_goes_at_close(tmp_path: Path) -> None:
+    files = AttachmentFiles.temporary()
+    sha = files.put(PNG)
+    assert files.read(sha) == PNG and not files.folder.is_relative_to(tmp_path)
+    folder = files.folder
+    files.close()
+    assert not folder.exists()
+    files.close()  # twice: nothing
+
+
+def test_open_files_is_the_data_folders_unless_history_is_in_memory(tmp_path: Path) -> None:
+    files = open_files(tmp_path / "data")
+    assert files.folder == tmp_path / "data" / "attachments" and files.folder.is_dir()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the data folder should be")
+    for elsewhere in (open_files(blocked), open_files(tmp_path / "data", temporary=True)):
+        try:
+            assert not elsewhere.folder.is_relative_to(tmp_path)
+            assert elsewhere.read(elsewhere.put(PNG)) == PNG
+        finally:
+            elsewhere.close()
+    assert blocked.read_text() == "a file where the data folder should be"
