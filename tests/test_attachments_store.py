@@ -17,6 +17,8 @@ import pytest
 
 from modules.history import attachments
 from modules.history.attachments import GRACE_SECONDS, AttachmentFiles, collect, open_files
+from modules.history.records import Attachment, ConversationMeta, ConversationRecord, MessageRecord
+from modules.history.store import FILENAME, SQLiteStore
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 PDF = b"%PDF-1.7\n" + "一份文件".encode() * 100
@@ -173,3 +175,120 @@ def test_open_files_is_the_data_folders_unless_history_is_in_memory(tmp_path: Pa
         finally:
             elsewhere.close()
     assert blocked.read_text() == "a file where the data folder should be"
+
+
+# -- whose they are: the store ------------------------------------------------------------------
+ALICE, BOB = "user:alice", "user:bob"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    s = SQLiteStore(tmp_path / "data" / FILENAME)
+    yield s
+    s.close()
+
+
+def attached(files: AttachmentFiles, data: bytes, name: str = "cat.png") -> Attachment:
+    """What the app records when a user attaches ``data``: its file kept first."""
+    image = name.endswith(".png")
+    return Attachment(files.put(data), name, "image/png" if image else "application/pdf", len(data),
+                      "image" if image else "document", width=32 if image else None, height=16 if image else None,
+                      tokens=None if image else 400)
+
+
+def ask(store: SQLiteStore, owner: str, conversation_id: str, *files: Attachment, mid: str = "q1",
+        parent: str | None = None) -> MessageRecord:
+    question = MessageRecord(mid, parent, "user", "What is in these?", attachments=list(files), created_at=1.0)
+    assert store.save_message(ConversationMeta(conversation_id, owner, "T", created_at=1.0, updated_at=2.0), question)
+    return question
+
+
+def test_each_owner_owns_only_what_their_messages_attach(store: SQLiteStore, files: AttachmentFiles) -> None:
+    cat, report = attached(files, PNG), attached(files, PDF, "report.pdf")
+    ask(store, ALICE, "a1", cat)
+    ask(store, BOB, "b1", report)
+    assert store.owns_attachment(ALICE, cat.sha256) and not store.owns_attachment(ALICE, report.sha256)
+    assert store.owns_attachment(BOB, report.sha256) and not store.owns_attachment(BOB, cat.sha256)
+    for nobody in ("", "local", "user:alice ", "USER:ALICE", "%", "user:%"):
+        assert not store.owns_attachment(nobody, cat.sha256), nobody
+    unknown = hashlib.sha256(b"nobody attached this").hexdigest()
+    assert not store.owns_attachment(ALICE, unknown)
+    for not_a_digest in (cat.sha256.upper(), cat.sha256[:-1], f"%{cat.sha256[1:]}", "' OR 1=1 --", ""):
+        assert not store.owns_attachment(ALICE, not_a_digest), not_a_digest
+    assert store.referenced_attachments() == {cat.sha256, report.sha256}
+
+
+def test_the_same_bytes_attached_by_two_owners_are_one_file_both_own(store: SQLiteStore,
+                                                                     files: AttachmentFiles) -> None:
+    alices, bobs = attached(files, PNG, "mine.png"), attached(files, PNG, "also mine.png")
+    ask(store, ALICE, "a1", alices)
+    ask(store, BOB, "b1", bobs)
+    assert alices.sha256 == bobs.sha256 and files.hashes() == {alices.sha256}
+    assert store.owns_attachment(ALICE, alices.sha256) and store.owns_attachment(BOB, alices.sha256)
+    assert store.load(BOB, "b1").messages[0].attachments == [bobs]  # each keeps their own name for it
+
+
+def test_a_deleted_conversation_frees_its_files_only_when_no_one_else_attaches_them(
+        store: SQLiteStore, files: AttachmentFiles) -> None:
+    shared, alices_only = attached(files, PNG), attached(files, PDF, "private.pdf")
+    ask(store, ALICE, "a1", shared, alices_only)
+    ask(store, BOB, "b1", attached(files, PNG, "same bytes.png"))
+    for sha in files.hashes():
+        age(files, sha, GRACE_SECONDS + 60)  # long attached: nothing protects them but their references
+
+    assert store.delete(ALICE, "a1")
+    assert not store.owns_attachment(ALICE, shared.sha256) and not store.owns_attachment(ALICE, alices_only.sha256)
+    assert store.owns_attachment(BOB, shared.sha256)
+    assert collect(store, files) == 1
+    assert files.hashes() == {shared.sha256} and files.read(shared.sha256) == PNG  # Bob's is kept
+
+    assert store.delete_messages(BOB, "b1", "q1", None)  # the last reference goes
+    assert not store.owns_attachment(BOB, shared.sha256) and store.referenced_attachments() == set()
+    assert collect(store, files) == 1 and files.hashes() == set()
+
+
+def test_collect_spares_a_file_whose_question_is_not_saved_yet(store: SQLiteStore, files: AttachmentFiles) -> None:
+    ask(store, ALICE, "a1", attached(files, PDF, "old.pdf"))
+    on_its_way = attached(files, PNG)  # put, its question not saved yet
+    assert store.delete(ALICE, "a1")
+    assert collect(store, files) == 0 and files.hashes() == {on_its_way.sha256, hashlib.sha256(PDF).hexdigest()}
+    ask(store, ALICE, "a2", on_its_way)
+    for sha in files.hashes():
+        age(files, sha, GRACE_SECONDS + 60)
+    assert collect(store, files) == 1 and files.hashes() == {on_its_way.sha256}
+
+
+def test_a_file_on_a_branch_not_viewed_is_still_owned(store: SQLiteStore, files: AttachmentFiles) -> None:
+    first, edited = attached(files, PNG), attached(files, PDF, "better.pdf")
+    ask(store, ALICE, "a1", first)
+    ask(store, ALICE, "a1", edited, mid="q1-edit")  # an edited question: a sibling, and the branch viewed now
+    record = store.load(ALICE, "a1")
+    assert record.leaf == "q1-edit" and [m.attachments for m in record.branch()] == [[edited]]
+    assert store.owns_attachment(ALICE, first.sha256) and store.owns_attachment(ALICE, edited.sha256)
+    assert store.delete_messages(ALICE, "a1", "q1", "q1-edit")
+    assert not store.owns_attachment(ALICE, first.sha256) and store.owns_attachment(ALICE, edited.sha256)
+
+
+def test_saving_a_message_again_replaces_its_attachments(store: SQLiteStore, files: AttachmentFiles) -> None:
+    cat, report = attached(files, PNG), attached(files, PDF, "report.pdf")
+    ask(store, ALICE, "a1", cat, report)
+    assert store.load(ALICE, "a1").messages[0].attachments == [cat, report]
+    ask(store, ALICE, "a1", report)
+    assert store.load(ALICE, "a1").messages[0].attachments == [report]
+    assert not store.owns_attachment(ALICE, cat.sha256) and store.referenced_attachments() == {report.sha256}
+
+
+def test_save_reply_and_import_record_carry_attachments(store: SQLiteStore, files: AttachmentFiles) -> None:
+    cat, report = attached(files, PNG), attached(files, PDF, "report.pdf")
+    m = ConversationMeta("a1", ALICE, "T", created_at=1.0, updated_at=2.0)
+    ask(store, ALICE, "a1", cat)
+    answer = MessageRecord("a-1", "q1", "assistant", "A cat.", attachments=[report], created_at=3.0)
+    assert store.save_reply(m, answer)  # the store keeps any message's (the app gives only questions some)
+    assert store.load(ALICE, "a1").messages[1] == answer
+    record = ConversationRecord("imported", BOB, "I", created_at=1.0, updated_at=2.0, leaf="q", messages=[
+        MessageRecord("q", None, "user", "Look", attachments=[report, cat], created_at=1.0)])
+    store.import_record(record)
+    assert store.load(BOB, "imported") == record
+    assert store.owns_attachment(BOB, cat.sha256) and store.owns_attachment(BOB, report.sha256)
+    assert not store.owns_attachment(ALICE, "0" * 64)
