@@ -6,6 +6,7 @@ waited for: a file's age is set with ``os.utime``, or the collector is given its
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -19,6 +20,7 @@ from modules.history import attachments
 from modules.history.attachments import GRACE_SECONDS, AttachmentFiles, collect, open_files
 from modules.history.records import Attachment, ConversationMeta, ConversationRecord, MessageRecord
 from modules.history.store import FILENAME, SQLiteStore
+from modules.history.transfer import import_json, save_import, to_json
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 PDF = b"%PDF-1.7\n" + "一份文件".encode() * 100
@@ -292,3 +294,46 @@ def test_save_reply_and_import_record_carry_attachments(store: SQLiteStore, file
     assert store.load(BOB, "imported") == record
     assert store.owns_attachment(BOB, cat.sha256) and store.owns_attachment(BOB, report.sha256)
     assert not store.owns_attachment(ALICE, "0" * 64)
+
+
+# -- moving between installs: export, import ----------------------------------------------------
+def test_export_then_import_elsewhere_gives_the_same_records_and_the_same_bytes(
+        store: SQLiteStore, files: AttachmentFiles, tmp_path: Path) -> None:
+    cat, report = attached(files, PNG), attached(files, PDF, "年度 report.pdf")
+    ask(store, ALICE, "a1", cat, report)
+    m = ConversationMeta("a1", ALICE, "T", created_at=1.0, updated_at=2.0)
+    assert store.save_reply(m, MessageRecord("a-1", "q1", "assistant", "A cat and a report.", created_at=3.0))
+    ask(store, ALICE, "a1", cat, mid="q2", parent="a-1")
+    original = store.load(ALICE, "a1")
+    text = to_json(original, files.read)
+
+    (tmp_path / "other").mkdir()
+    other_store = SQLiteStore(tmp_path / "other" / FILENAME)
+    other_files = AttachmentFiles(tmp_path / "other" / "attachments")
+    try:
+        imported = import_json(text, owner=BOB, new_id="moved")
+        assert imported.files == {cat.sha256: PNG, report.sha256: PDF}
+        save_import(other_store, other_files, imported)
+        moved = other_store.load(BOB, "moved")
+        assert moved == dataclasses.replace(original, id="moved", owner=BOB)
+        assert {sha: other_files.read(sha) for sha in other_files.hashes()} == {cat.sha256: PNG, report.sha256: PDF}
+        assert other_store.owns_attachment(BOB, cat.sha256) and not other_store.owns_attachment(ALICE, cat.sha256)
+        assert to_json(moved, other_files.read) == text
+    finally:
+        other_store.close()
+
+    # into the same install, by another owner: the bytes are kept once, and both own them
+    save_import(store, files, import_json(text, owner=BOB, new_id="copy"))
+    assert files.hashes() == {cat.sha256, report.sha256}
+    assert store.owns_attachment(ALICE, cat.sha256) and store.owns_attachment(BOB, cat.sha256)
+
+
+def test_an_import_that_is_refused_stores_no_record(store: SQLiteStore, files: AttachmentFiles) -> None:
+    ask(store, ALICE, "taken", attached(files, PNG))
+    imported = import_json(to_json(store.load(ALICE, "taken"), files.read), owner=ALICE, new_id="taken")
+    for sha in files.hashes():
+        age(files, sha, GRACE_SECONDS + 60)
+    with pytest.raises(ValueError, match="already exists"):
+        save_import(store, files, imported)
+    assert [s.id for s in store.list(ALICE)] == ["taken"]
+    assert collect(store, files) == 0  # still referenced by the first; put() made it fresh too
