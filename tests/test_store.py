@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from modules.history import store as store_module
-from modules.history.records import ConversationMeta, ConversationRecord, MessageRecord, children_of
+from modules.history.records import Attachment, ConversationMeta, ConversationRecord, MessageRecord, children_of
 from modules.history.store import FILENAME, SQLiteStore, StoreProblem, open_store
 from tests.fakes import store_writer
 
@@ -50,13 +50,21 @@ def a(mid: str, parent: str, text: str = "", **fields: Any) -> MessageRecord:
                          **{"created_at": 2.0, "finished_at": 3.0, **fields})
 
 
+IMAGE = Attachment("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "猫 cat.png", "image/png",
+                   2048, "image", width=640, height=480)
+DOCUMENT = Attachment("60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752", "notes.pdf",
+                      "application/pdf", 90_000, "document", tokens=1234)
+
+
 def full_answer() -> MessageRecord:
-    """A message in which every field differs from its default."""
+    """A message in which every field differs from its default (attachments too: the store keeps
+    those of any message, though only questions have some)."""
     return MessageRecord(id="a-1", parent="q-1", role="assistant", content="Hello! 50% of _all_",
                          reasoning="They greet me.", outputs={"sources": [{"title": "文档", "page": 3}]},
                          status="stopped", error="The reply was cut.", finish_reason="length", model="GPT Test",
                          tokens=3, prompt_tokens=120, completion_tokens=45, tokens_exact=True, cost=0.000123,
-                         dropped_rounds=2, summarized=True, edited=True, created_at=1714567890.1234567,
+                         dropped_rounds=2, summarized=True, edited=True, attachments=[IMAGE, DOCUMENT],
+                         created_at=1714567890.1234567,
                          finished_at=1714567891.7654321)
 
 
@@ -81,7 +89,7 @@ def test_the_sample_message_sets_every_field() -> None:
 
 def test_save_message_then_load_gives_the_same_conversation(store: SQLiteStore) -> None:
     m = meta("c1", title="First")
-    question = q("q-1", None, "你好", tokens=7)
+    question = q("q-1", None, "你好", tokens=7, attachments=[IMAGE, DOCUMENT, IMAGE])  # the same file twice, too
     save_all(store, m, question, full_answer(), q("q-2", "a-1", created_at=1714567899.5))
 
     record = store.load(ALICE, "c1")
@@ -416,7 +424,7 @@ def test_the_file_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
     s.save_message(meta("c1"), full_answer())
     s.close()
     with sqlite3.connect(tmp_path / "data" / FILENAME) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     s, problem = open_store(tmp_path / "data")
     assert problem is None

@@ -1,8 +1,10 @@
-"""A history file of schema version 1 (turns by position) is upgraded in place to the tree of messages.
+"""History files of earlier schemas are upgraded in place to today's (3: a tree of messages with attachments).
 
-The file is ``tests/fixtures/history_v1.sqlite3``, made by the version-1 store itself
-(``tests/fixtures/make_history_v1.py``); ``history_v1.expected.json`` is what that store's
-``list()`` and ``load()`` gave for it. Each test opens a copy in a temporary folder.
+Schema 1 (turns by position): ``tests/fixtures/history_v1.sqlite3``, made by the version-1 store
+itself (``tests/fixtures/make_history_v1.py``); ``history_v1.expected.json`` is what that store's
+``list()`` and ``load()`` gave for it. It upgrades straight to schema 3. Schema 2 (the tree, before
+attachments): ``history_v2.sqlite3`` and ``history_v2.expected.json``, the same way
+(``make_history_v2.py``, run against commit cab0556). Each test opens a copy in a temporary folder.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from typing import Any
 
 import pytest
 
-from modules.history.records import ConversationMeta, MessageRecord
-from modules.history.store import FILENAME, V1_BACKUP, SQLiteStore, UpgradeError, open_store
-from tests.test_store import read_only_sqlite
+from modules.history.records import Attachment, ConversationMeta, MessageRecord
+from modules.history.store import FILENAME, SCHEMA_VERSION, V1_BACKUP, SQLiteStore, UpgradeError, open_store
+from tests.test_store import IMAGE, read_only_sqlite
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 V1_FILE = FIXTURES / "history_v1.sqlite3"
 EXPECTED = json.loads((FIXTURES / "history_v1.expected.json").read_text(encoding="utf-8"))
+V2_FILE = FIXTURES / "history_v2.sqlite3"
+EXPECTED_V2 = json.loads((FIXTURES / "history_v2.expected.json").read_text(encoding="utf-8"))
 META_FIELDS = [f.name for f in dataclasses.fields(ConversationMeta)]
 ANSWER_FIELDS = {"reply": "content", "reasoning": "reasoning", "outputs": "outputs", "status": "status",
                  "error": "error", "finish_reason": "finish_reason", "model": "model", "prompt_tokens": "prompt_tokens",
@@ -39,6 +43,15 @@ def v1(tmp_path: Path) -> Path:
     path = tmp_path / "data" / FILENAME
     path.parent.mkdir()
     shutil.copyfile(V1_FILE, path)
+    return path
+
+
+@pytest.fixture
+def v2(tmp_path: Path) -> Path:
+    """A copy of the schema-2 file, as ``history.sqlite3`` in a data folder; its path."""
+    path = tmp_path / "data" / FILENAME
+    path.parent.mkdir()
+    shutil.copyfile(V2_FILE, path)
     return path
 
 
@@ -105,6 +118,17 @@ def assert_upgraded_whole(store: SQLiteStore) -> None:
         # the branch shown reads as the turns did
         assert [{k: getattr(t, k) for k in old_turn} for t, old_turn in zip(record.turns, old["turns"])] == old["turns"]
         assert len(record.turns) == len(old["turns"])
+        assert all(m.attachments == [] for m in record.messages)
+    assert store.referenced_attachments() == set()
+
+
+def assert_schema_3(path: Path) -> None:
+    """The file (no store open on it) is of schema 3: messages have their attachments and its index."""
+    assert SCHEMA_VERSION == 3 and sql(path, "PRAGMA user_version") == [(3,)]
+    assert "attachments" in {row[1] for row in sql(path, "PRAGMA table_info(messages)")}
+    indexes = {name for (name,) in sql(path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "messages_with_attachments" in indexes
+    assert sql(path, "SELECT count(*) FROM messages WHERE attachments != '[]'") == [(0,)]
 
 
 def open_upgraded(v1: Path) -> None:
@@ -121,7 +145,7 @@ def test_a_version_1_file_is_upgraded_with_nothing_lost(v1: Path, caplog: pytest
     caplog.set_level(logging.INFO, logger="modules.history.store")
     open_upgraded(v1)
     assert "Upgraded the history file" in caplog.text and str(v1) in caplog.text
-    assert sql(v1, "PRAGMA user_version") == [(2,)]
+    assert_schema_3(v1)  # straight through
     assert sql(v1, "PRAGMA journal_mode") == [("wal",)]
     tables = {name for (name,) in sql(v1, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {"conversations", "messages"}  # turns went
@@ -242,7 +266,7 @@ def test_an_upgrade_that_fails_leaves_the_version_1_file_as_it_was(v1: Path, dam
         conn.commit()
     store, problem = open_store(v1.parent)
     try:
-        assert problem is None and sql(v1, "PRAGMA user_version") == [(2,)]
+        assert problem is None and sql(v1, "PRAGMA user_version") == [(3,)]
         assert [s.id for s in store.list("user:alice")] == ["alice-pf", "alice-notes"]
     finally:
         store.close()
@@ -264,3 +288,104 @@ def test_a_version_1_file_that_cannot_be_written_is_left_alone(v1: Path, monkeyp
     assert {p.name for p in v1.parent.iterdir()} - {FILENAME + "-wal", FILENAME + "-shm"} == {FILENAME}
     assert not (v1.parent / (FILENAME + "-wal")).exists() or (v1.parent / (FILENAME + "-wal")).stat().st_size == 0
     open_upgraded(v1)
+
+
+# -- schema 2 ---------------------------------------------------------------------------------
+def v2_conversations() -> list[tuple[str, dict[str, Any]]]:
+    return [(owner, c) for owner, data in EXPECTED_V2["owners"].items() for c in data["conversations"].values()]
+
+
+def test_the_version_2_fixture_holds_what_the_upgrade_must_keep(v2: Path) -> None:
+    """Guards the next tests: the schema-2 store wrote branches, a leaf off the newest branch, every kind of value."""
+    assert EXPECTED_V2["schema_version"] == 2 and V2_FILE.stat().st_size < 100_000
+    assert sql(v2, "PRAGMA user_version") == [(2,)]
+    assert "attachments" not in {row[1] for row in sql(v2, "PRAGMA table_info(messages)")}
+    assert len(EXPECTED_V2["owners"]) == 3
+    trip = EXPECTED_V2["owners"]["local"]["conversations"]["local-trip"]
+    parents = [m["parent"] for m in trip["messages"]]
+    assert len(parents) != len(set(parents)) and trip["leaf"] != trip["messages"][-1]["id"]  # branches; an old leaf
+    messages = [m for _, c in v2_conversations() for m in c["messages"]]
+    assert {m["status"] for m in messages} == {"done", "stopped", "interrupted", "error"}
+    assert any(m["edited"] for m in messages) and any(m["outputs"] for m in messages)
+    assert any(m["summarized"] and m["dropped_rounds"] for m in messages)
+    assert any(not c["messages"] for _, c in v2_conversations())
+
+
+def assert_v2_upgraded_whole(store: SQLiteStore) -> None:
+    for owner, data in EXPECTED_V2["owners"].items():
+        assert [dataclasses.asdict(s) for s in store.list(owner)] == data["list"]
+    for owner, old in v2_conversations():
+        record = store.load(owner, old["id"])
+        assert record is not None and dataclasses.asdict(record) == old  # every field, the leaf, every branch
+    assert store.referenced_attachments() == set()
+
+
+def test_a_version_2_file_is_upgraded_in_place_with_nothing_lost(v2: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="modules.history.store")
+    store, problem = open_store(v2.parent)
+    try:
+        assert problem is None
+        assert_v2_upgraded_whole(store)
+    finally:
+        store.close()
+    assert sorted(p.name for p in v2.parent.iterdir()) == [FILENAME]  # a column added in one transaction: no copy
+    assert "Upgraded the history file" in caplog.text and "from schema version 2 to 3" in caplog.text
+    assert_schema_3(v2)
+    pristine = tmp_path / "pristine.sqlite3"  # (a read-only connection would leave a -shm beside the fixture)
+    shutil.copyfile(V2_FILE, pristine)
+    rows = "SELECT * FROM messages ORDER BY conversation_id, seq"
+    assert sql(v2, rows) == [(*row, "[]") for row in sql(pristine, rows)] and len(sql(pristine, rows)) == 20
+
+    caplog.clear()
+    store, problem = open_store(v2.parent)  # and once only
+    try:
+        assert problem is None
+        assert_v2_upgraded_whole(store)
+    finally:
+        store.close()
+    assert "Upgraded" not in caplog.text
+
+
+def test_an_upgraded_version_2_file_takes_attachments(v2: Path) -> None:
+    store, _ = open_store(v2.parent)
+    try:
+        trip = store.load("local", "local-trip")
+        m = ConversationMeta(**{name: getattr(trip, name) for name in META_FIELDS})
+        question = MessageRecord("with-file", trip.leaf, "user", "What is in this picture?", attachments=[IMAGE])
+        assert store.save_message(m, question)
+        assert store.load("local", "local-trip").messages == [*trip.messages, question]
+        assert store.owns_attachment("local", IMAGE.sha256)
+        assert not any(store.owns_attachment(other, IMAGE.sha256) for other in EXPECTED_V2["owners"] if other != "local")
+        assert store.referenced_attachments() == {IMAGE.sha256}
+    finally:
+        store.close()
+    store, _ = open_store(v2.parent)
+    try:
+        assert store.load("local", "local-trip").messages[-1].attachments == [IMAGE]
+        assert isinstance(store.load("local", "local-trip").messages[-1].attachments[0], Attachment)
+    finally:
+        store.close()
+
+
+def test_a_version_2_file_that_cannot_be_written_is_left_alone(v2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = v2.read_bytes()
+    read_only_sqlite(monkeypatch)
+    with pytest.raises(UpgradeError, match=r"could not upgrade it from schema version 2 .*readonly.*left as it was"):
+        SQLiteStore(v2)
+    store, problem = open_store(v2.parent)
+    try:
+        assert problem is not None and problem.kind == "unavailable" and problem.moved_to is None
+        assert "could not upgrade it from schema version 2" in problem.reason
+        assert store.list("local") == []
+    finally:
+        store.close()
+    monkeypatch.undo()
+    assert v2.read_bytes() == before and sql(v2, "PRAGMA user_version") == [(2,)]
+    assert not any(".corrupt-" in p.name or "backup" in p.name for p in v2.parent.iterdir())
+    store, problem = open_store(v2.parent)  # writable again: the next start upgrades it
+    try:
+        assert problem is None
+        assert_v2_upgraded_whole(store)
+    finally:
+        store.close()

@@ -9,9 +9,12 @@ mid-write leaves either the whole message or none of it.
 
 A conversation is a tree of messages (``modules/history/records.py``), kept in
 the ``messages`` table: each row names its parent, and ``seq`` keeps the order
-in which messages were first saved. A file of schema version 1 (the turns of a
-conversation by position, before branches) is upgraded in place when opened,
-after a copy of it is made beside it (``history.sqlite3.v1-backup``).
+in which messages were first saved, and ``attachments`` a question's files (a JSON list of
+:class:`~modules.history.records.Attachment`; their bytes are kept apart, by content hash:
+``modules/history/attachments.py``). A file of schema version 1 (the turns of a conversation
+by position, before branches) is upgraded in place when opened, after a copy of it is made
+beside it (``history.sqlite3.v1-backup``); one of schema version 2 (before attachments) is
+upgraded in place too, in one transaction (a column added), with no copy.
 
 :func:`open_store` is how the app opens it: a damaged file is moved aside (never
 deleted) and a fresh one started; a folder that cannot be written, or a version-1
@@ -28,6 +31,7 @@ app runs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -45,7 +49,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from modules.history.attachments import is_digest
 from modules.history.records import (
+    Attachment,
     ConversationMeta,
     ConversationRecord,
     ConversationSummary,
@@ -57,7 +63,7 @@ from modules.history.records import (
 log = logging.getLogger(__name__)
 
 FILENAME = "history.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 V1_BACKUP = ".v1-backup"  # after the file's name: the copy of a version-1 file made before upgrading it
 COMPANIONS = ("-wal", "-shm")  # SQLite's write-ahead log and its index, kept beside the file
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
@@ -73,7 +79,10 @@ CONVERSATION_COLUMNS = ("id", "owner", "title", "model", "system_prompt", "param
 # One column per MessageRecord field, in the dataclass's order (its ``parent`` is ``parent_id``).
 MESSAGE_COLUMNS = ("id", "parent_id", "role", "content", "reasoning", "outputs", "status", "error", "finish_reason",
                    "model", "tokens", "prompt_tokens", "completion_tokens", "tokens_exact", "cost", "dropped_rounds",
-                   "summarized", "edited", "created_at", "finished_at")
+                   "summarized", "edited", "attachments", "created_at", "finished_at")
+# Schema 2's messages: all of today's but attachments.
+V2_MESSAGE_COLUMNS = tuple(c for c in MESSAGE_COLUMNS if c != "attachments")
+ATTACHMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Attachment))
 _FLAGS = ("tokens_exact", "summarized", "edited")  # stored as 0 and 1
 # Schema 1's turns table: one column per field of the TurnRecord of then (the first 17 of today's).
 V1_TURN_COLUMNS = ("user", "reply", "reasoning", "outputs", "status", "error", "finish_reason", "model",
@@ -95,7 +104,12 @@ CREATE TABLE conversations (
 );
 CREATE INDEX conversations_owner_updated ON conversations (owner, updated_at);
 """
-MESSAGES_SCHEMA = """
+# Schema 3's addition: the same in a new file's table and, by ALTER TABLE, in one of schema 2.
+ATTACHMENTS_COLUMN = "attachments       TEXT NOT NULL DEFAULT '[]'"
+ATTACHMENTS_INDEX = ("CREATE INDEX messages_with_attachments ON messages (conversation_id) "
+                     "WHERE attachments != '[]'")  # for owns_attachment and referenced_attachments
+UPGRADE_FROM_V2 = f"ALTER TABLE messages ADD COLUMN {ATTACHMENTS_COLUMN}; {ATTACHMENTS_INDEX};"
+MESSAGES_SCHEMA = f"""
 CREATE TABLE messages (
     conversation_id   TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     id                TEXT NOT NULL,
@@ -103,7 +117,7 @@ CREATE TABLE messages (
     role              TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content           TEXT NOT NULL DEFAULT '',
     reasoning         TEXT NOT NULL DEFAULT '',
-    outputs           TEXT NOT NULL DEFAULT '{}',  -- JSON object
+    outputs           TEXT NOT NULL DEFAULT '{{}}',  -- JSON object
     status            TEXT NOT NULL DEFAULT 'done',
     error             TEXT NOT NULL DEFAULT '',
     finish_reason     TEXT,
@@ -119,11 +133,13 @@ CREATE TABLE messages (
     created_at        REAL NOT NULL,
     finished_at       REAL,
     seq               INTEGER NOT NULL,  -- the order first saved, within the conversation
+    {ATTACHMENTS_COLUMN},  -- a JSON list of a question's files (since schema 3)
     PRIMARY KEY (conversation_id, id),
     FOREIGN KEY (conversation_id, parent_id) REFERENCES messages (conversation_id, id)
 );
 CREATE UNIQUE INDEX messages_order ON messages (conversation_id, seq);
 CREATE INDEX messages_children ON messages (conversation_id, parent_id);
+{ATTACHMENTS_INDEX};
 """
 
 # Upsert a conversation row, but never over a row of another owner: on an id
@@ -167,6 +183,19 @@ DELETE FROM messages WHERE conversation_id = :id AND id IN (
         UNION
         SELECT m.id FROM messages m JOIN subtree s ON m.parent_id = s.id WHERE m.conversation_id = :id)
     SELECT id FROM subtree)
+"""
+
+# Attachments by their file's digest: only messages that have some (the partial index), their list
+# read by SQLite's JSON functions.
+_OWNS_ATTACHMENT = """
+SELECT 1 FROM conversations c JOIN messages m ON m.conversation_id = c.id
+WHERE c.owner = :owner AND m.attachments != '[]'
+  AND EXISTS (SELECT 1 FROM json_each(m.attachments) j WHERE json_extract(j.value, '$.sha256') = :sha256)
+LIMIT 1
+"""
+_REFERENCED_ATTACHMENTS = """
+SELECT DISTINCT json_extract(j.value, '$.sha256') FROM messages m, json_each(m.attachments) j
+WHERE m.attachments != '[]'
 """
 
 
@@ -222,12 +251,28 @@ class HistoryStore(Protocol):
     def rename(self, owner: str, conversation_id: str, title: str) -> bool: ...
 
     def delete(self, owner: str, conversation_id: str) -> bool:
-        """Delete the conversation and its messages; False when there was none (for this owner)."""
+        """Delete the conversation and its messages; False when there was none (for this owner).
+        The files its questions attached stay until ``attachments.collect`` removes those no other
+        message references (as after ``delete_messages``)."""
         ...
 
     def import_record(self, record: ConversationRecord) -> None:
         """Insert a whole conversation (its tree and leaf) in one transaction; ValueError if its id
-        is taken or its tree is not one (a parent missing or after its child, an id twice)."""
+        is taken or its tree is not one (a parent missing or after its child, an id twice). The
+        files its messages attach must be kept already (``AttachmentFiles.put``)."""
+        ...
+
+    def owns_attachment(self, owner: str, sha256: str) -> bool:
+        """True only if some message of a conversation of ``owner`` attaches the file whose bytes
+        have the SHA-256 hex digest ``sha256``: the check before a file is served to anyone. The
+        same bytes attached by two owners are owned by both; a file only another owner's messages
+        attach, or one no message attaches any more, by neither. False for a ``sha256`` that is
+        not 64 lowercase hex digits."""
+        ...
+
+    def referenced_attachments(self) -> set[str]:
+        """The digest of every file some message of any owner attaches: what the attachments folder
+        must keep (``attachments.collect`` removes the rest)."""
         ...
 
     def close(self) -> None: ...
@@ -358,7 +403,7 @@ class SQLiteStore(HistoryStore):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         new = version == 0 and not tables
-        if not new and version not in (1, SCHEMA_VERSION):
+        if not new and version not in (1, 2, SCHEMA_VERSION):
             raise CorruptStoreError(f"schema version {version} is unknown to this app"
                                     + (" (a newer version?)" if version > SCHEMA_VERSION else ""))
         if version == 1:
@@ -366,12 +411,16 @@ class SQLiteStore(HistoryStore):
             self._check_columns("turns", ("conversation_id", "position", *V1_TURN_COLUMNS))
         elif not new:
             self._check_columns("conversations", (*CONVERSATION_COLUMNS, "leaf"))
-            self._check_columns("messages", ("conversation_id", *MESSAGE_COLUMNS, "seq"))
+            self._check_columns("messages", ("conversation_id", *(V2_MESSAGE_COLUMNS if version == 2 else
+                                                                  MESSAGE_COLUMNS), "seq"))
         self._wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         if version == 1:
             self._upgrade_from_v1()
+            return
+        if version == 2:
+            self._upgrade_from_v2()
             return
         # A write even when there is nothing to create: a read-only file fails here, not at the first save.
         with self._transaction():
@@ -388,11 +437,11 @@ class SQLiteStore(HistoryStore):
             raise CorruptStoreError(f"table {table} lacks columns {', '.join(missing)}")
 
     def _upgrade_from_v1(self) -> None:
-        """Schema 1 (turns by position) to 2 (a tree of messages), in place: first a copy of the file
-        beside it (``history.sqlite3.v1-backup``; kept, and not made again if it exists), then one
-        transaction: each turn, in position order, becomes a question and (unless it is pending) its
-        answer, each following the message before it; the leaf is the last; the turns table goes.
-        Raises :class:`UpgradeError` on any failure but damage, with the file as it was."""
+        """Schema 1 (turns by position) to today's (a tree of messages, with attachments), in place:
+        first a copy of the file beside it (``history.sqlite3.v1-backup``; kept, and not made again if
+        it exists), then one transaction: each turn, in position order, becomes a question and (unless
+        it is pending) its answer, each following the message before it; the leaf is the last; the
+        turns table goes. Raises :class:`UpgradeError` on any failure but damage, with the file as it was."""
         path = Path(self.path)
         saved = _companion(path, V1_BACKUP)
         if not saved.exists():
@@ -423,6 +472,21 @@ class SQLiteStore(HistoryStore):
                                "it was left as it was") from exc
         log.info("Upgraded the history file %s to schema version %d (%d turns); the old file is kept as %s",
                  path, SCHEMA_VERSION, len(rows), saved)
+
+    def _upgrade_from_v2(self) -> None:
+        """Schema 2 to 3, in place, in one transaction: messages get their (empty) ``attachments``
+        and its index. No copy first: nothing is rewritten, and a failure rolls it all back. Raises
+        :class:`UpgradeError` on any failure but damage (a read-only file), with the file as it was."""
+        try:
+            with self._transaction() as conn:
+                _run(conn, UPGRADE_FROM_V2)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:  # rolled back
+            if isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc):
+                raise
+            raise UpgradeError(f"could not upgrade it from schema version 2 ({type(exc).__name__}: {exc}); "
+                               "it was left as it was") from exc
+        log.info("Upgraded the history file %s from schema version 2 to %d", self.path, SCHEMA_VERSION)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -522,6 +586,17 @@ class SQLiteStore(HistoryStore):
         values["params"] = json.loads(values["params"])
         return ConversationRecord(**values, messages=[_message_from_row(m) for m in messages], leaf=row[-1])
 
+    def owns_attachment(self, owner: str, sha256: str) -> bool:
+        if not is_digest(sha256):
+            return False
+        with self._lock:
+            return self._conn.execute(_OWNS_ATTACHMENT, {"owner": owner, "sha256": sha256}).fetchone() is not None
+
+    def referenced_attachments(self) -> set[str]:
+        with self._lock:
+            rows = self._conn.execute(_REFERENCED_ATTACHMENTS).fetchall()
+        return {sha256 for (sha256,) in rows if isinstance(sha256, str)}
+
     # -- writes --------------------------------------------------------------------------
     def save_message(self, meta: ConversationMeta, message: MessageRecord, *, leaf: bool = True) -> bool:
         return self._save(meta, message, _UPSERT_CONVERSATION, _SET_LEAF if leaf else None)
@@ -618,6 +693,7 @@ def _meta_row(meta: ConversationMeta) -> dict[str, Any]:
 def _message_row(conversation_id: str, message: MessageRecord) -> dict[str, Any]:
     row = {name: getattr(message, name) for name in MESSAGE_COLUMNS if name != "parent_id"}
     row["outputs"] = json.dumps(message.outputs, ensure_ascii=False)
+    row["attachments"] = json.dumps([dataclasses.asdict(a) for a in message.attachments], ensure_ascii=False)
     return {"conversation_id": conversation_id, "parent_id": message.parent, **row}
 
 
@@ -625,6 +701,8 @@ def _message_from_row(row: tuple[Any, ...]) -> MessageRecord:
     values = dict(zip(MESSAGE_COLUMNS, row))
     values["parent"] = values.pop("parent_id")
     values["outputs"] = json.loads(values["outputs"])
+    values["attachments"] = [Attachment(**{k: v for k, v in item.items() if k in ATTACHMENT_FIELDS})
+                             for item in json.loads(values["attachments"])]
     for flag in _FLAGS:
         values[flag] = bool(values[flag])
     return MessageRecord(**values)
@@ -921,7 +999,7 @@ def _copy(source: Path, target: Path) -> int:
             if check != ["ok"]:
                 raise BackupError(f"the history file {source} is damaged: " + "; ".join(map(str, check[:3])))
             tables = {row[0] for row in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if "conversations" not in tables or not tables & {"messages", "turns"}:  # schema 2, or 1
+            if "conversations" not in tables or not tables & {"messages", "turns"}:  # schema 2 or 3, or 1
                 raise BackupError(f"{source} is not a history file (it has no conversations table)")
             return dst.execute("SELECT count(*) FROM conversations").fetchone()[0]
         finally:

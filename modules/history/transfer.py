@@ -1,15 +1,22 @@
 """Export and import of conversations: Markdown to read, JSON to move between installs.
 
-The JSON export (``to_json``, version 2) keeps everything a :class:`ConversationRecord`
+The JSON export (``to_json``, version 3) keeps everything a :class:`ConversationRecord`
 holds except its id and owner: every message of every branch, in the order first
-saved, with its ``id`` and ``parent``, and the ``leaf`` of the branch viewed; and
-``from_json`` reads it back exactly (times are ISO 8601 in UTC, with as many
+saved, with its ``id`` and ``parent``, and the ``leaf`` of the branch viewed; each
+question's attached files go inline, their bytes in base64 (``{"name", "mime", "size",
+"kind", "width", "height", "tokens", "sha256", "data"}``, in its ``"attachments"``). And
+``import_json`` reads it back exactly (times are ISO 8601 in UTC, with as many
 fractional digits as the float needs; message ids are kept, as they need only be
-unique within the conversation). ``from_json`` also takes a version-1 export (one
-branch, no ids) and a plain OpenAI-style list of ``{"role", "content"}`` messages,
-each as one chain of messages. It trusts nothing in the file: sizes, shapes and
-the tree are checked, and the record's id and owner always come from the caller.
-The Markdown export is the branch viewed.
+unique within the conversation): the record, and the bytes of its files, which
+``save_import`` keeps (``AttachmentFiles.put``) before the record is stored. It also
+takes a version-2 export (no attachments), a version-1 export (one branch, no ids)
+and a plain OpenAI-style list of ``{"role", "content"}`` messages, each as one chain
+of messages. It trusts nothing in the file: sizes, shapes, the tree and each file
+(its base64, size, digest, name and type) are checked, and the record's id and owner
+always come from the caller. A file is at most 5 MB (``MAX_BYTES``) without the data
+of its attachments, 100 MB (``MAX_BYTES_WITH_ATTACHMENTS``) with it: the caller reads
+and parses it off the event loop. The Markdown export is the branch viewed, each
+question's files listed by name (📎), none embedded.
 
 ``write_export`` puts a file under a random folder of the exports folder (which
 the web server serves), with a name made safe by ``safe_filename``.
@@ -17,7 +24,10 @@ the web server serves), with a name made safe by ``safe_filename``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -28,20 +38,25 @@ import unicodedata
 from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from modules.core.accounting import format_cost
-from modules.history.records import ConversationRecord, MessageRecord, TurnRecord, chain
+from modules.history.attachments import is_digest, known_mime
+from modules.history.records import Attachment, ConversationRecord, MessageRecord, TurnRecord, chain
 from modules.history.store import tree_problem
 from modules.history.titles import clean_title
 from modules.providers.validation import first_problem
 
 FORMAT = "chuanhustylechat.conversation"
-VERSION = 2
-MAX_BYTES = 5 * 1024 * 1024
+VERSION = 3
+MAX_BYTES = 5 * 1024 * 1024  # a file, but for the data of its attachments
+MAX_BYTES_WITH_ATTACHMENTS = 100 * 1024 * 1024  # a file, the data of its attachments and all
 MAX_MESSAGES = 10_000
+MAX_ATTACHMENTS = 100  # files on one message
+MAX_NAME_CHARS = 255  # of an attached file's name
 DEFAULT_TITLE = "Imported conversation"
 FILENAME_LENGTH = 80
 EXPORT_MAX_AGE = 24 * 3600.0  # seconds an export folder is kept
@@ -49,6 +64,11 @@ EXPORT_MAX_AGE = 24 * 3600.0  # seconds an export folder is kept
 
 class ImportProblem(ValueError):
     """The file cannot be imported; the message says why, in one English sentence."""
+
+
+class ExportProblem(ValueError):
+    """The conversation cannot be exported (a file it attaches is missing or damaged); the message
+    says which, in one English sentence."""
 
 
 # -- times -----------------------------------------------------------------------------------
@@ -80,21 +100,29 @@ def parse_time(text: str) -> float:
 
 
 # -- export ----------------------------------------------------------------------------------
-def to_json(record: ConversationRecord) -> str:
-    """The conversation as a ChuanhuStyleChat export (no id, no owner): its whole tree."""
+def to_json(record: ConversationRecord, read: Callable[[str], bytes] | None = None) -> str:
+    """The conversation as a ChuanhuStyleChat export (no id, no owner): its whole tree, with the
+    bytes of each question's files, which ``read`` gives by their digest (``AttachmentFiles.read``).
+
+    ``read`` may be left out for a conversation that attaches nothing. Raises :class:`ExportProblem`
+    when a file is missing (``read`` raises FileNotFoundError) or is not the one recorded.
+    """
     document = {
         "format": FORMAT, "version": VERSION, "title": record.title, "model": record.model,
         "system_prompt": record.system_prompt, "parameters": record.params,
         "created_at": iso_time(record.created_at), "updated_at": iso_time(record.updated_at),
-        "leaf": record.leaf, "messages": [_message_json(m) for m in record.messages],
+        "leaf": record.leaf, "messages": [_message_json(m, f"messages[{i}]", read)
+                                          for i, m in enumerate(record.messages)],
     }
     return json.dumps(document, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
 
 
-def _message_json(message: MessageRecord) -> dict[str, Any]:
+def _message_json(message: MessageRecord, where: str, read: Callable[[str], bytes] | None) -> dict[str, Any]:
     head = {"id": message.id, "parent": message.parent, "role": message.role, "content": message.content}
     if message.role == "user":
-        return {**head, "tokens": message.tokens, "created_at": iso_time(message.created_at)}
+        return {**head, "tokens": message.tokens, "created_at": iso_time(message.created_at),
+                "attachments": [_attachment_json(a, f"{where}.attachments[{j}]", read)
+                                for j, a in enumerate(message.attachments)]}
     return {
         **head, "reasoning": message.reasoning, "outputs": message.outputs, "status": message.status,
         "error": message.error, "finish_reason": message.finish_reason, "model": message.model,
@@ -104,6 +132,21 @@ def _message_json(message: MessageRecord) -> dict[str, Any]:
         "edited": message.edited, "created_at": iso_time(message.created_at),
         "finished_at": None if message.finished_at is None else iso_time(message.finished_at),
     }
+
+
+def _attachment_json(attachment: Attachment, where: str, read: Callable[[str], bytes] | None) -> dict[str, Any]:
+    if read is None:
+        raise TypeError("to_json needs read() to export a conversation with attachments")
+    what = f"{where}: the file {attachment.name!r}"
+    try:
+        data = read(attachment.sha256)
+    except FileNotFoundError:
+        raise ExportProblem(f"{what} is missing from the attachments folder") from None
+    if len(data) != attachment.size or hashlib.sha256(data).hexdigest() != attachment.sha256:
+        raise ExportProblem(f"{what} is damaged (its bytes are not the ones attached)")
+    return {"name": attachment.name, "mime": attachment.mime, "size": attachment.size, "kind": attachment.kind,
+            "width": attachment.width, "height": attachment.height, "tokens": attachment.tokens,
+            "sha256": attachment.sha256, "data": base64.b64encode(data).decode("ascii")}
 
 
 def to_markdown(record: ConversationRecord) -> str:
@@ -122,10 +165,19 @@ def to_markdown(record: ConversationRecord) -> str:
                       "one last viewed. The JSON export holds them all.*")
     if record.system_prompt:
         blocks.append("**System prompt**\n\n" + "\n".join("> " + line for line in record.system_prompt.splitlines()))
+    attachments = {m.id: m.attachments for m in record.messages if m.attachments}
     for turn in record.turns:
-        blocks += ["### User", turn.user, "### Assistant"]
+        blocks += ["### User", turn.user]
+        if attachments.get(turn.question_id):
+            blocks.append("\n".join(f"- 📎 {_markdown_name(a.name)}" for a in attachments[turn.question_id]))
+        blocks.append("### Assistant")
         blocks += _markdown_reply(turn)
     return "\n\n".join(blocks) + "\n"
+
+
+def _markdown_name(name: str) -> str:
+    """A file's name as Markdown text: on one line, its markup characters escaped."""
+    return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", " ".join(name.split())) or "(no name)"
 
 
 def _markdown_reply(turn: TurnRecord) -> list[str]:
@@ -173,8 +225,27 @@ def _message_id(value: str) -> str:
     return value
 
 
+def _file_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if "/" in value or "\\" in value or value.strip() in (".", ".."):
+        raise ValueError("must be a file name, not a path")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value):
+        raise ValueError("must be a file name without control characters")
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"must be at most {MAX_NAME_CHARS} characters")
+    return value
+
+
+def _digest(value: str) -> str:
+    if not is_digest(value):
+        raise ValueError("must be a SHA-256 digest: 64 lowercase hex digits")
+    return value
+
+
 Time = Annotated[float, BeforeValidator(_time_value)]
 Count = Annotated[int, Field(ge=0)]
+Pixels = Annotated[int, Field(ge=1)]
 MessageId = Annotated[str, AfterValidator(_message_id)]
 
 
@@ -238,14 +309,69 @@ class _AssistantNode(_Node, _AssistantMessage):
     created_at: Time | None = None
 
 
+class _AttachedFile(_Strict):  # version 3: a file of a question, its bytes inline
+    name: Annotated[str, AfterValidator(_file_name)]
+    mime: str
+    size: Count
+    kind: Literal["image", "document"]
+    width: Pixels | None = None
+    height: Pixels | None = None
+    tokens: Count | None = None
+    sha256: Annotated[str, AfterValidator(_digest)]
+    data: str  # base64
+
+
+class _QuestionNode(_UserNode):  # version 3
+    attachments: list[Any] = Field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Imported:
+    """What an export gives: the conversation, and the bytes of the files it attaches by their digest
+    (each checked against it), to be kept before the record is stored (:func:`save_import`)."""
+
+    record: ConversationRecord
+    files: dict[str, bytes]
+
+
+class _Files(Protocol):
+    def put(self, data: bytes) -> str: ...
+
+
+class _Importer(Protocol):
+    def import_record(self, record: ConversationRecord) -> None: ...
+
+
 def from_json(text: str | bytes, *, owner: str, new_id: str) -> ConversationRecord:
-    """A conversation from an export (or an OpenAI-style message list), owned by ``owner`` with id ``new_id``.
+    """A conversation from an export (or an OpenAI-style message list), owned by ``owner`` with id ``new_id``;
+    the bytes of the files it attaches are left out (:func:`import_json` gives them).
 
     Raises :class:`ImportProblem` saying what is wrong with the file.
     """
+    return import_json(text, owner=owner, new_id=new_id).record
+
+
+def save_import(store: _Importer, files: _Files, imported: Imported) -> None:
+    """Keep the imported files (``files.put``), then store the conversation (``store.import_record``,
+    which raises ValueError if its id is taken). Blocking: call it off the event loop. Files kept for
+    a conversation that is then not stored are unreferenced: ``attachments.collect`` removes them."""
+    for sha256, data in imported.files.items():
+        if files.put(data) != sha256:  # cannot happen: import_json checked each digest
+            raise ValueError(f"the imported file {sha256} changed")
+    store.import_record(imported.record)
+
+
+def import_json(text: str | bytes, *, owner: str, new_id: str) -> Imported:
+    """A conversation from an export (or an OpenAI-style message list), owned by ``owner`` with id ``new_id``,
+    and the bytes of the files its questions attach (a version-3 export's), by digest.
+
+    Raises :class:`ImportProblem` saying what is wrong with the file: its size, its JSON, its shape, its
+    tree, or one of its files (``messages[i].attachments[j]``: not base64, not its size, not its
+    digest, a name that is a path, an unknown type, more than ``MAX_ATTACHMENTS`` on a message).
+    """
     data = _load_json(text)
     if isinstance(data, list):
-        return _from_message_list(data, owner=owner, new_id=new_id)
+        return Imported(_from_message_list(data, owner=owner, new_id=new_id), {})
     if not isinstance(data, dict):
         raise ImportProblem("not a ChuanhuStyleChat conversation export (expected a JSON object or a list of messages)")
     if "format" not in data:
@@ -266,24 +392,32 @@ def from_json(text: str | bytes, *, owner: str, new_id: str) -> ConversationReco
     if not isinstance(items, list):
         raise ImportProblem("messages: must be a list")
     created = header.created_at if header.created_at is not None else time.time()
+    files: dict[str, bytes] = {}
     if version == 1:  # one branch, no ids
         messages = chain(_turns(list(enumerate(items)), default_time=created))
         leaf = messages[-1].id if messages else None
     else:
-        messages, leaf = _tree(items, default_time=created), header.leaf
+        messages, leaf = _tree(items, default_time=created, files=files if version >= 3 else None), header.leaf
         problem = tree_problem(messages, leaf)
         if problem is not None:
             raise ImportProblem(f"{problem[0]}: {problem[1]}")
-    return ConversationRecord(
+    record = ConversationRecord(
         id=new_id, owner=owner, title=clean_title(header.title, DEFAULT_TITLE), model=header.model,
         system_prompt=header.system_prompt, params=header.parameters, created_at=created,
         updated_at=header.updated_at if header.updated_at is not None else created, messages=messages, leaf=leaf)
+    return Imported(record, files)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size // (1024 * 1024)} MB"
 
 
 def _load_json(text: str | bytes) -> Any:
     raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
-    if len(raw) > MAX_BYTES:
-        raise ImportProblem(f"file is larger than {MAX_BYTES // (1024 * 1024)} MB")
+    if len(raw) > MAX_BYTES_WITH_ATTACHMENTS:
+        raise ImportProblem(f"file is larger than {_megabytes(MAX_BYTES_WITH_ATTACHMENTS)}")
+    if len(raw) > MAX_BYTES and b'"attachments"' not in raw:  # the limit of a file without attachments, at once
+        raise ImportProblem(f"file is larger than {_megabytes(MAX_BYTES)}")
     try:
         decoded = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -303,7 +437,19 @@ def _load_json(text: str | bytes) -> Any:
     messages = data if isinstance(data, list) else data.get("messages") if isinstance(data, dict) else None
     if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
         raise ImportProblem(f"too many messages ({len(messages)}; at most {MAX_MESSAGES})")
+    if len(raw) > MAX_BYTES:  # only the data of attachments may take it past the limit
+        inline = _attachment_data_size(messages) if isinstance(messages, list) else 0
+        if len(raw) - inline > MAX_BYTES:
+            raise ImportProblem(f"file is larger than {_megabytes(MAX_BYTES)}"
+                                + (" without the data of its attachments" if inline else ""))
     return data
+
+
+def _attachment_data_size(messages: list[Any]) -> int:
+    """The characters of every attachment's base64 ``data`` (ASCII, when it is base64: one byte each)."""
+    return sum(len(item["data"]) for message in messages if isinstance(message, dict)
+               and isinstance(message.get("attachments"), list) for item in message["attachments"]
+               if isinstance(item, dict) and isinstance(item.get("data"), str))
 
 
 def _reject_constant(name: str) -> Any:
@@ -373,8 +519,9 @@ def _turns(messages: list[tuple[int, Any]], *, default_time: float) -> list[Turn
     return turns
 
 
-def _tree(items: list[Any], *, default_time: float) -> list[MessageRecord]:
-    """The messages of a version-2 export, each checked (the tree they make is checked after)."""
+def _tree(items: list[Any], *, default_time: float, files: dict[str, bytes] | None) -> list[MessageRecord]:
+    """The messages of a version-2 or 3 export, each checked (the tree they make is checked after).
+    With ``files`` (version 3), the questions' attachments: their bytes go to ``files``."""
     messages: list[MessageRecord] = []
     for index, item in enumerate(items):
         where = f"messages[{index}]"
@@ -382,8 +529,10 @@ def _tree(items: list[Any], *, default_time: float) -> list[MessageRecord]:
             raise ImportProblem(f"{where}: must be an object")
         role = item.get("role")
         if role == "user":
-            user = _validate(_UserNode, item, where)
+            user = _validate(_UserNode if files is None else _QuestionNode, item, where)
+            attached = [] if files is None else _attachments(user.attachments, f"{where}.attachments", files)
             messages.append(MessageRecord(user.id, user.parent, "user", user.content, tokens=user.tokens,
+                                          attachments=attached,
                                           created_at=default_time if user.created_at is None else user.created_at))
         elif role == "assistant":
             reply = _validate(_AssistantNode, item, where)
@@ -393,6 +542,32 @@ def _tree(items: list[Any], *, default_time: float) -> list[MessageRecord]:
         else:
             raise ImportProblem(f"{where}.role: must be 'user' or 'assistant'")
     return messages
+
+
+def _attachments(items: list[Any], where: str, files: dict[str, bytes]) -> list[Attachment]:
+    """A question's files, each checked; their bytes go to ``files`` (by digest)."""
+    if len(items) > MAX_ATTACHMENTS:
+        raise ImportProblem(f"{where}[{MAX_ATTACHMENTS}]: one message may carry at most {MAX_ATTACHMENTS} files")
+    attached: list[Attachment] = []
+    for index, item in enumerate(items):
+        here = f"{where}[{index}]"
+        if not isinstance(item, dict):
+            raise ImportProblem(f"{here}: must be an object")
+        file = _validate(_AttachedFile, item, here)
+        if not known_mime(file.kind, file.mime):
+            raise ImportProblem(f"{here}.mime: {file.mime[:100]!r} is not a known type of {file.kind}")
+        try:
+            data = base64.b64decode(file.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImportProblem(f"{here}.data: not valid base64") from None
+        if len(data) != file.size:
+            raise ImportProblem(f"{here}.size: {file.size} bytes, but its data is {len(data)} bytes")
+        if hashlib.sha256(data).hexdigest() != file.sha256:
+            raise ImportProblem(f"{here}.sha256: not the digest of its data (the file is damaged)")
+        files[file.sha256] = data
+        attached.append(Attachment(file.sha256, file.name, file.mime, file.size, file.kind,
+                                   width=file.width, height=file.height, tokens=file.tokens))
+    return attached
 
 
 def _answer_details(reply: _AssistantMessage) -> dict[str, Any]:
@@ -435,14 +610,16 @@ def safe_filename(title: str, ext: str) -> str:
     return f"{name}.{ext}"
 
 
-def write_export(exports_dir: Path, record: ConversationRecord, fmt: Literal["md", "json"]) -> Path:
+def write_export(exports_dir: Path, record: ConversationRecord, fmt: Literal["md", "json"],
+                 read: Callable[[str], bytes] | None = None) -> Path:
     """Write the conversation to a new random folder under ``exports_dir``; the file's resolved path.
+    ``read``: the bytes of an attached file by its digest, for JSON (see :func:`to_json`).
 
     Also removes export folders older than a day.
     """
     if fmt not in ("md", "json"):
         raise ValueError(f"unknown export format {fmt!r}")
-    text = to_markdown(record) if fmt == "md" else to_json(record)
+    text = to_markdown(record) if fmt == "md" else to_json(record, read)
     exports_dir = Path(exports_dir)
     exports_dir.mkdir(parents=True, exist_ok=True)
     prune_exports(exports_dir)
