@@ -177,3 +177,10 @@ def test_an_unknown_detail_is_refused(app):
     error = refused(client, [{"role": "user", "content": [image_part(data_url(png()), detail="huge")]}])
     assert "detail" in error.message
     assert fake.requests == []
+
+
+def test_an_image_url_part_without_image_url_is_refused(app):
+    fake, client = app
+    error = refused(client, [{"role": "user", "content": [{"type": "text", "text": "?"}, {"type": "image_url"}]}])
+    assert "messages[0].content[1] is an image_url part without image_url" in error.message
+    assert fake.requests == []

@@ -161,7 +161,10 @@ def _parse(index: int, message: ChatMessageIn) -> _Parsed:
                 raise Problem(400, f"{where}[{j}] is a text part without text.", code="invalid_parameter",
                               param=where)
             texts.append(part.text)
-        elif part.type == "image_url" and part.image_url is not None:
+        elif part.type == "image_url":
+            if part.image_url is None:
+                raise Problem(400, f"{where}[{j}] is an image_url part without image_url.",
+                              code="invalid_parameter", param=where)
             if role != "user":
                 raise Problem(400, f"{where}[{j}] is an image in a {message.role} message; only user messages "
                                    "may have images.", code="invalid_parameter", param=where)
@@ -194,10 +197,11 @@ def _image_from_data_url(url: str, where: str) -> Image:
     header, comma, payload = url[len("data:"):].partition(",")
     mime, *params = [piece.strip().lower() for piece in header.split(";")]
     if not comma or not params or params[-1] != "base64":
-        raise Problem(400, f"{where}: the data URL is not base64; send data:{mime or 'image/png'};base64,...",
+        raise Problem(400, f"{where}: the data URL is not base64; send data:image/png;base64,... (or the "
+                           "image's own type)",
                       code="invalid_parameter", param=param)
     if not mime.startswith("image/") or mime == "image/":
-        raise Problem(400, f"{where}: the data URL is of type {mime or 'none'!r}, not an image.",
+        raise Problem(400, f"{where}: the data URL is of type {mime[:40] or 'none'!r}, not an image.",
                       code="invalid_parameter", param=param)
     try:
         data = base64.b64decode(payload.translate(_WHITESPACE), validate=True)
