@@ -178,16 +178,17 @@ class ApiChat:
         return repair(text)
 
     def question(self, messages: list[Message], where: str) -> list[Message]:
-        """``messages`` whose last user message (the question) is not blank; else a 400."""
+        """``messages`` whose last user message (the question) is not blank (text or images); else a 400."""
         last = next((m for m in reversed(messages) if m.role == "user"), None)
-        if last is None or not last.content.strip():
+        if last is None or not (last.content.strip() or last.images):
             what = "there is no user message" if last is None else "the last user message is empty"
             raise Problem(400, f"Nothing to answer: {what}.", code="invalid_request", param=where)
         return messages
 
     def clean(self, messages: list[Message], where: str) -> list[Message]:
         """Every message's text checked by :meth:`text`, and the question by :meth:`question`."""
-        out = [Message(m.role, self.text(m.content, f"{where}[{i}]"), m.outputs) for i, m in enumerate(messages)]
+        out = [Message(m.role, self.text(m.content, f"{where}[{i}]"), m.outputs, m.images)
+               for i, m in enumerate(messages)]
         return self.question(out, where)
 
     def with_system(self, messages: list[Message], system: str | None = None) -> list[Message]:

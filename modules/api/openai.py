@@ -4,13 +4,22 @@ usage chunk on ``stream_options.include_usage``) or one ``chat.completion`` obje
 
 A model's id is its display name. ``usage`` is the reply's settled counts (the upstream's
 usage when it sent one, else tiktoken's of the fitted request and the reply).
+
+Images: a user message's ``image_url`` parts, as data URLs (``data:image/png;base64,...``), for a
+model that sees images (``vision``); each is decoded, checked and scaled down to the model's
+limit (:func:`_image_from_data_url`, with ``modules.core.images``) before the model gets it.
+Remote (``http(s)://``) URLs are refused, not fetched: the app works offline. Every refusal is
+a 400 whose sentence names the part (``messages[i].content[j]``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 import uuid
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -20,7 +29,9 @@ from starlette.responses import JSONResponse, Response
 from modules.api.common import AddRoute, ApiChat, Problem, data, error_body, news, ping
 from modules.api.schemas import EVENT_STREAM, ChatCompletionRequest, ChatMessageIn, ModelCard, ModelList, OpenAIError
 from modules.core.streaming import Counts, Reply, ReplyRun
-from modules.providers import ChatModel, Message
+from modules.providers import ChatModel, Image, Message
+
+_WHITESPACE = str.maketrans("", "", " \t\r\n")  # base64 wrapped over lines is still base64
 
 
 class OpenAI:
@@ -65,7 +76,13 @@ class OpenAI:
         if body.tools:
             raise Problem(400, "Tools (function calling) are not supported.", code="invalid_parameter",
                           param="tools")
-        messages = gw.clean([_message(i, m) for i, m in enumerate(body.messages)], "messages")
+        parsed = [_parse(i, m) for i, m in enumerate(body.messages)]
+        seeing = next((p for p in parsed if p.images), None)
+        if seeing is not None and not model.vision:  # before any image is decoded
+            raise Problem(400, f"The model {model.name!r} cannot see images ({seeing.where} has one): send "
+                               "text only, or choose a model that sees images.", code="invalid_parameter",
+                          param=seeing.where)
+        messages = gw.clean([p.message() for p in parsed], "messages")
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         options = gw.options(
             model, temperature=body.temperature, top_p=body.top_p,
@@ -117,17 +134,91 @@ class OpenAI:
         yield data("[DONE]")
 
 
-def _message(index: int, message: ChatMessageIn) -> Message:
+@dataclass(slots=True)
+class _Parsed:
+    """One message of a request: its role and text, and its image parts (where, data URL) not yet decoded."""
+
+    where: str
+    role: Any
+    text: str
+    images: list[tuple[str, str]] = field(default_factory=list)
+
+    def message(self) -> Message:
+        return Message(self.role, self.text, images=tuple(_image_from_data_url(url, where)
+                                                         for where, url in self.images))
+
+
+def _parse(index: int, message: ChatMessageIn) -> _Parsed:
     role = "system" if message.role == "developer" else message.role
+    where = f"messages[{index}].content"
     if message.content is None or isinstance(message.content, str):
-        return Message(role, message.content or "")
+        return _Parsed(where, role, message.content or "")
+    parsed = _Parsed(where, role, "")
     texts = []
-    for part in message.content:
-        if part.type != "text" or part.text is None:
-            raise Problem(400, f"Only text content is supported (messages[{index}] has a {part.type!r} part).",
-                          code="invalid_parameter", param=f"messages[{index}].content")
-        texts.append(part.text)
-    return Message(role, "".join(texts))
+    for j, part in enumerate(message.content):
+        if part.type == "text":
+            if part.text is None:
+                raise Problem(400, f"{where}[{j}] is a text part without text.", code="invalid_parameter",
+                              param=where)
+            texts.append(part.text)
+        elif part.type == "image_url":
+            if part.image_url is None:
+                raise Problem(400, f"{where}[{j}] is an image_url part without image_url.",
+                              code="invalid_parameter", param=where)
+            if role != "user":
+                raise Problem(400, f"{where}[{j}] is an image in a {message.role} message; only user messages "
+                                   "may have images.", code="invalid_parameter", param=where)
+            url = part.image_url.url.strip()
+            _refuse_unless_data_url(url, f"{where}[{j}]", where)
+            parsed.images.append((f"{where}[{j}]", url))
+        else:
+            raise Problem(400, f"Only text and image_url parts are supported ({where}[{j}] is a {part.type!r} "
+                               "part).", code="invalid_parameter", param=where)
+    parsed.text = "".join(texts)
+    return parsed
+
+
+def _refuse_unless_data_url(url: str, where: str, param: str) -> None:
+    """The cheap checks of an image URL, before the model is asked whether it sees images."""
+    if url[:8].lower().startswith(("http://", "https://")):
+        raise Problem(400, f"{where}: remote image URLs are not fetched; send the image as a data URL "
+                           "(data:image/png;base64,...).", code="invalid_parameter", param=param)
+    if not url[:5].lower() == "data:":
+        raise Problem(400, f"{where}: the image URL is not a data URL; send the image as "
+                           "data:image/png;base64,...", code="invalid_parameter", param=param)
+
+
+def _image_from_data_url(url: str, where: str) -> Image:
+    """The image of a data URL as a model gets it: decoded, checked and scaled down to the
+    model's limit by ``modules.core.images``; a Problem (400) whose sentence names ``where``
+    when it is not a base64 data URL of an image the app can read."""
+    param = where.rpartition("[")[0]  # messages[i].content
+    _refuse_unless_data_url(url, where, param)
+    header, comma, payload = url[len("data:"):].partition(",")
+    mime, *params = [piece.strip().lower() for piece in header.split(";")]
+    if not comma or not params or params[-1] != "base64":
+        raise Problem(400, f"{where}: the data URL is not base64; send data:image/png;base64,... (or the "
+                           "image's own type)",
+                      code="invalid_parameter", param=param)
+    if not mime.startswith("image/") or mime == "image/":
+        raise Problem(400, f"{where}: the data URL is of type {mime[:40] or 'none'!r}, not an image.",
+                      code="invalid_parameter", param=param)
+    try:
+        data = base64.b64decode(payload.translate(_WHITESPACE), validate=True)
+    except (binascii.Error, ValueError):
+        raise Problem(400, f"{where}: the data URL's base64 does not decode.", code="invalid_parameter",
+                      param=param) from None
+    if not data:
+        raise Problem(400, f"{where}: the image is empty.", code="invalid_parameter", param=param)
+    from modules.core import images  # (the page's own checks and scaling)
+
+    try:
+        images.inspect_image(data)
+        return images.for_model("", data, max_long=images.OPENAI_LIMIT[0], max_short=images.OPENAI_LIMIT[1])
+    except images.ImageProblem as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        raise Problem(400, f"{where} is not an image the app can use: {reason}", code="invalid_parameter",
+                      param=param) from None
 
 
 def _usage(reply: Reply) -> dict[str, int]:

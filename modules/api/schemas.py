@@ -13,18 +13,28 @@ EVENT_STREAM = "text/event-stream"
 
 
 # -- request bodies -------------------------------------------------------------------------------
-class TextPart(BaseModel):
-    """A part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str = Field(description="The image as a data URL, data:image/png;base64,... (remote URLs are not fetched).")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted; images are sent with 'auto'.")
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content: ``{"type": "text", "text": ...}``, or on a user message
+    ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,...", "detail": "auto"}}``."""
 
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"] = Field(description="'developer' is sent as 'system'.")
-    content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts.")
+    content: str | list[ContentPart] | None = Field(
+        None, description="Text, or a list of parts: text, and images (data URLs) on user messages "
+                          "for a model that sees images.")
 
 
 class StreamOptions(BaseModel):

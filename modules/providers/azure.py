@@ -6,7 +6,9 @@ token from azure-identity's credential chain (an optional dependency). The
 stream is OpenAI's, plus a first chunk with empty ``choices`` (the prompt
 filter results), which the OpenAI adapter already skips, and
 ``finish_reason: "content_filter"``, which it reports as a ContentFilterError
-after the text that came before.
+after the text that came before. Images go as OpenAI content parts, as there; whether a
+deployment sees them (``vision`` unset) is told by its name, which usually is the model's
+(``gpt-4o-prod`` does): set ``vision`` when it is not.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from . import errors
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -141,12 +143,18 @@ class ModelConfig(BaseModel):
     name: str = Field(min_length=1, description="Display name in the model dropdown.")
     context_size: int = Field(8192, ge=256, description="Context window in tokens.")
     price: Price | None = Field(None, description="Price per million tokens; without one, costs show 'price unknown'.")
+    vision: bool | None = Field(None, description=(
+        "Whether the model sees images attached to a message. None: the provider's default (OpenAI and "
+        "Azure: true for OpenAI's vision models, ids starting with gpt-4o, gpt-4.1, gpt-4-turbo, gpt-5, o1, "
+        "o3 or o4; Promptflow: true when image_input is set; LangChain and the embedded model: false)."))
 
 
 class ChatModel(abc.ABC):
     """A configured model. Subclasses set ``Config`` and implement ``stream``."""
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    # How a user makes the model see images, said when it refuses them ("" where no setting does).
+    vision_hint: ClassVar[str] = "set vision: true in its config entry if it can"
 
     def __init__(self, config: ModelConfig):
         self.config = config
@@ -169,6 +177,23 @@ class ChatModel(abc.ABC):
         """True when, given messages that end with an assistant message, the model continues that
         message (its deltas extend it) instead of answering anew. False by default."""
         return False
+
+    @property
+    def vision(self) -> bool:
+        """True when the model sees images (a user message's :attr:`Message.images`): the entry's
+        ``vision`` when set, else the provider's default (:meth:`default_vision`)."""
+        return self.config.vision if self.config.vision is not None else self.default_vision()
+
+    def default_vision(self) -> bool:
+        """Whether the model sees images when its entry does not say: False unless a provider knows better."""
+        return False
+
+    def refuse_images(self, messages: list[Message]) -> None:
+        """Raise a BadRequestError naming the model when it cannot see images and a message has some.
+        The callers check before; this is the adapter's own defence."""
+        if not self.vision and any(m.images for m in messages):
+            hint = f" ({self.vision_hint})" if self.vision_hint else ""
+            raise errors.BadRequestError(f"the model {self.name!r} cannot see images{hint}")
 
     def secrets(self) -> list[str]:
         """Every secret value of this model, so that messages can be scrubbed."""

@@ -11,6 +11,8 @@ assistant message, the earlier ones are rendered with the model's own chat
 template (GGUF ``tokenizer.chat_template``) up to the assistant header, the
 partial answer is appended verbatim (no end-of-turn token), and the model
 completes that prompt (:func:`continuation_prompt`).
+
+It sees no images (``vision`` is always false): a message with images is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from . import bridge, errors, register
 from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
@@ -69,11 +71,19 @@ class EmbeddedModelConfig(ModelConfig):
     default_max_tokens: int = Field(1024, ge=1, description="Output cap when the user sets none.")
     temperature: float = Field(0.3, ge=0, le=2, description="Temperature when the user sets none.")
 
+    @field_validator("vision")
+    @classmethod
+    def _sees_no_images(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("the embedded model cannot see images (it runs text-only models)")
+        return value
+
 
 @register("embedded")
 class EmbeddedChatModel(ChatModel):
     Config = EmbeddedModelConfig
     config: EmbeddedModelConfig
+    vision_hint = ""  # no setting makes it see them
 
     def __init__(self, config: EmbeddedModelConfig):
         super().__init__(config)
@@ -140,7 +150,12 @@ class EmbeddedChatModel(ChatModel):
                                      bos_token=special(llm.token_bos()), eos_token=special(llm.token_eos()))
         return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
 
+    @property
+    def vision(self) -> bool:
+        return False
+
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
+        self.refuse_images(messages)
         params = self._params(options)
         payload = [m.as_dict() for m in messages]
         continuing = bool(payload) and payload[-1]["role"] == "assistant"

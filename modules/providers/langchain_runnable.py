@@ -16,6 +16,11 @@ Tokens come one of two ways, because real chains use both:
   exception becomes the chat's error, and Stop cancels the task and makes the
   next token raise, so a chain running on a worker thread stops too.
 
+A model that sees images (``vision: true``, never the default: LangChain does not say which
+models do) gets a user message's images in its ``HumanMessage`` content as OpenAI-style parts,
+``[{"type": "text", ...}, {"type": "image_url", "image_url": {"url": "data:..."}}]``, which
+``ChatOpenAI`` and ``AzureChatOpenAI`` send as they are; that needs ``input: messages``.
+
 LangChain is imported on first use only: it is slow to import.
 """
 
@@ -78,6 +83,13 @@ class LangChainModelConfig(ModelConfig):
     def _one_source(self) -> "LangChainModelConfig":
         if (self.chat_model is None) == (self.factory is None):
             raise ValueError("set exactly one of chat_model or factory")
+        return self
+
+    @model_validator(mode="after")
+    def _images_have_a_place(self) -> "LangChainModelConfig":
+        if self.vision and self.input != "messages":
+            raise ValueError(f"vision: true needs input: messages (with input: {self.input} the question is "
+                             "text, so its images would have nowhere to go)")
         return self
 
 
@@ -190,8 +202,11 @@ class LangChainChatModel(ChatModel):
     def _input(self, messages: list[Message]) -> Any:
         from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
+        from .openai_compat import content_parts
+
         kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
-        as_langchain = [kinds[m.role](content=m.content) for m in messages]
+        as_langchain = [kinds[m.role](content=content_parts(m) if m.role == "user" and m.images else m.content)
+                        for m in messages]
         if self.config.input == "messages":
             return as_langchain
         question = messages[-1].content if messages else ""
@@ -214,6 +229,7 @@ class LangChainChatModel(ChatModel):
         return errors.ModelError(scrub(f"{type(exc).__name__}: {exc}", self.secrets()))
 
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
+        self.refuse_images(messages)
         try:
             runnable = self.runnable()
         except Exception as exc:  # the factory or class refused its arguments

@@ -7,6 +7,10 @@ retry is safe, within ``first_byte_timeout`` per attempt and ``retry_budget`` in
 all, with a ``Delta(retrying=...)`` before each. The streamed body is then read
 with httpx-sse and ``json.loads``: the SDK's per-chunk model parsing was most of
 the CPU per token once UI updates are coalesced.
+
+A user message with images (:attr:`Message.images`, for a model whose ``vision`` is on) is sent
+as OpenAI content parts: its text first (none when it is empty), then one ``image_url`` part per
+image with the image as a ``data:`` URL (:func:`content_parts`); every other message stays a string.
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ from httpx_sse import ServerSentEvent
 from pydantic import Field, SecretStr
 
 from . import errors, register, retry
-from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig, Usage
+from .base import ChatModel, Delta, GenerationOptions, Image, Message, ModelConfig, Usage
 from .sse import iter_events
 from .text import clip, scrub
 
 MAX_CHUNK_DETAIL = 80  # characters of an unreadable chunk kept as detail
+IMAGE_DETAIL = "auto"  # the image_url part's detail: the server picks the resolution
+
+# OpenAI's models that see images, by the start of their id (the built-in openai.models are all
+# such), and the few text-only ones among them.
+VISION_MODELS = ("gpt-4o", "gpt-4.1", "gpt-4-turbo", "gpt-5", "o1", "o3", "o4")
+TEXT_ONLY_MODELS = ("o1-mini", "o1-preview", "o3-mini", "gpt-4-turbo-preview")
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,30 @@ class OpenAIModelConfig(HTTPModelConfig):
     @property
     def upstream_model(self) -> str:
         return self.model or self.name
+
+
+def sees_images(model_id: str) -> bool:
+    """True for a known OpenAI vision model id (a gateway's ``vendor/`` prefix ignored)."""
+    name = model_id.strip().lower().rsplit("/", 1)[-1]
+    return name.startswith(VISION_MODELS) and not name.startswith(TEXT_ONLY_MODELS)
+
+
+def image_part(image: Image) -> dict[str, Any]:
+    """One image as an OpenAI ``image_url`` content part (a base64 ``data:`` URL)."""
+    return {"type": "image_url", "image_url": {"url": image.data_url(), "detail": IMAGE_DETAIL}}
+
+
+def content_parts(message: Message) -> list[dict[str, Any]]:
+    """A message with images as OpenAI content parts: its text (unless empty), then its images in order."""
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+    return parts + [image_part(image) for image in message.images]
+
+
+def wire_message(message: Message) -> dict[str, Any]:
+    """A message in the request body: a user message with images as content parts, any other as a string."""
+    if message.role == "user" and message.images:
+        return {"role": "user", "content": content_parts(message)}
+    return message.as_dict()
 
 
 def map_openai_error(exc: openai.OpenAIError, secrets: list[str]) -> errors.ModelError:
@@ -110,6 +144,9 @@ class OpenAIChatModel(ChatModel):
     def can_continue(self) -> bool:
         return self.config.continuation == "prefill"
 
+    def default_vision(self) -> bool:
+        return sees_images(self.model_id)
+
     # -- the parts a subclass (Azure) changes -------------------------------------------
     def _make_client(self) -> openai.AsyncOpenAI:
         cfg = self.config
@@ -128,7 +165,7 @@ class OpenAIChatModel(ChatModel):
     def _request_body(self, messages: list[Message], options: GenerationOptions) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model_id,
-            "messages": [m.as_dict() for m in messages],
+            "messages": [wire_message(m) for m in messages],
             "stream": True,
             **options.openai_params(),
         }
@@ -148,6 +185,7 @@ class OpenAIChatModel(ChatModel):
         return self._client
 
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
+        self.refuse_images(messages)
         body = self._request_body(messages, options)
         secrets = self.secrets()
 

@@ -7,6 +7,12 @@ with one key per flow input::
      "chat_history": [{"inputs": {"question": "..."},
                        "outputs": {"answer": "<whole answer>", "url": [...]}}, ...]}
 
+A flow with an image input (``image_input``, e.g. ``image`` of type ``image`` or ``list``) sees
+images (``vision``): the question's images go in that input in Promptflow's own image form,
+``{"data:image/png;base64": "<base64>"}`` for one image, a list of such for several
+(:func:`flow_images`); a question without images leaves the input out (give it a default in
+the flow). ``chat_history`` keeps the text of earlier turns only.
+
 :func:`to_chat_history` writes that history and :func:`from_chat_history` reads it back
 (the HTTP API's ``/score`` takes the same shape from its clients).
 
@@ -41,16 +47,17 @@ in all.
 
 from __future__ import annotations
 
+import base64
 import json
 from contextlib import AsyncExitStack, aclosing
 from typing import Any, AsyncIterator, Iterable, Literal, Mapping
 
 import httpx
 from httpx_sse import ServerSentEvent
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from . import errors, register, retry
-from .base import ChatModel, Delta, GenerationOptions, Message, ModelConfig
+from .base import ChatModel, Delta, GenerationOptions, Image, Message, ModelConfig
 from .sse import iter_events
 from .text import clip, scrub
 
@@ -72,6 +79,9 @@ class PromptflowModelConfig(ModelConfig):
     input_field: str = Field("question", min_length=1, description="The flow's chat input.")
     history_field: str = Field("chat_history", min_length=1, description="The flow's chat history input.")
     output_field: str = Field("answer", min_length=1, description="The flow's chat output.")
+    image_input: str | None = Field(None, min_length=1, description=(
+        "The flow input that receives the question's images (type image, or list for several), in "
+        "Promptflow's form {\"data:image/png;base64\": \"...\"}; None: the flow sees no images (vision is false)."))
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect.")
     first_byte_timeout: float = Field(30.0, gt=0, description="Seconds from sending the request until the "
                                                                "headers and the first event arrive; for a flow "
@@ -89,6 +99,15 @@ class PromptflowModelConfig(ModelConfig):
             raise ValueError("must be an http:// or https:// URL (the flow's scoring URL, e.g. .../score)")
         return value
 
+    @model_validator(mode="after")
+    def _images_have_an_input(self) -> "PromptflowModelConfig":
+        if self.vision and self.image_input is None:
+            raise ValueError("vision: true needs image_input, the flow input that receives the images")
+        if self.image_input is not None and self.image_input in (self.input_field, self.history_field):
+            raise ValueError(f"image_input {self.image_input!r} is also the flow's chat input or history: "
+                             "name the flow's image input")
+        return self
+
 
 @register("promptflow")
 class PromptflowChatModel(ChatModel):
@@ -100,6 +119,11 @@ class PromptflowChatModel(ChatModel):
     def __init__(self, config: PromptflowModelConfig):
         super().__init__(config)
         self._client: httpx.AsyncClient | None = None
+
+    vision_hint = "name the flow's image input as image_input in its config entry if it has one"
+
+    def default_vision(self) -> bool:
+        return self.config.image_input is not None
 
     # -- the request -------------------------------------------------------------------
     @property
@@ -126,10 +150,15 @@ class PromptflowChatModel(ChatModel):
         if last_user is None:
             raise errors.BadRequestError("there is no user message to send to the flow")
         history = to_chat_history(chat[:last_user], question=cfg.input_field, answer=cfg.output_field)
-        return {cfg.input_field: chat[last_user].content, cfg.history_field: history}
+        body: dict[str, Any] = {cfg.input_field: chat[last_user].content, cfg.history_field: history}
+        images = chat[last_user].images
+        if images and cfg.image_input is not None:  # (refuse_images has refused them otherwise)
+            body[cfg.image_input] = flow_images(images)
+        return body
 
     # -- the contract -------------------------------------------------------------------
     async def stream(self, messages: list[Message], options: GenerationOptions) -> AsyncIterator[Delta]:
+        self.refuse_images(messages)
         body = self.request_body(messages)
         secrets = self.secrets()
 
@@ -262,6 +291,17 @@ class PromptflowChatModel(ChatModel):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def flow_image(image: Image) -> dict[str, str]:
+    """One image as a Promptflow flow input: ``{"data:<mime>;base64": "<base64>"}``."""
+    return {f"data:{image.mime};base64": base64.b64encode(image.data).decode("ascii")}
+
+
+def flow_images(images: Iterable[Image]) -> dict[str, str] | list[dict[str, str]]:
+    """The value of a flow's image input: one image's dict, or a list of them for several."""
+    values = [flow_image(image) for image in images]
+    return values[0] if len(values) == 1 else values
 
 
 # -- chat_history: written here for a flow, read by the HTTP API's /score ------------------------------

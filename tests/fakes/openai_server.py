@@ -8,6 +8,12 @@ server that never answers (``stall``, ``stall_after_headers``). It records
 every request and when a client went away before the end (``disconnected``,
 ``disconnects``; ``stalled`` is set when a stalling request has arrived).
 
+Messages are checked as OpenAI checks them (images stricter: data URLs only, as the app sends): content is a string or a list of parts,
+``{"type": "text", "text": str}`` or ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,...",
+"detail": "auto"|"low"|"high"}}`` (images on user messages only, the base64 valid); anything else
+gets OpenAI's 400 ``invalid_request_error`` naming the part (the request is still recorded).
+``Seen.images()`` gives every image a request carried, decoded.
+
 Script its replies with ``enqueue()`` (first in, first out); with an empty
 script it answers ``default_script`` if given, else "Hello from the fake server."
 
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import json
 import random
 import socket
@@ -60,12 +68,84 @@ class Script:
     raw: list[str] = field(default_factory=list)  # ``data:`` payloads sent as they are after the role chunk
 
 
+@dataclass(frozen=True)
+class ReceivedImage:
+    """An ``image_url`` part as the server got it: where it was, its data URL decoded."""
+
+    message: int  # index in ``messages``
+    part: int  # index in that message's content
+    mime: str
+    data: bytes
+    detail: str | None
+
+
+DETAILS = ("auto", "low", "high")
+
+
+def _decode_data_url(url: Any) -> tuple[str, bytes]:
+    """(mime, bytes) of a ``data:image/<type>;base64,<data>`` URL; ValueError says what is wrong."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise ValueError("Invalid image URL: expected a base64-encoded data URL with an image MIME type")
+    header, comma, payload = url[len("data:"):].partition(",")
+    mime, _, encoding = header.partition(";")
+    if not comma or encoding != "base64" or not mime.startswith("image/") or len(mime) == len("image/"):
+        raise ValueError(f"Invalid image URL: expected data:image/<type>;base64, got data:{header[:40]}")
+    try:
+        return mime, base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("Invalid image URL: the base64 data does not decode") from None
+
+
+def content_problem(messages: Any) -> tuple[str, str] | None:
+    """(param, message) of the first part OpenAI would refuse, or None when every message is well formed."""
+    if not isinstance(messages, list):
+        return "messages", "messages must be a list"
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            return f"messages[{i}].content", "content must be a string or an array of content parts"
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    return where, "a text part needs a string 'text'"
+            elif kind == "image_url":
+                if message.get("role") != "user":
+                    return where, f"image_url parts are only allowed in user messages, not {message.get('role')!r}"
+                inner = part.get("image_url")
+                if not isinstance(inner, dict) or set(inner) - {"url", "detail"}:
+                    return where, "image_url must be an object with url and an optional detail"
+                if "detail" in inner and inner["detail"] not in DETAILS:
+                    return where, f"detail must be one of {', '.join(DETAILS)}"
+                try:
+                    _decode_data_url(inner.get("url"))
+                except ValueError as exc:
+                    return where, str(exc)
+            else:
+                return where, f"unknown content part type {kind!r}"
+    return None
+
+
 @dataclass
 class Seen:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
     body: dict[str, Any]
+
+    def images(self) -> list[ReceivedImage]:
+        """Every image part of the request, in order, decoded (the request was checked on arrival)."""
+        found = []
+        for i, message in enumerate(self.body.get("messages") or ()):
+            content = message.get("content")
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    mime, data = _decode_data_url(part["image_url"]["url"])
+                    found.append(ReceivedImage(i, j, mime, data, part["image_url"].get("detail")))
+        return found
 
 
 class FakeOpenAIServer(ThreadedServer):
@@ -136,6 +216,9 @@ class FakeOpenAIServer(ThreadedServer):
                 return self._error(404, "Resource not found", "404")
         if not self._auth_ok(request):
             return self._error(401, "Incorrect API key provided.", "invalid_api_key")
+        problem = content_problem(body.get("messages"))
+        if problem is not None:  # OpenAI's check of the content parts (the script is not used)
+            return self._error(400, f"Invalid '{problem[0]}': {problem[1]}.", "invalid_value")
         script = self.script.popleft() if self.script else (self.default_script or Script())
         if script.stall:
             self.stalled.set()

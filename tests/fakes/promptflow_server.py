@@ -21,6 +21,11 @@ and an Azure ML online endpoint do, per ``../shared/PROTOCOLS.md`` §4:
   endpoint that never answers (``silent``: no status; ``silent_after_headers``:
   the event-stream headers, then nothing) until the client goes away.
 
+A flow with an image input (``image_input="image"``) loads it as pf's ``BasicMultimediaProcessor``
+does: one ``{"data:image/<type>;base64": "<base64>"}`` dict, or a list of such, the key matching
+pf's ``MIME_PATTERN`` and the value pf's base64 pattern; anything else is pf's 400 UserError
+"Failed to load image for input ...". The images it loaded are kept, decoded, in ``Seen.images``.
+
 It records every request (headers, body, hence the ``chat_history``) and sets
 ``disconnected`` when a client goes away before the end of a stream (counted in
 ``disconnects``; ``stalled`` is set once a silent request has arrived).
@@ -32,7 +37,9 @@ every request gets ``default_script`` (reused, never consumed).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -49,6 +56,9 @@ VERSION = "1.18.5"
 ACCEPT_DEFAULT = "*/*"
 ACCEPT_EVENT_STREAM = "text/event-stream"
 ACCEPT_JSON = {"application/json", "application/*", ACCEPT_DEFAULT}
+# promptflow-core's _utils/multimedia_utils.py: an image dict's key, and what ImageProcessor.is_base64 accepts.
+MIME_PATTERN = re.compile(r"^data:image/(.*);(path|base64|url)$")
+BASE64_PATTERN = re.compile(r"^([A-Za-z0-9+/]{4})*(([A-Za-z0-9+/]{2})*(==|[A-Za-z0-9+/]=)?)?$")
 
 
 @dataclass
@@ -83,6 +93,21 @@ class Seen:
     headers: dict[str, str]
     body: Any
     answered: str = ""  # "sse", "json", "406", or the error status sent, e.g. "401"
+    images: list[tuple[str, bytes]] = field(default_factory=list)  # (mime, data) the image input loaded
+
+
+def load_image(value: Any) -> tuple[str, bytes]:
+    """An image input value as pf loads it (base64 resource only: the adapter sends no path or url)."""
+    if not isinstance(value, dict) or len(value) != 1 or not MIME_PATTERN.match(next(iter(value))):
+        raise ValueError("(InvalidImageInput) Invalid image input format. The image input should be a "
+                         "dictionary like: {data:image/<image_type>;[path|base64|url]: <image_data>}.")
+    [(key, data)] = value.items()
+    image_type, resource = MIME_PATTERN.match(key).groups()  # type: ignore[union-attr]
+    if resource != "base64":
+        raise ValueError(f"(InvalidImageInput) the fake flow loads base64 images only, not {resource}")
+    if not isinstance(data, str) or not BASE64_PATTERN.match(data):
+        raise ValueError(f"(InvalidImageInput) Invalid base64 image: {str(data)[:40]}.")
+    return f"image/{image_type}", base64.b64decode(data)
 
 
 def _flask_json(data: Any, ascii: bool = True) -> str:
@@ -116,17 +141,20 @@ class FakePromptflowServer(ThreadedServer):
 
     def __init__(self, *, api_key: str | None = None, deployments: set[str] | None = None,
                  streamed: bool = True, input_field: str = "question", history_field: str = "chat_history",
-                 output_field: str = "answer", default_script: Script | None = None):
+                 output_field: str = "answer", image_input: str | None = None,
+                 default_script: Script | None = None):
         """``api_key``: the Bearer key wanted (None: no auth, as ``pf flow serve``);
         ``deployments``: Azure ML deployment names; a request naming another one gets 404;
         ``streamed``: whether the flow's chat output is streamed (per script overridable);
-        the field names: the flow's own inputs and chat output."""
+        the field names: the flow's own inputs and chat output; ``image_input``: the flow's image
+        input (type image: one image, or a list of them), if it has one."""
         self.api_key = api_key
         self.deployments = deployments
         self.streamed = streamed
         self.input_field = input_field
         self.history_field = history_field
         self.output_field = output_field
+        self.image_input = image_input
         self.default_script = default_script
         self.script: deque[Script] = deque()
         self.requests: list[Seen] = []
@@ -210,6 +238,12 @@ class FakePromptflowServer(ThreadedServer):
         if self.input_field not in body:
             return self._pf_error(400, f"Required input fields ['{self.input_field}'] are missing in request "
                                        f"data {body!r}")
+        if self.image_input is not None and self.image_input in body:
+            value = body[self.image_input]
+            try:
+                seen.images = [load_image(item) for item in (value if isinstance(value, list) else [value])]
+            except ValueError as exc:
+                return self._pf_error(400, f"Failed to load image for input '{self.image_input}': {exc}")
 
         streamed = self.streamed if script.streamed is None else script.streamed
         outcome = negotiate(request.headers.get("accept"), streamed)
