@@ -30,7 +30,16 @@ from modules.history.store import HistoryStore
 
 PREFIX = "/attachments"
 _HASH = re.compile(r"[0-9a-f]{64}")
-INLINE = {"image/png", "image/jpeg", "image/webp", "image/gif"}
+_IMAGES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+           (b"GIF89a", "image/gif"))
+
+
+def _image_type(data: bytes) -> str | None:
+    """The type of an image the page shows inline (by its first bytes); None: any other file, sent
+    as a download."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _IMAGES if data.startswith(magic)), None)
 
 
 class FileLinks:
@@ -53,22 +62,22 @@ class FileLinks:
         if (not _HASH.fullmatch(sha256) or not owner or not signature
                 or not hmac.compare_digest(signature, self._signature(owner, sha256))):
             return PlainTextResponse("Not found.", status_code=404)
-        found = await asyncio.to_thread(self._find, owner, sha256)
-        if found is None:
+        data = await asyncio.to_thread(self._find, owner, sha256)
+        if data is None:
             return PlainTextResponse("Not found.", status_code=404)
-        attachment, data = found
-        inline = attachment.mime in INLINE
-        disposition = ("inline" if inline else "attachment") + f"; filename*=UTF-8''{quote(attachment.name, safe='')}"
-        return Response(data, media_type=attachment.mime if inline else "application/octet-stream", headers={
+        mime = _image_type(data)
+        name = Path(request.path_params.get("name", "")).name or "file"
+        disposition = ("inline" if mime else "attachment") + f"; filename*=UTF-8''{quote(name, safe='')}"
+        return Response(data, media_type=mime or "application/octet-stream", headers={
             "Content-Disposition": disposition, "X-Content-Type-Options": "nosniff",
             "Cache-Control": "private, max-age=86400", "Content-Security-Policy": "default-src 'none'"})
 
-    def _find(self, owner: str, sha256: str) -> tuple[Attachment, bytes] | None:
-        attachment = self.store.find_attachment(owner, sha256)
-        if attachment is None:
+    def _find(self, owner: str, sha256: str) -> bytes | None:
+        """The file's bytes, if a message of ``owner`` still attaches it."""
+        if not self.store.owns_attachment(owner, sha256):
             return None
         try:
-            return attachment, self.files.read(sha256)
+            return self.files.read(sha256)
         except FileNotFoundError:
             return None
 

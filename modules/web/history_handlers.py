@@ -26,9 +26,6 @@ from modules.web.view import PageView
 
 log = logging.getLogger(__name__)
 
-MAX_IMPORT_BYTES = 5 * 1024 * 1024
-
-
 class HistoryHandlers:
     """(``self`` is not annotated: Gradio reads these signatures and must resolve every annotation.)"""
 
@@ -129,21 +126,27 @@ class HistoryHandlers:
         return (gr.Row(visible=False), *self.view.shown(conversation, model_name, lang),
                 self.view.history(conversation, query, lang), conversation.id)
 
-    def _export(self, fmt: str, conversation: Conversation, request: gr.Request):
+    async def _export(self, fmt: str, conversation: Conversation, request: gr.Request):
         lang = self.t.language_for(request)
         owner = self.keeper.owner(conversation, request)
-        record = self.store.load(owner, conversation.id) if conversation.id else None
-        if record is None or not record.turns:
+
+        def export() -> Path | None:  # the store, base64 of the files, a write: off the event loop
+            record = self.store.load(owner, conversation.id) if conversation.id else None
+            if record is None or not record.turns:
+                return None
+            return transfer.write_export(self.exports_dir, record, fmt, self.files.read)  # type: ignore[arg-type]
+
+        path = await asyncio.to_thread(export)
+        if path is None:
             gr.Warning(self.t.text(lang, "history.nothing_to_export"))
             return gr.File(visible=False)
-        path = transfer.write_export(self.exports_dir, record, fmt)  # type: ignore[arg-type]
         return gr.File(value=str(path), visible=True)
 
     async def export_markdown(self, conversation: Conversation, request: gr.Request):
-        return self._export("md", conversation, request)
+        return await self._export("md", conversation, request)
 
     async def export_json(self, conversation: Conversation, request: gr.Request):
-        return self._export("json", conversation, request)
+        return await self._export("json", conversation, request)
 
     async def import_file(self, file: str | None, conversation: Conversation, query: str,
                       request: gr.Request):
@@ -158,18 +161,21 @@ class HistoryHandlers:
             return skip
         name = Path(file).name
 
-        def read() -> ConversationRecord:  # disk and a JSON parse of up to 5 MB: off the event loop
-            if Path(file).stat().st_size > MAX_IMPORT_BYTES:
-                raise transfer.ImportProblem("file is larger than 5 MB")
-            return transfer.from_json(Path(file).read_bytes(), owner=owner, new_id=new_id())
+        def read_and_keep() -> ConversationRecord:  # disk, a JSON parse and its files: off the event loop
+            size = Path(file).stat().st_size
+            if size > transfer.MAX_BYTES_WITH_ATTACHMENTS:
+                raise transfer.ImportProblem(
+                    f"file is larger than {transfer.MAX_BYTES_WITH_ATTACHMENTS // (1024 * 1024)} MB")
+            imported = transfer.import_json(Path(file).read_bytes(), owner=owner, new_id=new_id())
+            transfer.save_import(self.store, self.files, imported)
+            return imported.record
 
         try:
-            record = await asyncio.to_thread(read)
+            record = await asyncio.to_thread(read_and_keep)
         except (transfer.ImportProblem, OSError, RecursionError) as exc:
             problem = "nested far too deeply" if isinstance(exc, RecursionError) else str(exc)
             gr.Warning(self.t.text(lang, "history.import_failed", file=name, problem=problem))
             return skip
-        await asyncio.to_thread(self.store.import_record, record)
         conversation.replace(Conversation.from_record(record))
         conversation.params = dict(record.params)
         gr.Info(self.t.text(lang, "history.imported", title=record.title))

@@ -17,11 +17,10 @@ import gradio as gr
 
 from modules.config import AppConfig
 from modules.core.chat import ChatService
-from modules.history import ownership
+from modules.history import attachments, ownership
 from modules.history.conversation import Conversation
 from modules.history.store import HistoryStore, StoreProblem
 from modules.providers import ChatModel
-from modules.history.attachments import AttachmentFiles
 from modules.web.attaching import Attaching
 from modules.web.chat_handlers import ChatHandlers
 from modules.web.files import FileLinks
@@ -121,7 +120,8 @@ class ChatPage:
         self.templates, problems = load_templates(_app_folder(config.templates_dir))
         for problem in problems:
             log.warning("template skipped: %s", problem)
-        self.files = AttachmentFiles(data_dir / "attachments")
+        self.files = attachments.open_files(data_dir, temporary=store_problem is not None
+                                            and store_problem.kind == "unavailable")
         self.links = FileLinks(ownership.app_key(data_dir), store, self.files)
         view = PageView(chat, store, store_problem, self.default_model, self.links)
         keeper = SessionKeeper(self.mode, chat, store, self.default_model)
