@@ -166,7 +166,7 @@ def test_search_finds_text_in_any_branch_and_export_carries_the_tree(launch_app,
         page.respond()
         assert len(page.ids("apples")) == 1  # on the branch not shown
         document = page.export_json()
-        assert document["version"] == 2
+        assert document["version"] == 3
         assert len(document["messages"]) == 4 and document["leaf"]
         parents = {m["id"]: m["parent"] for m in document["messages"]}
         assert list(parents.values()).count(None) == 2  # two versions of the first question

@@ -17,8 +17,8 @@ beside it (``history.sqlite3.v1-backup``); one of schema version 2 (before attac
 upgraded in place too, in one transaction (a column added), with no copy.
 
 :func:`open_store` is how the app opens it: a damaged file is moved aside (never
-deleted) and a fresh one started; a folder that cannot be written, or a version-1
-file that cannot be upgraded, gives an in-memory store, so the app still starts.
+deleted) and a fresh one started; a folder that cannot be written, or a file of an
+older schema that cannot be upgraded, gives an in-memory store, so the app still starts.
 Either way it says what happened in a :class:`StoreProblem`. A damaged write-ahead
 log (``history.sqlite3-wal``, which SQLite would silently ignore, losing what it
 holds) is moved aside the same way.
@@ -333,8 +333,8 @@ class SQLiteStore(HistoryStore):
     a committed message survives a crash. Opening checks the file (``quick_check``,
     schema version and tables) and raises :class:`CorruptStoreError` when it is
     not a usable history (:class:`CorruptWalError` when its write-ahead log is
-    damaged); a file of schema version 1 is upgraded (:class:`UpgradeError` when
-    it cannot be); other failures (cannot open, read-only) raise
+    damaged); a file of schema version 1 or 2 is upgraded (:class:`UpgradeError`
+    when it cannot be); other failures (cannot open, read-only) raise
     :class:`sqlite3.Error` or :class:`OSError` as they come.
 
     Checkpoints: a write checkpoints the log into the main file (``PASSIVE``:
@@ -890,8 +890,8 @@ def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
     Never raises for a bad file or folder: a damaged file is moved aside and a
     new one started ("moved"); a damaged write-ahead log is moved aside and the
     file opened without it ("wal_moved"); a folder or file that cannot be used,
-    or a version-1 file that cannot be upgraded (left as it was, and tried again
-    next time), gives an in-memory store ("unavailable").
+    or a file of an older schema that cannot be upgraded (left as it was, and tried
+    again next time), gives an in-memory store ("unavailable").
     """
     path = Path(data_dir) / FILENAME
     moved_to: Path | None = None
