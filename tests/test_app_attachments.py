@@ -9,6 +9,7 @@ browser would, and without their signature, as a stranger would.
 from __future__ import annotations
 
 import base64
+import json
 import io
 import re
 from pathlib import Path
@@ -29,6 +30,23 @@ LINK = re.compile(r"\((/attachments/[0-9a-f]{64}/[^ )]+)\)")
 
 def png(path: Path, size: tuple[int, int] = (64, 48), colour: str = "red") -> Path:
     PILImage.new("RGB", size, colour).save(path, "PNG")
+    return path
+
+
+def encrypted_pdf(path: Path) -> Path:
+    from fpdf import FPDF
+    from pypdf import PdfReader, PdfWriter
+
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=12)
+    pdf.cell(0, 10, "secret")
+    plain = io.BytesIO(pdf.output())
+    writer = PdfWriter()
+    writer.append(PdfReader(plain))
+    writer.encrypt("pass")
+    with open(path, "wb") as out:
+        writer.write(out)
     return path
 
 
@@ -145,9 +163,11 @@ def test_bad_files_get_a_sentence_and_lose_nothing(launch_app, sessions, tmp_pat
     binary = tmp_path / "tool.exe"
     binary.write_bytes(b"MZ\x90\x00" + bytes(range(256)) * 4)
     good = png(tmp_path / "good.png")
+    locked = tmp_path / "locked.pdf"
+    encrypted_pdf(locked)
     with FakeOpenAIServer() as fake:
         page = sessions(start(fake, launch_app, attachments={"max_mb": 0.02, "max_files": 3}))
-        for bad, reason in ((big, "MB"), (broken, ""), (binary, "cannot be read")):
+        for bad, reason in ((big, "MB"), (broken, ""), (binary, "cannot be read"), (locked, "password")):
             out = send(page, "look at these", good, bad)
             box, status = out[0], next(v for v in out if isinstance(v, str) and v.startswith("⚠️"))
             assert bad.name in status and reason in status, status
@@ -157,3 +177,49 @@ def test_bad_files_get_a_sentence_and_lose_nothing(launch_app, sessions, tmp_pat
         out = send(page, "too many", good, good, good, good)
         assert any("at most 3 files" in str(v) for v in out) and len(out[0]["files"]) == 4
         assert not fake.requests
+
+
+def test_export_and_import_carry_the_files(launch_app, sessions, tmp_path) -> None:
+    with FakeOpenAIServer() as fake:
+        url = start(fake, launch_app, mode="per_browser")
+        alice, bob = sessions(url), sessions(url)
+        picture = png(tmp_path / "chart.png", colour="purple")
+        fake.enqueue("A purple square.")
+        send(alice, "And this?", picture)
+        alice.respond()
+        document = alice.export_json()
+        [attached] = document["messages"][0]["attachments"]
+        assert attached["name"] == "chart.png" and base64.b64decode(attached["data"]) == picture.read_bytes()
+        exported = tmp_path / "export.json"
+        exported.write_text(json.dumps(document), encoding="utf-8")
+        shown = bob.import_file(exported)[0]  # another browser imports it: the files become his too
+        [link] = LINK.findall(message_text(shown[0]))
+        got = httpx.get(url.rstrip("/") + link, timeout=10)
+        assert got.status_code == 200 and got.content == picture.read_bytes()
+        assert bob.export_json()["messages"][0]["attachments"][0]["data"] == attached["data"]
+
+
+def test_a_document_too_large_for_the_context_says_so_with_its_size(launch_app, sessions, tmp_path) -> None:
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(f"word{i}" for i in range(3000)), encoding="utf-8")
+    with FakeOpenAIServer() as fake:
+        models = [fake_model_entry(fake, "fake", context_size=1024)]
+        page = sessions(launch_app({"models": models, "history": {"mode": "shared"}}))
+        send(page, "Summarise it.", long)
+        reply = message_text(page.respond()[-1])
+        assert re.search(r"long\.txt alone is [\d,]+ tokens", reply), reply
+        assert not [r for r in fake.requests if r.path.endswith("/chat/completions")]  # never sent upstream
+
+
+def test_an_edited_question_keeps_its_files(launch_app, sessions, tmp_path) -> None:
+    with FakeOpenAIServer() as fake:
+        page = sessions(start(fake, launch_app))
+        fake.enqueue("Red.")
+        send(page, "Colour?", png(tmp_path / "red.png"))
+        page.respond()
+        page.client.predict(0, "Which colour is it?", "fake", page.system_prompt, "", api_name="/edit_message")
+        fake.enqueue("It is red.")
+        chatbot = page.respond()
+        assert body_of(message_text(chatbot[0])) == "Which colour is it?" and LINK.search(message_text(chatbot[0]))
+        user = last_request(fake)["messages"][-1]["content"]
+        assert [part["type"] for part in user] == ["text", "image_url"]

@@ -264,3 +264,20 @@ def test_every_exif_orientation_matches_pillows_own(orientation: int, size: tupl
         got = result.getpixel((int(fx * result.width), int(fy * result.height)))
         want = expected.getpixel((int(fx * expected.width), int(fy * expected.height)))
         assert near(got, want), (fx, fy, got, want)
+
+
+def test_a_photo_goes_to_the_model_without_its_gps_position() -> None:
+    """Even when no scaling is needed: the EXIF (here a GPS block) stays with the user."""
+    from PIL import Image as PILImage
+
+    exif = PILImage.Exif()
+    exif[0x8825] = {2: (48.0, 51.0, 29.0), 1: "N"}  # GPSInfo: latitude
+    exif[0x010F] = "CameraMaker"
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (200, 100), "white").save(buffer, "JPEG", exif=exif)
+    original = buffer.getvalue()
+    assert PILImage.open(io.BytesIO(original)).getexif().get(0x010F) == "CameraMaker"
+    sent = for_model("photo.jpg", original)
+    assert sent.data != original and (sent.width, sent.height) == (200, 100)
+    reopened = PILImage.open(io.BytesIO(sent.data))
+    assert not reopened.getexif() and "exif" not in reopened.info

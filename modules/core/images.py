@@ -109,8 +109,9 @@ def for_model(name: str, data: bytes, *, max_long: int = OPENAI_LIMIT[0],
               max_short: int = OPENAI_LIMIT[1]) -> Image:
     """The copy of an image that is sent to a model: scaled down (never up) to fit ``max_long`` x
     ``max_long`` with a shortest side of at most ``max_short``, EXIF orientation applied, in its
-    own format (PNG, JPEG, WebP, a still GIF) or, for an animation, its first frame as PNG. An
-    image that needs none of that is sent as it is (the same bytes). ``data`` is never changed."""
+    own format (PNG, JPEG, WebP, a still GIF) or, for an animation, its first frame as PNG, and
+    without its metadata (EXIF, XMP: where and with what it was taken). An image that needs none
+    of that is sent as it is (the same bytes). ``data`` is never changed."""
     image = _opened(data)
     with image:
         fmt = image.format
@@ -119,7 +120,9 @@ def for_model(name: str, data: bytes, *, max_long: int = OPENAI_LIMIT[0],
         width, height = (image.height, image.width) if turned else image.size
         target = fit_size(width, height, max_long, max_short)
         animated = bool(getattr(image, "is_animated", False))  # (looks for a second frame only)
-        if target == (width, height) and orientation == 1 and not animated:
+        # Metadata (EXIF: a camera's serial, the GPS position) is the user's, not the model's.
+        private = bool(image.info.get("exif")) or bool(image.getexif()) or "xmp" in image.info
+        if target == (width, height) and orientation == 1 and not animated and not private:
             _decoded(image)  # (checks it decodes whole)
             return Image(MIME[fmt], data, width, height, name)
         stored = (target[1], target[0]) if turned else target  # the target before the rotation
