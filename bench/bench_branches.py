@@ -35,7 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.procs import child_env, cpu_seconds, free_port, pct, stop_process, tail, terminated  # noqa: E402
+from bench.procs import child_env, cpu_seconds, free_port, pct, stop_process, terminated, wait_ready  # noqa: E402
 from modules.history.conversation import Conversation  # noqa: E402
 from modules.history.ownership import SHARED_OWNER  # noqa: E402
 from modules.history.records import ConversationRecord, MessageRecord, new_message_id  # noqa: E402
@@ -83,21 +83,6 @@ def build(conversation_id: str) -> tuple[ConversationRecord, list[tuple[str, str
                                 created_at=clock[0], updated_at=clock[0], messages=messages, leaf=base[-1].id)
     return record, forks
 
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the app exited ({proc.returncode}):\n{tail(log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)  # polling a starting process: nothing to wait on
-    raise SystemExit(f"the app did not start in {timeout:g} s:\n{tail(log)}")
 
 
 def measure(pid: int, calls: int, call) -> tuple[float, list[float]]:

@@ -14,7 +14,6 @@ as a data URL. The client's upload time is not the app's and is not counted.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import shutil
@@ -22,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.procs import child_env, cpu_seconds, free_port, stop_process, tail, terminated  # noqa: E402
+from bench.procs import child_env, cpu_seconds, free_port, stop_process, terminated, wait_ready  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAIServer, Script  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -47,21 +45,6 @@ def photo(path: Path, megapixels: float) -> Path:
     Image.fromarray(noise).save(path, "JPEG", quality=85)
     return path
 
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the app exited ({proc.returncode}):\n{tail(log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)  # polling a starting process: nothing to wait on
-    raise SystemExit(f"the app did not start in {timeout:g} s:\n{tail(log)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,14 +46,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (Debian's Chromium, as the page tests use it)
 from bench.procs import (  # noqa: E402
-    child_env, cpu_seconds, free_port, machine_busy, pct, stop_process, tail, terminated)
+    child_env, cpu_seconds, free_port, machine_busy, pct, stop_process, tail, terminated, wait_ready)
 from tests.fakes.openai_server import FakeOpenAIServer, Script, words  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -118,20 +117,6 @@ def lost_and_extra(got: str, want: str) -> tuple[int, int]:
             lost += j2 - j1
     return lost, extra
 
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False, timeout=2) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"the app exited with status {proc.returncode}:\n{tail(log)}")
-            try:
-                if client.get(url).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)  # start-up only: nothing is measured yet
-    raise SystemExit(f"the app is not ready after {timeout:.0f} s:\n{tail(log)}")
 
 
 # -- one page ---------------------------------------------------------------------------------

@@ -51,6 +51,27 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until ``url`` answers 200 (the app has started); SystemExit with its log's tail if it exits
+    or is not ready after ``timeout`` seconds."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=2) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the app exited with status {proc.returncode}:\n{tail(log)}")
+            try:
+                if client.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)  # start-up only: nothing is measured yet
+    raise SystemExit(f"the app is not ready after {timeout:.0f} s:\n{tail(log)}")
+
+
 def stop_process(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from . import errors
+from .errors import BadRequestError
 
 Role = Literal["system", "user", "assistant"]
 
@@ -193,7 +193,7 @@ class ChatModel(abc.ABC):
         The callers check before; this is the adapter's own defence."""
         if not self.vision and any(m.images for m in messages):
             hint = f" ({self.vision_hint})" if self.vision_hint else ""
-            raise errors.BadRequestError(f"the model {self.name!r} cannot see images{hint}")
+            raise BadRequestError(f"the model {self.name!r} cannot see images{hint}")
 
     def secrets(self) -> list[str]:
         """Every secret value of this model, so that messages can be scrubbed."""
