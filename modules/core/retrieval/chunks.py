@@ -127,9 +127,6 @@ def _pack(units: list[_Unit], size: int, overlap: int) -> list[list[_Unit]]:
     for unit in units:
         is_heading = unit.heading
         while fresh and (is_heading or tokens(carried) + tokens(fresh) + unit.tokens > size):
-            if tokens(fresh) + unit.tokens <= size and not is_heading:
-                carried = []  # drop the overlap to make room, before cutting early
-                continue
             group = carried + fresh
             cut = len(group)
             if not is_heading:  # prefer a paragraph boundary in the second half of the group
@@ -143,7 +140,7 @@ def _pack(units: list[_Unit], size: int, overlap: int) -> list[list[_Unit]]:
             if not fresh and overlap and not unit.paragraph and not is_heading:
                 # cut inside a paragraph: repeat its last sentences, up to ``overlap`` tokens
                 for u in reversed(group):
-                    if tokens(carried) + u.tokens > overlap:
+                    if tokens(carried) + u.tokens > min(overlap, size - unit.tokens):
                         break
                     carried.insert(0, u)
                     if u.paragraph:
