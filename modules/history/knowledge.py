@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from array import array
@@ -450,7 +451,7 @@ class KnowledgeStore:
 
     def set_vectors(self, base_id: int, vectors: dict[int, Sequence[float]]) -> int:
         """Store float32 embeddings by chunk id (of the base); how many chunks were updated."""
-        rows = [(array("f", vector).tobytes(), chunk_id, base_id) for chunk_id, vector in vectors.items()]
+        rows = [(_blob(vector), chunk_id, base_id) for chunk_id, vector in vectors.items()]
         with self._write() as conn:
             before = conn.total_changes
             conn.executemany("UPDATE chunks SET vector = ? WHERE id = ? AND base_id = ?", rows)
@@ -463,6 +464,8 @@ class KnowledgeStore:
         for chunk_id, blob in rows:
             vector = array("f")
             vector.frombytes(blob)
+            if sys.byteorder == "big":
+                vector.byteswap()
             result[chunk_id] = vector
         return result
 
@@ -476,6 +479,14 @@ class KnowledgeStore:
         """One chunk of the base, to show a source; None when it is gone."""
         rows = self._read(_CHUNK + " WHERE c.base_id = ? AND c.id = ?", (base_id, chunk_id))
         return ChunkRow(*rows[0]) if rows else None
+
+
+def _blob(vector: Sequence[float]) -> bytes:
+    """float32, little-endian whatever the machine (so a file moves between machines)."""
+    values = array("f", vector)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
 
 
 def _user(owner: str) -> None:
