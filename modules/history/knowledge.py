@@ -1,0 +1,535 @@
+"""Knowledge bases (issue #14): named collections of documents, their indexing state and chunks.
+
+:class:`KnowledgeStore` keeps them in one SQLite file, ``knowledge.sqlite3`` in the data folder,
+apart from the history (``history.sqlite3``), opened with the same care: WAL journal,
+``synchronous=FULL``, ``quick_check`` and the schema checked on open; :func:`open_knowledge`
+moves a damaged file aside (never deletes it) and starts a new one, and says so in a
+:class:`KnowledgeProblem` for the UI.
+
+Who sees what: a base belongs to its ``owner`` (the same opaque strings as the history's:
+``local``, ``user:<name>``, ``browser:<hex>``). Every method a user's request reaches takes the
+owner and scopes its query by it: another owner's base is invisible (reads give nothing, writes
+change nothing). Bases registered from config (:meth:`register_shared`) belong to the owner
+``"shared"``: every owner reads them, no owner writes them; their documents are kept up to date
+by the app alone (:meth:`add_shared_document`, :meth:`remove_shared_document`).
+
+A document is known by its base and its name. Adding it again with the same SHA-256 does nothing;
+with another, it is replaced: its chunks go and it is pending again. So adding a folder again
+re-indexes only the files whose content changed. A document's bytes are kept by the attachments
+folder (``modules/history/attachments.py``) under that digest; :meth:`referenced_attachments`
+gives the digests still named here, which the collector must keep (with the history's).
+
+Indexing state, per document: ``pending`` -> ``indexing`` -> ``indexed`` (its chunks saved in the
+same transaction) or ``failed`` (with a sentence saying why). A document left ``indexing`` by a
+crash is ``pending`` again when the file is next opened, so indexing resumes (:meth:`pending`).
+Every write is one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from modules.history.attachments import is_digest
+from modules.history.store import (
+    CorruptStoreError,
+    CorruptWalError,
+    _check_header,
+    _check_wal,
+    _companion,
+    _is_damage,
+    _move_aside,
+    _move_wal_aside,
+    _open_elsewhere,
+)
+
+log = logging.getLogger(__name__)
+
+FILENAME = "knowledge.sqlite3"
+SCHEMA_VERSION = 1
+SHARED = "shared"  # the owner of the bases registered from config: read-only for everyone
+STATUSES = ("pending", "indexing", "indexed", "failed")
+MAX_NAME = 200  # characters in a base's name
+
+SCHEMA = """
+CREATE TABLE bases (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner      TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    folder     TEXT,  -- a shared base's folder (from config), NULL for a user's
+    created_at REAL NOT NULL,
+    UNIQUE (owner, name)
+);
+CREATE TABLE documents (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    base_id     INTEGER NOT NULL REFERENCES bases (id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    sha256      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    source_path TEXT,  -- where it was read from (a folder added), NULL: uploaded
+    status      TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'indexing', 'indexed', 'failed')),
+    error       TEXT NOT NULL DEFAULT '',  -- why it failed: a sentence for the user
+    chunk_count INTEGER NOT NULL DEFAULT 0,
+    added_at    REAL NOT NULL,
+    indexed_at  REAL,
+    UNIQUE (base_id, name)
+);
+CREATE INDEX documents_status ON documents (base_id, status);
+CREATE INDEX documents_sha256 ON documents (sha256);
+CREATE TABLE chunks (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    base_id     INTEGER NOT NULL REFERENCES bases (id) ON DELETE CASCADE,
+    document_id INTEGER NOT NULL REFERENCES documents (id) ON DELETE CASCADE,
+    idx         INTEGER NOT NULL,  -- its place in the document
+    text        TEXT NOT NULL,
+    page        INTEGER,
+    section     TEXT,
+    char_start  INTEGER NOT NULL,  -- character offsets in the document's text
+    char_end    INTEGER NOT NULL,
+    vector      BLOB,  -- float32 embedding (little-endian), NULL: none yet
+    UNIQUE (document_id, idx)
+);
+CREATE INDEX chunks_base ON chunks (base_id);
+"""
+TABLES = {
+    "bases": ("id", "owner", "name", "folder", "created_at"),
+    "documents": ("id", "base_id", "name", "sha256", "size", "source_path", "status", "error", "chunk_count",
+                  "added_at", "indexed_at"),
+    "chunks": ("id", "base_id", "document_id", "idx", "text", "page", "section", "char_start", "char_end", "vector"),
+}
+_BASE = "SELECT id, owner, name, folder, created_at FROM bases"
+_DOCUMENT = ("SELECT id, base_id, name, sha256, size, source_path, status, error, chunk_count, added_at, "
+             "indexed_at FROM documents")
+_CHUNK = ("SELECT c.idx, c.text, c.page, c.section, c.char_start, c.char_end, c.id, c.document_id, d.name "
+          "FROM chunks c JOIN documents d ON d.id = c.document_id")
+
+
+@dataclass(frozen=True)
+class Base:
+    id: int
+    owner: str
+    name: str
+    folder: str | None
+    created_at: float
+
+    @property
+    def read_only(self) -> bool:
+        """Shared (registered from config): no user may change it."""
+        return self.owner == SHARED
+
+
+@dataclass(frozen=True)
+class Document:
+    id: int
+    base_id: int
+    name: str
+    sha256: str
+    size: int
+    source_path: str | None
+    status: Literal["pending", "indexing", "indexed", "failed"]
+    error: str
+    chunk_count: int
+    added_at: float
+    indexed_at: float | None
+    # On add_document's result only: "added", "unchanged" (same name, same bytes) or "replaced".
+    change: Literal["added", "unchanged", "replaced"] | None = None
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    """A passage of a document. Given to :meth:`KnowledgeStore.save_chunks` with the first six
+    fields; read back with its ``id``, ``document_id`` and ``document`` (the document's name)."""
+
+    index: int
+    text: str
+    page: int | None = None
+    section: str | None = None
+    start: int = 0
+    end: int = 0
+    id: int | None = None
+    document_id: int | None = None
+    document: str | None = None
+
+
+@dataclass(frozen=True)
+class KnowledgeProblem:
+    """Why the knowledge bases are not (or no longer) where they were: for the log and the UI.
+
+    "moved": the file was damaged, moved to ``moved_to``, and a new one started (the bases must
+    be made again). "wal_moved": its write-ahead log was damaged and moved aside; the file was
+    opened without it. "unavailable": the file cannot be used; bases live in memory for this run.
+    """
+
+    kind: Literal["moved", "unavailable", "wal_moved"]
+    path: Path
+    moved_to: Path | None
+    reason: str
+
+    def __str__(self) -> str:
+        if self.kind == "moved":
+            return (f"The knowledge base file {self.path} was damaged ({self.reason}); it was moved to "
+                    f"{self.moved_to} and new, empty knowledge bases were started.")
+        if self.kind == "wal_moved":
+            return (f"The knowledge bases' write-ahead log {self.path} was damaged ({self.reason}); it was "
+                    f"moved to {self.moved_to}: the last changes before it was damaged may be missing.")
+        return (f"The knowledge base file {self.path} cannot be used ({self.reason}); "
+                "knowledge bases will not be kept after this run.")
+
+
+class KnowledgeStore:
+    """Knowledge bases on one SQLite file (or ``":memory:"``). Safe from any thread (one
+    connection, guarded by a lock). Opening raises :class:`CorruptStoreError` for a file that is
+    not a usable knowledge store (:class:`CorruptWalError` for a damaged log); other failures
+    raise :class:`sqlite3.Error` or :class:`OSError` as they come. :func:`open_knowledge` is how
+    the app opens it."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.resumed = 0  # documents found "indexing" on open (a crash), now pending again
+        if str(path) != ":memory:":
+            _check_header(Path(path))
+            try:
+                _check_wal(Path(path))
+            except CorruptWalError:
+                if not _open_elsewhere(Path(path)):
+                    raise
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._prepare()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            if _is_damage(exc):
+                raise CorruptStoreError(str(exc)) from exc
+            raise
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _prepare(self) -> None:
+        conn = self._conn
+        check = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if check != ["ok"]:
+            raise CorruptStoreError("integrity check failed: " + "; ".join(map(str, check[:3])))
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        new = version == 0 and not tables
+        if not new:
+            if version != SCHEMA_VERSION:
+                raise CorruptStoreError(f"schema version {version} is unknown to this app"
+                                        + (" (a newer version?)" if version > SCHEMA_VERSION else ""))
+            for table, expected in TABLES.items():
+                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if not columns:
+                    raise CorruptStoreError(f"table {table} is missing")
+                missing = [c for c in expected if c not in columns]
+                if missing:
+                    raise CorruptStoreError(f"table {table} lacks columns {', '.join(missing)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # A write even when there is nothing to create: a read-only file fails here, not later.
+        with self._transaction():
+            if new:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # A crash mid-indexing left these: their chunks were never saved (that is one
+            # transaction with "indexed"), so they are simply to do again.
+            self.resumed = conn.execute(
+                "UPDATE documents SET status = 'pending' WHERE status = 'indexing'").rowcount
+        if self.resumed:
+            log.info("%d document(s) were being indexed when the app stopped; they will be indexed again",
+                     self.resumed)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._transaction() as conn:
+            yield conn
+
+    def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        """Checkpoint the log into the file (so it alone is complete) and close it."""
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("Could not checkpoint the knowledge bases' write-ahead log: %s", exc)
+            self._conn.close()
+
+    # -- bases -----------------------------------------------------------------------------
+    def create_base(self, owner: str, name: str) -> Base:
+        """A new, empty base of ``owner``. ValueError (a sentence for the user) for an empty or
+        too long name, or one the owner already has."""
+        _user(owner)
+        name = _base_name(name)
+        try:
+            with self._write() as conn:
+                cursor = conn.execute("INSERT INTO bases (owner, name, created_at) VALUES (?, ?, ?)",
+                                      (owner, name, time.time()))
+                row = conn.execute(_BASE + " WHERE id = ?", (cursor.lastrowid,)).fetchone()
+        except sqlite3.IntegrityError:
+            raise ValueError(f"You already have a knowledge base named {name!r}.") from None
+        return Base(*row)
+
+    def register_shared(self, name: str, folder: str | Path) -> Base:
+        """The shared, read-only base ``name`` (from config) reading ``folder``: made the first
+        time, its folder updated after. For the app alone, never for a user's request."""
+        name = _base_name(name)
+        with self._write() as conn:
+            conn.execute("INSERT INTO bases (owner, name, folder, created_at) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (owner, name) DO UPDATE SET folder = excluded.folder",
+                         (SHARED, name, str(folder), time.time()))
+            row = conn.execute(_BASE + " WHERE owner = ? AND name = ?", (SHARED, name)).fetchone()
+        return Base(*row)
+
+    def list_bases(self, owner: str) -> list[Base]:
+        """The owner's bases by name, then the shared ones by name."""
+        rows = self._read(_BASE + " WHERE owner IN (?, ?) ORDER BY owner = ?, name", (owner, SHARED, SHARED))
+        return [Base(*row) for row in rows]
+
+    def base(self, owner: str, base_id: int) -> Base | None:
+        """The base if the owner may read it (theirs, or shared); else None."""
+        rows = self._read(_BASE + " WHERE id = ? AND owner IN (?, ?)", (base_id, owner, SHARED))
+        return Base(*rows[0]) if rows else None
+
+    def rename_base(self, owner: str, base_id: int, name: str) -> bool:
+        """False when the owner has no such base (a shared one included); ValueError when the name
+        is not allowed or taken by another of the owner's bases."""
+        _user(owner)
+        name = _base_name(name)
+        try:
+            with self._write() as conn:
+                return conn.execute("UPDATE bases SET name = ? WHERE id = ? AND owner = ?",
+                                    (name, base_id, owner)).rowcount == 1
+        except sqlite3.IntegrityError:
+            raise ValueError(f"You already have a knowledge base named {name!r}.") from None
+
+    def delete_base(self, owner: str, base_id: int) -> bool:
+        """Delete the owner's base with its documents and chunks; False when there is none (a
+        shared one included). Its files, if nothing else names them, can then be collected."""
+        _user(owner)
+        with self._write() as conn:
+            return conn.execute("DELETE FROM bases WHERE id = ? AND owner = ?", (base_id, owner)).rowcount == 1
+
+    # -- documents -------------------------------------------------------------------------
+    def add_document(self, owner: str, base_id: int, name: str, sha256: str, size: int, *,
+                     source_path: str | None = None) -> Document | None:
+        """Add (or replace) the document ``name`` of the owner's base; None when the owner has no
+        such base (a shared one included). Same name and same ``sha256``: nothing changes
+        ("unchanged"). Another ``sha256``: it is replaced, its chunks removed, pending again."""
+        _user(owner)
+        return self._add(owner, base_id, name, sha256, size, source_path)
+
+    def add_shared_document(self, base_id: int, name: str, sha256: str, size: int, *,
+                            source_path: str | None = None) -> Document | None:
+        """:meth:`add_document` for a shared base, by the app (from its folder)."""
+        return self._add(SHARED, base_id, name, sha256, size, source_path)
+
+    def _add(self, owner: str, base_id: int, name: str, sha256: str, size: int,
+             source_path: str | None) -> Document | None:
+        if not is_digest(sha256):
+            raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+        if not name or not name.strip():
+            raise ValueError("A document needs a name.")
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"size must be a whole number >= 0, not {size!r}")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM bases WHERE id = ? AND owner = ?", (base_id, owner)).fetchone() is None:
+                return None
+            row = conn.execute(_DOCUMENT + " WHERE base_id = ? AND name = ?", (base_id, name)).fetchone()
+            if row is not None and row[3] == sha256:
+                return replace(Document(*row), change="unchanged")
+            if row is not None:
+                conn.execute("DELETE FROM chunks WHERE document_id = ?", (row[0],))
+                conn.execute("UPDATE documents SET sha256 = ?, size = ?, source_path = ?, status = 'pending', "
+                             "error = '', chunk_count = 0, added_at = ?, indexed_at = NULL WHERE id = ?",
+                             (sha256, size, source_path, time.time(), row[0]))
+                document_id, change = row[0], "replaced"
+            else:
+                document_id = conn.execute(
+                    "INSERT INTO documents (base_id, name, sha256, size, source_path, added_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (base_id, name, sha256, size, source_path, time.time())).lastrowid
+                change = "added"
+            row = conn.execute(_DOCUMENT + " WHERE id = ?", (document_id,)).fetchone()
+        return replace(Document(*row), change=change)
+
+    def list_documents(self, owner: str, base_id: int) -> list[Document]:
+        """The documents of a base the owner may read, by name; [] otherwise."""
+        rows = self._read(_DOCUMENT + " WHERE base_id = ? AND base_id IN "
+                          "(SELECT id FROM bases WHERE id = ? AND owner IN (?, ?)) ORDER BY name",
+                          (base_id, base_id, owner, SHARED))
+        return [Document(*row) for row in rows]
+
+    def remove_document(self, owner: str, base_id: int, name: str) -> bool:
+        """Remove a document (and its chunks) of the owner's base; False when there is none."""
+        _user(owner)
+        return self._remove(owner, base_id, name)
+
+    def remove_shared_document(self, base_id: int, name: str) -> bool:
+        """:meth:`remove_document` for a shared base, by the app (a file gone from its folder)."""
+        return self._remove(SHARED, base_id, name)
+
+    def _remove(self, owner: str, base_id: int, name: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM documents WHERE base_id = ? AND name = ? AND base_id IN "
+                                "(SELECT id FROM bases WHERE id = ? AND owner = ?)",
+                                (base_id, name, base_id, owner)).rowcount == 1
+
+    def referenced_attachments(self) -> set[str]:
+        """The digests of every document of every base: files the collector must keep."""
+        return {row[0] for row in self._read("SELECT DISTINCT sha256 FROM documents")}
+
+    # -- indexing (by the app's indexer: base ids it got from an owner-scoped call) -------------
+    def pending(self, owner: str | None, base_id: int) -> list[Document]:
+        """The base's documents left to index (pending), oldest first; with ``owner``, only if
+        the owner may read the base."""
+        sql = _DOCUMENT + " WHERE base_id = ? AND status = 'pending'"
+        params: list[Any] = [base_id]
+        if owner is not None:
+            sql += " AND base_id IN (SELECT id FROM bases WHERE id = ? AND owner IN (?, ?))"
+            params += [base_id, owner, SHARED]
+        return [Document(*row) for row in self._read(sql + " ORDER BY added_at, id", params)]
+
+    def start_indexing(self, base_id: int, document_id: int) -> bool:
+        """Mark a pending (or failed) document "indexing"; False when it is not so (gone, taken)."""
+        with self._write() as conn:
+            return conn.execute("UPDATE documents SET status = 'indexing', error = '' WHERE id = ? AND "
+                                "base_id = ? AND status IN ('pending', 'failed')",
+                                (document_id, base_id)).rowcount == 1
+
+    def mark_failed(self, base_id: int, document_id: int, reason: str) -> bool:
+        """The document could not be indexed: ``reason``, a sentence for the user."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM chunks WHERE document_id = ? AND base_id = ?", (document_id, base_id))
+            return conn.execute("UPDATE documents SET status = 'failed', error = ?, chunk_count = 0, "
+                                "indexed_at = NULL WHERE id = ? AND base_id = ?",
+                                (reason, document_id, base_id)).rowcount == 1
+
+    def save_chunks(self, base_id: int, document_id: int, chunks: Sequence[ChunkRow], *,
+                    sha256: str | None = None) -> bool:
+        """The document's chunks (any it had before go), and its status "indexed", in one
+        transaction. With ``sha256`` (the bytes that were read), nothing is saved if the
+        document was replaced meanwhile. False when nothing was saved (gone, or replaced)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT sha256 FROM documents WHERE id = ? AND base_id = ?",
+                               (document_id, base_id)).fetchone()
+            if row is None or (sha256 is not None and row[0] != sha256):
+                return False
+            conn.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
+            conn.executemany(
+                "INSERT INTO chunks (base_id, document_id, idx, text, page, section, char_start, char_end) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(base_id, document_id, c.index, c.text, c.page, c.section, c.start, c.end) for c in chunks])
+            conn.execute("UPDATE documents SET status = 'indexed', error = '', chunk_count = ?, indexed_at = ? "
+                         "WHERE id = ?", (len(chunks), time.time(), document_id))
+        return True
+
+    def set_vectors(self, base_id: int, vectors: dict[int, Sequence[float]]) -> int:
+        """Store float32 embeddings by chunk id (of the base); how many chunks were updated."""
+        rows = [(_blob(vector), chunk_id, base_id) for chunk_id, vector in vectors.items()]
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany("UPDATE chunks SET vector = ? WHERE id = ? AND base_id = ?", rows)
+            return conn.total_changes - before
+
+    def vectors(self, base_id: int) -> dict[int, array]:
+        """The base's embeddings by chunk id (chunks with none are left out)."""
+        rows = self._read("SELECT id, vector FROM chunks WHERE base_id = ? AND vector IS NOT NULL", (base_id,))
+        result = {}
+        for chunk_id, blob in rows:
+            vector = array("f")
+            vector.frombytes(blob)
+            if sys.byteorder == "big":
+                vector.byteswap()
+            result[chunk_id] = vector
+        return result
+
+    def chunks(self, base_id: int) -> list[ChunkRow]:
+        """Every chunk of the base, with its document's name, by document then place: to build an
+        index from. Indexed documents only (a document re-indexed is "indexed" again at once)."""
+        rows = self._read(_CHUNK + " WHERE c.base_id = ? ORDER BY c.document_id, c.idx", (base_id,))
+        return [ChunkRow(*row) for row in rows]
+
+    def chunk(self, base_id: int, chunk_id: int) -> ChunkRow | None:
+        """One chunk of the base, to show a source; None when it is gone."""
+        rows = self._read(_CHUNK + " WHERE c.base_id = ? AND c.id = ?", (base_id, chunk_id))
+        return ChunkRow(*rows[0]) if rows else None
+
+
+def _blob(vector: Sequence[float]) -> bytes:
+    """float32, little-endian whatever the machine (so a file moves between machines)."""
+    values = array("f", vector)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
+
+
+def _user(owner: str) -> None:
+    """A user's write: never as the shared owner."""
+    if not owner or owner == SHARED:
+        raise PermissionError("Shared knowledge bases are read-only.")
+
+
+def _base_name(name: str) -> str:
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("A knowledge base needs a name.")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"A knowledge base's name can be at most {MAX_NAME} characters long.")
+    return name
+
+
+def open_knowledge(data_dir: Path) -> tuple[KnowledgeStore, KnowledgeProblem | None]:
+    """The knowledge store in ``data_dir``, and what went wrong opening it, if anything. Never raises
+    for a bad file: a damaged one is moved aside and a new one started ("moved"); a damaged log is
+    moved aside ("wal_moved"); one that cannot be used at all gives an in-memory store ("unavailable")."""
+    path = Path(data_dir) / FILENAME
+    moved_to: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wal_problem: KnowledgeProblem | None = None
+        try:
+            return KnowledgeStore(path), None
+        except CorruptWalError as exc:
+            wal_problem = KnowledgeProblem("wal_moved", _companion(path, "-wal"), _move_wal_aside(path), str(exc))
+            log.warning("%s", wal_problem)
+        except CorruptStoreError as exc:
+            reason = str(exc)
+        if wal_problem is not None:
+            try:
+                return KnowledgeStore(path), wal_problem
+            except CorruptStoreError as exc:
+                reason = f"{exc}; its write-ahead log was damaged too ({wal_problem.reason})"
+        moved_to = _move_aside(path)
+        problem = KnowledgeProblem("moved", path, moved_to, reason)
+        store = KnowledgeStore(path)
+    except (OSError, sqlite3.Error, CorruptStoreError) as exc:
+        problem = KnowledgeProblem("unavailable", path, moved_to, f"{type(exc).__name__}: {exc}")
+        store = KnowledgeStore(":memory:")
+    log.warning("%s", problem)
+    return store, problem
