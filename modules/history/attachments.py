@@ -31,7 +31,7 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 FOLDER = "attachments"  # in the data folder
-GRACE_SECONDS = 24 * 3600.0  # a file this fresh is never collected: attached, and its question not yet saved
+GRACE_SECONDS = 600.0  # a file this fresh is never collected: attached (or imported), its message not yet saved
 IMAGE_MIMES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
 # Documents: any text/<subtype>, and these (what a document reader may turn into text).
 DOCUMENT_MIMES = frozenset({

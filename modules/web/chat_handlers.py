@@ -17,6 +17,7 @@ from modules.config import AppConfig
 from modules.core.chat import ChatService
 from modules.core.runs import RunLimitError
 from modules.core.streaming import Reply, ReplyRun
+from modules.history import attachments
 from modules.history.conversation import Conversation, Node, Turn, new_id
 from modules.history.records import new_message_id
 from modules.core import context
@@ -301,6 +302,7 @@ class ChatHandlers:
         deleted = conversation.delete_last_round()
         if deleted is not None and conversation.id:
             await asyncio.to_thread(self.store.delete_messages, owner, conversation.id, deleted, conversation.leaf)
+            await asyncio.to_thread(attachments.collect, self.store, self.attaching.files)  # files no one has now
         # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
         return (*self.view.shown(conversation, model_name, lang), self.view.history(conversation, query, lang))
 
