@@ -257,7 +257,9 @@ def test_pdf_text_of_every_page_with_its_page_count() -> None:
     data = pdf_pages([f"Page {n} says hello." for n in range(1, 4)])
     doc = read("report.pdf", data)
     assert (doc.kind, doc.pages, doc.mime) == ("pdf", 3, "application/pdf")
-    assert doc.text == "Page 1 says hello.\n\nPage 2 says hello.\n\nPage 3 says hello."
+    assert doc.text == "Page 1 says hello.\n\fPage 2 says hello.\n\fPage 3 says hello.".replace("\f", "\f\n")
+    # the model reads the pages apart by a blank line; a source can name its page (the form feeds)
+    assert "Page 1 says hello.\n\nPage 2 says hello." in document_block(doc) and "\f" not in document_block(doc)
 
 
 def test_a_pdf_is_read_as_one_whatever_its_name() -> None:
@@ -298,12 +300,12 @@ def test_a_pdf_with_more_pages_than_the_limit() -> None:
 
 def test_a_pdf_longer_than_the_limit_stops_being_read_at_once() -> None:
     data = pdf_pages(["y" * 80] * 10)  # 80 characters a page
-    assert read("r.pdf", data, max_chars=10_000).text == "\n\n".join(["y" * 80] * 10)
+    assert read("r.pdf", data, max_chars=10_000).text == "\n\f\n".join(["y" * 80] * 10)
     assert reason("r.pdf", data, max_chars=200) == "its text is over 240 characters; at most 200 are read"
     # the last page makes it too long: the whole text is counted
     assert reason("r.pdf", pdf_pages(["y" * 80] * 3), max_chars=200) \
-        == "its text is 244 characters; at most 200 are read"
-    assert len(read("r.pdf", pdf_pages(["y" * 80] * 3), max_chars=244).text) == 244
+        == "its text is 246 characters; at most 200 are read"
+    assert len(read("r.pdf", pdf_pages(["y" * 80] * 3), max_chars=246).text) == 246
 
 
 # -- DOCX ------------------------------------------------------------------------------------------

@@ -247,3 +247,20 @@ def test_bm25_recall_at_5_on_the_evaluation_set(size):
     print(f"\nBM25 recall@5 (chunks of {size} tokens, {len(chunks)} chunks): {recall:.3f} "
           f"(en {sum(hits['en'])}/{len(hits['en'])}, zh {sum(hits['zh'])}/{len(hits['zh'])})")
     assert recall >= 0.8
+
+
+def test_a_pdf_read_by_the_documents_reader_gives_chunks_their_pages() -> None:
+    """The whole way for a real PDF: pypdf's text, its page breaks, then the chunker's pages."""
+    from fpdf import FPDF
+
+    from modules.core.documents import read_document
+
+    pdf = FPDF()
+    for n in (1, 2, 3):
+        pdf.add_page()
+        pdf.set_font("Helvetica", size=12)
+        pdf.multi_cell(0, 8, f"Page {n} is about topic number {n}. " * 5)
+    doc = read_document("three.pdf", bytes(pdf.output()), max_chars=100_000, max_pages=10)
+    chunks = chunk_document(doc, size=40, overlap=0)
+    assert {c.page for c in chunks} == {1, 2, 3}
+    assert all(f"topic number {c.page}" in c.text for c in chunks)

@@ -208,6 +208,8 @@ def _checked(text: str, max_chars: int) -> str:
     return text
 
 
+PAGE_BREAK = "\n\f\n"  # between a PDF's pages in Document.text (the model gets a blank line)
+
 _MAX_CHAOS = 0.1  # charset-normalizer's "mess" ratio above which its answer is not taken
 # Languages Windows-1252 writes. charset-normalizer tells the Latin code pages (1250, 1252, 1257,
 # ISO 8859-x, Mac ...) apart poorly: for French in Latin-1 it ranks cp1257 first ("garēon").
@@ -411,7 +413,7 @@ def _read_pdf(data: bytes, *, max_chars: int, max_pages: int) -> tuple[str, int]
         chars += len(text)
         if chars > max_chars and number < pages:  # too long already: the rest is not read
             raise DocumentProblem(f"its text is over {chars:,} characters; at most {max_chars:,} are read")
-    text = "\n\n".join(parts)
+    text = PAGE_BREAK.join(parts)  # (where each page starts: a source's page number)
     if not text.strip():
         raise DocumentProblem("the PDF has no text layer (a scanned PDF?)")
     return _checked(text, max_chars), pages
@@ -500,5 +502,5 @@ def document_block(doc: Document) -> str:
     text cannot close the block early (a ``</document`` in it becomes ``<\\/document``)."""
     name = html.escape(_CONTROL.sub(" ", doc.name), quote=True)
     pages = f' pages="{doc.pages}"' if doc.pages is not None else ""
-    text = _CLOSING.sub(r"<\1\\/\2\3", doc.text)
+    text = _CLOSING.sub(r"<\1\\/\2\3", doc.text).replace(PAGE_BREAK, "\n\n")
     return f'<document name="{name}"{pages}>\n{text}\n</document>'
