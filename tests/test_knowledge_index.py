@@ -1,0 +1,206 @@
+"""The knowledge indexer (issue #14): real files in temp folders, a real store, real indexes."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fpdf import FPDF
+from pypdf import PdfWriter
+
+from modules.history import knowledge_index
+from modules.history.attachments import AttachmentFiles
+from modules.history.knowledge import KnowledgeStore
+from modules.history.knowledge_index import BaseNotFound, KnowledgeIndexer
+
+OWNER = "user:ann"
+
+
+def pdf_pages(texts: list[str]) -> bytes:
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=11)
+    for text in texts:
+        pdf.add_page()
+        pdf.multi_cell(0, 5, text)
+    return bytes(pdf.output())
+
+
+def encrypted(data: bytes) -> bytes:
+    writer = PdfWriter(clone_from=io.BytesIO(data))
+    writer.encrypt(user_password="secret", owner_password="owner", algorithm="RC4-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def make_folder(root: Path) -> Path:
+    folder = root / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.md").write_text("# Gardening\n\nTomatoes need plenty of sunlight and regular watering.\n",
+                                     "utf-8")
+    (folder / "sub" / "plain.txt").write_text("The lighthouse keeper logs every passing ship at dawn.\n", "utf-8")
+    (folder / "manual.pdf").write_bytes(pdf_pages(["The engine starts with the red lever.",
+                                                   "Replace the carburetor filter every spring."]))
+    (folder / "locked.pdf").write_bytes(encrypted(pdf_pages(["Secret reactor codes."])))
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a real PDF at all")
+    (folder / ".hidden.md").write_text("hidden walrus text", "utf-8")
+    (folder / "archive.zip").write_bytes(b"PK\x03\x04 not much of a zip")
+    return folder
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[KnowledgeIndexer, KnowledgeStore, int, Path]]:
+    store = KnowledgeStore(tmp_path / "knowledge.sqlite3")
+    files = AttachmentFiles(tmp_path / "attachments")
+    indexer = KnowledgeIndexer(store, files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
+    base = store.create_base(OWNER, "Mine")
+    yield indexer, store, base.id, make_folder(tmp_path)
+    store.close()
+
+
+def statuses(store: KnowledgeStore, base_id: int) -> dict[str, str]:
+    return {d.name: d.status for d in store.list_documents(OWNER, base_id)}
+
+
+def test_a_folder_is_added_indexed_in_order_and_searched(setup) -> None:
+    indexer, store, base_id, folder = setup
+    added = indexer.add_folder(OWNER, base_id, folder)
+    assert sorted(added.added) == ["broken.pdf", "locked.pdf", "manual.pdf", "notes.md", "sub/plain.txt"]
+    assert [name for name, _ in added.skipped] == ["archive.zip"]
+    assert all(reason for _, reason in added.skipped)
+    calls: list[tuple[int, int, str]] = []
+    report = indexer.index_pending(OWNER, base_id, lambda done, total, name: calls.append((done, total, name)))
+    pending_order = [d for d in added.added]  # added in walk order, pending oldest first
+    assert calls == [(i, 5, name) for i, name in enumerate(pending_order)]
+    failed = dict(report.failed)
+    assert set(failed) == {"broken.pdf", "locked.pdf"}
+    assert "password" in failed["locked.pdf"]
+    assert failed["broken.pdf"]
+    assert sorted(name for name, _ in report.indexed) == ["manual.pdf", "notes.md", "sub/plain.txt"]
+    assert statuses(store, base_id)["locked.pdf"] == "failed"
+
+    hits = indexer.search(OWNER, base_id, "carburetor filter")
+    assert hits and hits[0].document == "manual.pdf" and hits[0].page == 2
+    assert "carburetor" in hits[0].text and hits[0].score > 0
+    assert indexer.search(OWNER, base_id, "lighthouse ship")[0].document == "sub/plain.txt"
+    assert indexer.search(OWNER, base_id, "walrus") == []
+    assert indexer.search(OWNER, base_id, "reactor") == []
+
+
+def test_readding_the_folder_reindexes_only_the_changed_file_and_drops_removed_ones(setup) -> None:
+    indexer, store, base_id, folder = setup
+    indexer.add_folder(OWNER, base_id, folder)
+    indexer.index_pending(OWNER, base_id)
+    (folder / "notes.md").write_text("# Gardening\n\nCucumbers climb trellises in July.\n", "utf-8")
+    (folder / "sub" / "plain.txt").unlink()
+    again = indexer.add_folder(OWNER, base_id, folder)
+    assert again.replaced == ["notes.md"] and again.added == []
+    assert again.removed == ["sub/plain.txt"]
+    assert sorted(again.unchanged) == ["broken.pdf", "locked.pdf", "manual.pdf"]
+    assert [d.name for d in store.pending(OWNER, base_id)] == ["notes.md"]
+    # Search works on what is indexed so far while notes.md is pending: the new text is not there yet.
+    assert indexer.search(OWNER, base_id, "cucumbers trellises") == []
+    assert indexer.search(OWNER, base_id, "carburetor")[0].document == "manual.pdf"
+    assert indexer.search(OWNER, base_id, "lighthouse") == []  # its chunks left with it
+    seen: list[str] = []
+    report = indexer.index_pending(OWNER, base_id, lambda d, t, name: seen.append(name))
+    assert seen == ["notes.md"] and report.indexed == [("notes.md", 1)]
+    assert indexer.search(OWNER, base_id, "cucumbers trellises")[0].document == "notes.md"
+    assert indexer.search(OWNER, base_id, "tomatoes") == []
+    assert "sub/plain.txt" not in statuses(store, base_id)
+
+
+def test_add_files_names_them_by_file_name(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    report = indexer.add_files(OWNER, base_id, [folder / "notes.md", folder / "archive.zip", tmp_path / "nope.txt"])
+    assert report.added == ["notes.md"]
+    assert [name for name, _ in report.skipped] == ["archive.zip", "nope.txt"]
+    assert indexer.add_files(OWNER, base_id, [folder / "notes.md"]).unchanged == ["notes.md"]
+    indexer.index_pending(OWNER, base_id)
+    assert indexer.search(OWNER, base_id, "tomatoes sunlight")[0].section == "Gardening"
+
+
+def test_a_damaged_index_folder_is_moved_aside_and_rebuilt(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    indexer.add_folder(OWNER, base_id, folder)
+    indexer.index_pending(OWNER, base_id)
+    index_folder = tmp_path / "indexes" / str(base_id)
+    for path in index_folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage \x00\xff garbage")
+    fresh = KnowledgeIndexer(store, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
+    hits = fresh.search(OWNER, base_id, "carburetor")
+    assert hits and hits[0].document == "manual.pdf"
+    aside = [p.name for p in (tmp_path / "indexes").iterdir() if p.name.startswith(f"{base_id}.damaged-")]
+    assert len(aside) == 1
+    assert (tmp_path / "indexes" / aside[0] / "terms.npy").read_bytes() == b"garbage \x00\xff garbage"
+    # Rebuilt on disk: a third indexer loads it without moving anything aside.
+    third = KnowledgeIndexer(store, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
+    assert third.search(OWNER, base_id, "carburetor")[0].document == "manual.pdf"
+    assert len([p for p in (tmp_path / "indexes").iterdir() if ".damaged-" in p.name]) == 1
+
+
+def test_a_missing_index_is_built_from_the_stores_chunks(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    indexer.add_folder(OWNER, base_id, folder)
+    indexer.index_pending(OWNER, base_id)
+    import shutil
+
+    shutil.rmtree(tmp_path / "indexes" / str(base_id))
+    fresh = KnowledgeIndexer(store, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
+    assert fresh.search(OWNER, base_id, "lighthouse")[0].document == "sub/plain.txt"
+    assert (tmp_path / "indexes" / str(base_id) / "chunks.json").is_file()
+
+
+class Crash(BaseException):
+    pass
+
+
+def test_a_crash_mid_index_resumes_after_reopening(setup, tmp_path: Path, monkeypatch) -> None:
+    indexer, store, base_id, folder = setup
+    indexer.add_folder(OWNER, base_id, folder)
+    real = knowledge_index.chunk_document
+    calls = []
+
+    def crashing(doc, **options):
+        calls.append(doc.name)
+        if doc.name == "notes.md":
+            raise Crash()
+        return real(doc, **options)
+
+    monkeypatch.setattr(knowledge_index, "chunk_document", crashing)
+    with pytest.raises(Crash):
+        indexer.index_pending(OWNER, base_id)
+    assert statuses(store, base_id)["notes.md"] == "indexing"
+    monkeypatch.setattr(knowledge_index, "chunk_document", real)
+    store.close()
+
+    reopened = KnowledgeStore(tmp_path / "knowledge.sqlite3")
+    try:
+        assert reopened.resumed == 1
+        again = KnowledgeIndexer(reopened, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
+        names: list[str] = []
+        again.index_pending(OWNER, base_id, lambda d, t, name: names.append(name))
+        assert "notes.md" in names and "manual.pdf" not in names  # manual.pdf was indexed before the crash
+        assert again.search(OWNER, base_id, "tomatoes sunlight")[0].document == "notes.md"
+        assert again.search(OWNER, base_id, "carburetor")[0].document == "manual.pdf"
+    finally:
+        reopened.close()
+
+
+def test_another_owner_can_neither_search_nor_add(setup) -> None:
+    indexer, store, base_id, folder = setup
+    indexer.add_folder(OWNER, base_id, folder)
+    indexer.index_pending(OWNER, base_id)
+    with pytest.raises(BaseNotFound):
+        indexer.search("user:bob", base_id, "carburetor")
+    with pytest.raises(BaseNotFound):
+        indexer.add_files("user:bob", base_id, [folder / "notes.md"])
+    with pytest.raises(BaseNotFound):
+        indexer.add_folder("user:bob", base_id, folder)
+    with pytest.raises(BaseNotFound):
+        indexer.index_pending("user:bob", base_id)
+    assert len(store.list_documents(OWNER, base_id)) == 5
+    assert indexer.search(OWNER, base_id, "carburetor")
