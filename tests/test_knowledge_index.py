@@ -204,3 +204,49 @@ def test_another_owner_can_neither_search_nor_add(setup) -> None:
         indexer.index_pending("user:bob", base_id)
     assert len(store.list_documents(OWNER, base_id)) == 5
     assert indexer.search(OWNER, base_id, "carburetor")
+
+
+def test_a_crash_while_saving_the_index_leaves_the_previous_one_whole(setup, tmp_path: Path, monkeypatch) -> None:
+    indexer, store, base_id, folder = setup
+    indexer.add_files(OWNER, base_id, [folder / "manual.pdf"])
+    indexer.index_pending(OWNER, base_id)
+    real_save = knowledge_index.LexicalIndex.save
+
+    def half_save(self, target):
+        real_save(self, target)
+        (Path(target) / "manifest.json").unlink()  # as if cut short before the manifest
+        raise Crash()
+
+    monkeypatch.setattr(knowledge_index.LexicalIndex, "save", half_save)
+    indexer.add_files(OWNER, base_id, [folder / "notes.md"])
+    with pytest.raises(Crash):
+        indexer.index_pending(OWNER, base_id)
+    monkeypatch.setattr(knowledge_index.LexicalIndex, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "indexes").iterdir()) == [str(base_id)]  # no temp folder left
+    fresh = KnowledgeIndexer(store, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
+    assert fresh.search(OWNER, base_id, "carburetor")[0].document == "manual.pdf"
+    assert fresh.search(OWNER, base_id, "tomatoes") == []  # the old index, loaded as it was
+    assert sorted(p.name for p in (tmp_path / "indexes").iterdir()) == [str(base_id)]  # nothing moved aside
+
+
+def test_two_threads_indexing_one_base_index_each_document_once(setup) -> None:
+    import threading
+
+    indexer, store, base_id, folder = setup
+    indexer.add_folder(OWNER, base_id, folder)
+    seen: list[str] = []
+    reports = []
+    barrier = threading.Barrier(2)
+
+    def run() -> None:
+        barrier.wait()
+        reports.append(indexer.index_pending(OWNER, base_id, lambda d, t, name: seen.append(name)))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == ["broken.pdf", "locked.pdf", "manual.pdf", "notes.md", "sub/plain.txt"]
+    assert sum(len(r.indexed) + len(r.failed) for r in reports) == 5
+    assert indexer.search(OWNER, base_id, "lighthouse")[0].document == "sub/plain.txt"
