@@ -45,11 +45,9 @@ from modules.history.store import (
     CorruptWalError,
     _check_header,
     _check_wal,
-    _companion,
     _is_damage,
-    _move_aside,
-    _move_wal_aside,
     _open_elsewhere,
+    open_sqlite,
 )
 
 log = logging.getLogger(__name__)
@@ -508,28 +506,4 @@ def open_knowledge(data_dir: Path) -> tuple[KnowledgeStore, KnowledgeProblem | N
     """The knowledge store in ``data_dir``, and what went wrong opening it, if anything. Never raises
     for a bad file: a damaged one is moved aside and a new one started ("moved"); a damaged log is
     moved aside ("wal_moved"); one that cannot be used at all gives an in-memory store ("unavailable")."""
-    path = Path(data_dir) / FILENAME
-    moved_to: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        wal_problem: KnowledgeProblem | None = None
-        try:
-            return KnowledgeStore(path), None
-        except CorruptWalError as exc:
-            wal_problem = KnowledgeProblem("wal_moved", _companion(path, "-wal"), _move_wal_aside(path), str(exc))
-            log.warning("%s", wal_problem)
-        except CorruptStoreError as exc:
-            reason = str(exc)
-        if wal_problem is not None:
-            try:
-                return KnowledgeStore(path), wal_problem
-            except CorruptStoreError as exc:
-                reason = f"{exc}; its write-ahead log was damaged too ({wal_problem.reason})"
-        moved_to = _move_aside(path)
-        problem = KnowledgeProblem("moved", path, moved_to, reason)
-        store = KnowledgeStore(path)
-    except (OSError, sqlite3.Error, CorruptStoreError) as exc:
-        problem = KnowledgeProblem("unavailable", path, moved_to, f"{type(exc).__name__}: {exc}")
-        store = KnowledgeStore(":memory:")
-    log.warning("%s", problem)
-    return store, problem
+    return open_sqlite(Path(data_dir) / FILENAME, KnowledgeStore, KnowledgeProblem)

@@ -893,32 +893,40 @@ def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
     or a file of an older schema that cannot be upgraded (left as it was, and tried
     again next time), gives an in-memory store ("unavailable").
     """
-    path = Path(data_dir) / FILENAME
+    return open_sqlite(Path(data_dir) / FILENAME, SQLiteStore, StoreProblem, also=(UpgradeError,))
+
+
+def open_sqlite(path: Path, opener: Callable[[Any], Any], problem: Callable[..., Any],
+                also: tuple[type[BaseException], ...] = ()) -> tuple[Any, Any]:
+    """``opener(path)`` (a store on a SQLite file, which raises CorruptStoreError or CorruptWalError
+    for damage), recovering as :func:`open_store` says; ``problem(kind, path, moved_to, reason)``
+    makes what is returned about it (None when all went well). ``also``: more exceptions that
+    mean "cannot be used". Shared by every store the app keeps in SQLite."""
     moved_to: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        wal_problem: StoreProblem | None = None
+        wal_problem = None
         try:
-            return SQLiteStore(path), None
+            return opener(path), None
         except CorruptWalError as exc:
-            wal_problem = StoreProblem("wal_moved", _companion(path, "-wal"), _move_wal_aside(path), str(exc))
+            wal_problem = problem("wal_moved", _companion(path, "-wal"), _move_wal_aside(path), str(exc))
             log.warning("%s", wal_problem)
         except CorruptStoreError as exc:
             reason = str(exc)
         if wal_problem is not None:
             try:
-                return SQLiteStore(path), wal_problem
+                return opener(path), wal_problem
             except CorruptStoreError as exc:  # the main file is damaged too
                 reason = (f"{exc}; its write-ahead log was damaged too ({wal_problem.reason}) "
                           f"and was moved to {wal_problem.moved_to}")
         moved_to = _move_aside(path)
-        problem = StoreProblem("moved", path, moved_to, reason)
-        store = SQLiteStore(path)
-    except (OSError, sqlite3.Error, CorruptStoreError, UpgradeError) as exc:
-        problem = StoreProblem("unavailable", path, moved_to, f"{type(exc).__name__}: {exc}")
-        store = SQLiteStore(":memory:")
-    log.warning("%s", problem)
-    return store, problem
+        found = problem("moved", path, moved_to, reason)
+        store = opener(path)
+    except (OSError, sqlite3.Error, CorruptStoreError, *also) as exc:
+        found = problem("unavailable", path, moved_to, f"{type(exc).__name__}: {exc}")
+        store = opener(":memory:")
+    log.warning("%s", found)
+    return store, found
 
 
 # -- backups ---------------------------------------------------------------------------------
