@@ -126,7 +126,6 @@ class ChatHandlers:
             taken = await self.attaching.take(paths, lang)
             if taken.problems:
                 conversation.notice = "⚠️ " + " ".join([*taken.problems, self.t.text(lang, "attach.kept")])
-                gr.Warning(conversation.notice)
                 return ({"text": raw, "files": taken.kept_paths}, gr.skip(), gr.skip(), gr.skip(), conversation.notice,
                         gr.skip(), gr.skip())
             self.keeper.owner(conversation, request)
