@@ -34,7 +34,7 @@ import threading
 import time
 from array import array
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ from modules.history.store import (
     _is_damage,
     _open_elsewhere,
     open_sqlite,
+    transaction,
 )
 
 log = logging.getLogger(__name__)
@@ -250,16 +251,8 @@ class KnowledgeStore:
             log.info("%d document(s) were being indexed when the app stopped; they will be indexed again",
                      self.resumed)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._conn)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -488,17 +488,8 @@ class SQLiteStore(HistoryStore):
                                "it was left as it was") from exc
         log.info("Upgraded the history file %s from schema version 2 to %d", self.path, SCHEMA_VERSION)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any error)."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._conn)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -681,6 +672,20 @@ class SQLiteStore(HistoryStore):
             thread.join(timeout=10)
 
 
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on ``conn`` (``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any
+    error), for every SQLite store of the app (the caller holds its lock)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 # -- rows ------------------------------------------------------------------------------------
