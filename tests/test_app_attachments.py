@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 
 from modules.web.render import body_of
 from tests.conftest import fake_model_entry
+from tests.fakes.documents import encrypted, pdf_pages
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests.test_app_history import Session, message_text, sessions  # noqa: F401 (a fixture)
 
@@ -32,22 +33,6 @@ def png(path: Path, size: tuple[int, int] = (64, 48), colour: str = "red") -> Pa
     PILImage.new("RGB", size, colour).save(path, "PNG")
     return path
 
-
-def encrypted_pdf(path: Path) -> Path:
-    from fpdf import FPDF
-    from pypdf import PdfReader, PdfWriter
-
-    pdf = FPDF()
-    pdf.add_page()
-    pdf.set_font("Helvetica", size=12)
-    pdf.cell(0, 10, "secret")
-    plain = io.BytesIO(pdf.output())
-    writer = PdfWriter()
-    writer.append(PdfReader(plain))
-    writer.encrypt("pass")
-    with open(path, "wb") as out:
-        writer.write(out)
-    return path
 
 
 def start(fake: FakeOpenAIServer, launch_app, mode: str = "shared", vision: bool = True, **config: Any) -> str:
@@ -164,7 +149,7 @@ def test_bad_files_get_a_sentence_and_lose_nothing(launch_app, sessions, tmp_pat
     binary.write_bytes(b"MZ\x90\x00" + bytes(range(256)) * 4)
     good = png(tmp_path / "good.png")
     locked = tmp_path / "locked.pdf"
-    encrypted_pdf(locked)
+    locked.write_bytes(encrypted(pdf_pages(["secret"])))
     with FakeOpenAIServer() as fake:
         page = sessions(start(fake, launch_app, attachments={"max_mb": 0.02, "max_files": 3}))
         for bad, reason in ((big, "MB"), (broken, ""), (binary, "cannot be read"), (locked, "password")):

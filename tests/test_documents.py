@@ -16,29 +16,15 @@ import docx
 import pytest
 from fpdf import FPDF
 from PIL import Image as PILImage
-from pypdf import PdfReader, PdfWriter
+from pypdf import PdfReader
 
 from modules.core.documents import Document, DocumentProblem, document_block, kind_of, read_document
+from tests.fakes.documents import encrypted, pdf_pages
 
 LIMITS = {"max_chars": 100_000, "max_pages": 50}
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-def pdf_pages(texts: list[str]) -> bytes:
-    pdf = FPDF()
-    pdf.set_font("helvetica", size=11)
-    for text in texts:
-        pdf.add_page()
-        pdf.multi_cell(0, 5, text)
-    return bytes(pdf.output())
-
-
-def encrypted(data: bytes, user: str, owner: str = "owner") -> bytes:
-    writer = PdfWriter(clone_from=io.BytesIO(data))
-    writer.encrypt(user_password=user, owner_password=owner, algorithm="RC4-128")
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 def scanned_pdf() -> bytes:

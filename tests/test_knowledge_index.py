@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fpdf import FPDF
-from pypdf import PdfWriter
 
 from modules.history import knowledge_index
 from modules.history.attachments import AttachmentFiles
 from modules.history.knowledge import KnowledgeStore
 from modules.history.knowledge_index import BaseNotFound, KnowledgeIndexer
+from tests.fakes.documents import encrypted, pdf_pages
 
 OWNER = "user:ann"
-
-
-def pdf_pages(texts: list[str]) -> bytes:
-    pdf = FPDF()
-    pdf.set_font("helvetica", size=11)
-    for text in texts:
-        pdf.add_page()
-        pdf.multi_cell(0, 5, text)
-    return bytes(pdf.output())
-
-
-def encrypted(data: bytes) -> bytes:
-    writer = PdfWriter(clone_from=io.BytesIO(data))
-    writer.encrypt(user_password="secret", owner_password="owner", algorithm="RC4-128")
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 def make_folder(root: Path) -> Path:

@@ -40,16 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modules.history.attachments import is_digest
-from modules.history.store import (
-    CorruptStoreError,
-    CorruptWalError,
-    _check_header,
-    _check_wal,
-    _is_damage,
-    _open_elsewhere,
-    open_sqlite,
-    transaction,
-)
+from modules.history.store import CorruptStoreError, StoreProblem, connect_checked, open_sqlite, transaction
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +151,7 @@ class ChunkRow:
 
 
 @dataclass(frozen=True)
-class KnowledgeProblem:
+class KnowledgeProblem(StoreProblem):
     """Why the knowledge bases are not (or no longer) where they were: for the log and the UI.
 
     "moved": the file was damaged, moved to ``moved_to``, and a new one started (the bases must
@@ -168,12 +159,7 @@ class KnowledgeProblem:
     opened without it. "unavailable": the file cannot be used; bases live in memory for this run.
     """
 
-    kind: Literal["moved", "unavailable", "wal_moved"]
-    path: Path
-    moved_to: Path | None
-    reason: str
-
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # (the fields are the history's: kind, path, moved_to, reason)
         if self.kind == "moved":
             return (f"The knowledge base file {self.path} was damaged ({self.reason}); it was moved to "
                     f"{self.moved_to} and new, empty knowledge bases were started.")
@@ -195,24 +181,11 @@ class KnowledgeStore:
         self.path = path
         self._lock = threading.Lock()
         self.resumed = 0  # documents found "indexing" on open (a crash), now pending again
-        if str(path) != ":memory:":
-            _check_header(Path(path))
-            try:
-                _check_wal(Path(path))
-            except CorruptWalError:
-                if not _open_elsewhere(Path(path)):
-                    raise
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        try:
-            self._prepare()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            if _is_damage(exc):
-                raise CorruptStoreError(str(exc)) from exc
-            raise
-        except BaseException:
-            self._conn.close()
-            raise
+        self._conn = connect_checked(path, self._prepare_on)
+
+    def _prepare_on(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._prepare()
 
     def _prepare(self) -> None:
         conn = self._conn

@@ -360,28 +360,7 @@ class SQLiteStore(HistoryStore):
         self._closed = False
         self._last_checkpoint = time.monotonic()
         self._checkpointer: threading.Thread | None = None
-        if str(path) != ":memory:":
-            _check_header(Path(path))
-            try:
-                _check_wal(Path(path))
-            except CorruptWalError as exc:
-                # A log another process has open is its own (a second app on the same folder, a tool):
-                # what looks damaged may be a write it is making right now. Never taken from under it.
-                if not _open_elsewhere(Path(path)):
-                    raise
-                log.warning("The history's write-ahead log looks damaged (%s), but another process has the "
-                            "history open: it is left as it is", exc)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        try:
-            self._prepare()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            if _is_damage(exc):
-                raise CorruptStoreError(str(exc)) from exc
-            raise
-        except BaseException:
-            self._conn.close()
-            raise
+        self._conn = connect_checked(path, self._prepare_on)
         if self._wal:
             self._dirty = True  # opening wrote (user_version); a new file has its schema in the log only
             # The thread holds the store only weakly: a store dropped without close() is still
@@ -393,6 +372,10 @@ class SQLiteStore(HistoryStore):
             self._checkpointer.start()
 
     # -- opening -------------------------------------------------------------------------
+    def _prepare_on(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._prepare()
+
     def _prepare(self) -> None:
         """Check the file, read-only (a damaged file is moved aside as it was), then set it up."""
         conn = self._conn
@@ -672,6 +655,38 @@ class SQLiteStore(HistoryStore):
             thread.join(timeout=10)
 
 
+
+
+def connect_checked(path: str | Path, prepare: Callable[[sqlite3.Connection], None]) -> sqlite3.Connection:
+    """A connection to the SQLite file ``path`` (or ``":memory:"``) once ``prepare(conn)`` (the
+    store's own checks and set-up) went through, for every SQLite store of the app.
+
+    The file and its write-ahead log are checked before SQLite sees them (CorruptStoreError,
+    CorruptWalError); a log another process has open is its own (a second app on the same folder,
+    a tool): what looks damaged may be a write it is making right now, and it is never taken from
+    under it. Damage found by ``prepare`` is a CorruptStoreError; the connection is closed on any
+    failure."""
+    if str(path) != ":memory:":
+        _check_header(Path(path))
+        try:
+            _check_wal(Path(path))
+        except CorruptWalError as exc:
+            if not _open_elsewhere(Path(path)):
+                raise
+            log.warning("The write-ahead log of %s looks damaged (%s), but another process has it open: "
+                        "it is left as it is", path, exc)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        prepare(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if _is_damage(exc):
+            raise CorruptStoreError(str(exc)) from exc
+        raise
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 @contextmanager
