@@ -135,6 +135,48 @@ class AttachmentsConfig(_Section):
     max_pdf_pages: int = Field(2000, ge=1, description="Most pages read from one PDF.")
 
 
+class EmbeddingsConfig(_Section):
+    """An OpenAI-compatible ``/v1/embeddings`` endpoint (OpenAI, Azure, Ollama, llama.cpp's server):
+    dense retrieval beside BM25, fused by reciprocal rank."""
+
+    base_url: str = Field(description="The API's base URL, e.g. http://127.0.0.1:11434/v1 (…/embeddings is added).")
+    model: str = Field(min_length=1, description="The embedding model's name, as the endpoint knows it.")
+    api_key: SecretStr | None = Field(None, description="Bearer key, if the endpoint needs one (or api_key_env).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key.")
+    batch: int = Field(64, ge=1, le=2048, description="Texts per request while indexing.")
+    timeout_seconds: float = Field(30.0, gt=0, le=600, description="Longest wait for one request.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url
+
+
+class SharedBaseConfig(_Section):
+    """A knowledge base every user may read (none may change it): a folder the app keeps indexed."""
+
+    name: str = Field(min_length=1, max_length=200, description="The base's name, as users see it.")
+    folder: str = Field(min_length=1, description="The folder of its documents (read at start, again at each start).")
+
+
+class KnowledgeConfig(_Section):
+    """Knowledge bases: documents a reply answers from, citing them. Offline by default (BM25)."""
+
+    enabled: bool = Field(True, description="Show knowledge bases on the page and answer from them.")
+    top_k: int = Field(5, ge=1, le=50, description="Passages retrieved for each question.")
+    max_share: float = Field(0.5, gt=0, le=0.9, description=(
+        "Most of the prompt's token budget the passages may take; the lowest-ranked ones that do not "
+        "fit are left out, and the reply says so."))
+    embeddings: EmbeddingsConfig | None = Field(None, description="Dense retrieval beside BM25 (none: BM25 only).")
+    bases: list[SharedBaseConfig] = Field(default_factory=list, description=(
+        "Shared, read-only bases from folders on the server; a model entry's knowledge: [names] answers from them."))
+    max_bases: int = Field(50, ge=1, le=10000, description="Most bases one owner may create.")
+    max_documents: int = Field(5000, ge=1, description="Most documents in one base.")
+
+
 class HistoryConfig(_Section):
     """Where conversations are kept, and whose they are."""
 
@@ -195,10 +237,14 @@ class AppConfig(_Section):
     runs: RunsConfig = Field(default_factory=RunsConfig)
     attachments: AttachmentsConfig = Field(default_factory=AttachmentsConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     templates_dir: str = Field("templates", description="Folder of prompt template collections (YAML, JSON, CSV).")
     models: list[ModelConfig] = Field(default_factory=list)
+    # The shared knowledge bases (names) each model answers from, by model name (a model entry's
+    # ``knowledge:`` list; the entry itself goes to its provider without it).
+    model_knowledge: dict[str, list[str]] = Field(default_factory=dict)
 
     @field_validator("language")
     @classmethod
@@ -211,11 +257,24 @@ class AppConfig(_Section):
         return [m.name for m in self.models]
 
 
+def _knowledge_of(entry: dict[str, Any], key: str, file: str) -> list[str]:
+    """A model entry's ``knowledge:`` (names of shared bases), taken out of the entry."""
+    names = entry.pop("knowledge", None)
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(file, f"{key}.knowledge", "must be a list of knowledge base names (from knowledge.bases)")
+    return list(dict.fromkeys(n.strip() for n in names))
+
+
 def _resolve_model_entry(raw: Any, index: int, env: Mapping[str, str], file: str) -> ModelConfig:
     key = f"models[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(file, key, "must be a mapping with at least 'provider' and 'name'")
     entry = dict(raw)
+    entry.pop("knowledge", None)  # (read by _knowledge_of)
     env_name = entry.pop("api_key_env", None)
     if env_name and env.get(env_name):
         entry["api_key"] = env[env_name]
@@ -275,6 +334,23 @@ def build_config(
         if name not in config.openai.models:
             raise ConfigError(file, f"openai.prices.{name}", "not one of openai.models (a price for which model?)")
     models = [_resolve_model_entry(raw, i, env, file) for i, raw in enumerate(raw_models)]
+    shared = {b.name for b in config.knowledge.bases}
+    seen_bases: set[str] = set()
+    for i, base in enumerate(config.knowledge.bases):
+        if base.name in seen_bases:
+            raise ConfigError(file, f"knowledge.bases[{i}].name", f"duplicate knowledge base name {base.name!r}")
+        seen_bases.add(base.name)
+    for i, (raw, model) in enumerate(zip(raw_models, models)):
+        names = _knowledge_of(dict(raw), f"models[{i}]", file)
+        for name in names:
+            if name not in shared:
+                raise ConfigError(file, f"models[{i}].knowledge", f"{name!r} is not one of knowledge.bases "
+                                  "(a model answers from shared bases, listed there with their folders)")
+        if names:
+            config.model_knowledge[model.name] = names
+    embeddings = config.knowledge.embeddings
+    if embeddings is not None and embeddings.api_key_env and env.get(embeddings.api_key_env):
+        embeddings.api_key = SecretStr(env[embeddings.api_key_env])
     if config.openai.api_key and config.openai.api_key.get_secret_value():
         models += [
             validate_entry(
