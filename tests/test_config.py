@@ -353,3 +353,42 @@ def test_every_commented_model_example_is_a_valid_entry():
             entry["api_key"] = "example-key"
         build_config({"models": [entry]}, file="config_example.yaml", env={})
     assert providers == {"openai", "azure", "langchain", "promptflow"}
+
+
+# -- knowledge bases (issue #14) ---------------------------------------------------------------------
+SHARED_BASES = {"bases": [{"name": "Handbook", "folder": "docs"}]}
+
+
+def test_a_model_entry_answers_from_shared_bases_named_in_knowledge():
+    config = build_config({"knowledge": SHARED_BASES, "models": [
+        {"provider": "embedded", "name": "Handbook assistant", "knowledge": ["Handbook"]},
+        {"provider": "embedded", "name": "Plain"}]}, env={})
+    assert config.model_knowledge == {"Handbook assistant": ["Handbook"]}
+    assert [m.name for m in config.models] == ["Handbook assistant", "Plain"]
+    assert not hasattr(config.models[0], "knowledge")  # (the provider never sees it)
+
+
+@pytest.mark.parametrize("data, key, words", [
+    ({"models": [{"provider": "embedded", "name": "A", "knowledge": ["Nope"]}], "knowledge": SHARED_BASES},
+     "models[0].knowledge", "'Nope' is not one of knowledge.bases"),
+    ({"models": [{"provider": "embedded", "name": "A", "knowledge": [3]}]}, "models[0].knowledge", "list of knowledge base names"),
+    ({"knowledge": {"bases": [{"name": "H", "folder": "a"}, {"name": "H", "folder": "b"}]}},
+     "knowledge.bases[1].name", "duplicate knowledge base name 'H'"),
+    ({"knowledge": {"embeddings": {"base_url": "localhost:11434", "model": "m"}}}, "knowledge.embeddings.base_url",
+     "is not an http(s) URL"),
+    ({"knowledge": {"max_share": 1.5}}, "knowledge.max_share", ""),
+    ({"knowledge": {"bases": [{"name": "H"}]}}, "knowledge.bases.0.folder", ""),
+])
+def test_a_bad_knowledge_setting_names_its_key(data, key, words):
+    with pytest.raises(ConfigError) as caught:
+        build_config(data, file="config.yaml", env={})
+    assert caught.value.file == "config.yaml"
+    assert caught.value.key.replace("[", ".").replace("]", "") == key.replace("[", ".").replace("]", "")
+    assert words in caught.value.problem
+
+
+def test_the_embeddings_key_comes_from_its_environment_variable_and_stays_secret():
+    config = build_config({"knowledge": {"embeddings": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                                        "api_key_env": "EMBED_KEY"}}}, env={"EMBED_KEY": "sk-embed-123456"})
+    assert config.knowledge.embeddings.api_key.get_secret_value() == "sk-embed-123456"
+    assert "sk-embed-123456" not in repr(config)

@@ -22,11 +22,12 @@ outlives the page, as ``runs.unwatched`` says, and is bounded by ``runs.max_per_
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Awaitable, Callable, Hashable, Mapping
+from typing import Any, Awaitable, Callable, Hashable, Mapping, Sequence
 
-from modules.config import ContextConfig, RunsConfig
-from modules.core import accounting, context, tokens
+from modules.config import ContextConfig, KnowledgeConfig, RunsConfig
+from modules.core import accounting, context, grounding, tokens
 from modules.core.context import CONTINUE_INSTRUCTION
 from modules.core.runs import ReplyRuns
 from modules.core.sentences import error_message
@@ -42,8 +43,13 @@ Save = Callable[[ReplyRun], Awaitable[None]]
 class ChatService:
     def __init__(self, models: Mapping[str, ChatModel], *, translator: Translator,
                  context_config: ContextConfig | None = None, runs_config: RunsConfig | None = None,
-                 pacer: Pacer | None = None, max_live_runs: int = 1024, checkpoint_seconds: float = 1.0):
+                 pacer: Pacer | None = None, max_live_runs: int = 1024, checkpoint_seconds: float = 1.0,
+                 knowledge_config: KnowledgeConfig | None = None):
         self.models = models
+        self.knowledge = knowledge_config or KnowledgeConfig()
+        # What a model answers from whatever the front end (a model entry's ``knowledge:``), by
+        # model name: set once by the app's wiring (``bind``), read by every request.
+        self.bound: dict[str, grounding.Retriever] = {}
         self.t = translator
         self.context = context_config or ContextConfig()
         self.config = runs_config or RunsConfig()
@@ -53,13 +59,44 @@ class ChatService:
                               keep_seconds=max(30.0, self.config.unwatched_grace_seconds))
         self.secrets = [s for m in models.values() for s in m.secrets()]
 
+    def bind(self, model_name: str, retriever: grounding.Retriever) -> None:
+        """At wiring time: ``model_name`` answers from ``retriever`` for every front end."""
+        self.bound[model_name] = retriever
+
     # -- the steps ---------------------------------------------------------------------------------
     async def fit(self, model: ChatModel, messages: list[Message], options: GenerationOptions,
-                  summary: tuple[int, str] | None = None) -> tuple[context.Fit, tuple[int, str] | None]:
-        """``messages`` fitted to ``model``'s context, and the summary to keep for next time."""
+                  summary: tuple[int, str] | None = None, *, retriever: grounding.Retriever | None = None,
+                  query: str | None = None, sources: Sequence[dict[str, Any]] | None = None,
+                  ) -> tuple[context.Fit, tuple[int, str] | None]:
+        """``messages`` fitted to ``model``'s context, and the summary to keep for next time.
+
+        Passages for the question come from the model's own bases (:meth:`bind`) and
+        ``retriever`` (a conversation's), searched with ``query`` (default: the last user
+        message), and are fitted with the rest (:func:`context.fit_grounded`); ``sources``
+        instead: the passages an earlier reply had (a continuation cites the same ones)."""
+        if sources is not None:
+            passages = grounding.from_sources(sources)
+        else:
+            passages = await self.retrieve(model, messages, retriever, query)
         return await context.fit_request(messages, model, options, summary=summary,
                                          reserve_default=self.context.reserve_output_tokens,
-                                         strategy=self.context.strategy)
+                                         strategy=self.context.strategy, passages=passages,
+                                         max_share=self.knowledge.max_share)
+
+    async def retrieve(self, model: ChatModel, messages: list[Message], retriever: grounding.Retriever | None,
+                       query: str | None = None) -> list[grounding.Passage]:
+        """The passages for the question (off the event loop); [] when nothing is searched, or
+        when searching failed (logged: the question is answered without them)."""
+        retrievers = [r for r in (self.bound.get(model.name), retriever) if r is not None]
+        query = grounding.query_of(messages) if query is None else query
+        if not retrievers or not query.strip():
+            return []
+        chosen = retrievers[0] if len(retrievers) == 1 else grounding.Retrievers(retrievers)
+        try:
+            return await asyncio.to_thread(chosen.retrieve, query, self.knowledge.top_k)
+        except Exception:  # a retriever's bug: the question is still answered
+            log.exception("retrieval for %r failed", model.name)
+            return []
 
     @staticmethod
     def continuation(model: ChatModel, messages: list[Message], partial: str) -> list[Message]:
@@ -85,6 +122,10 @@ class ChatService:
                       dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
         if continuing is not None:
             reply.continue_from(continuing)
+        if fit.passages:  # the sources first: a viewer (and /score) has them before any token
+            reply.outputs[grounding.SOURCES] = grounding.sources(fit.passages)
+            if fit.passages_left_out:
+                reply.outputs[grounding.LEFT_OUT] = fit.passages_left_out
 
         async def finish(run: ReplyRun) -> None:
             await self.settle(run.reply, model)

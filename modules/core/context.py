@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from modules.core import images, tokens
+from modules.core import grounding, images, tokens
 from modules.providers import ChatModel, GenerationOptions, Message, errors
 
 SUMMARY_INSTRUCTION = (
@@ -46,6 +46,8 @@ class Fit:
     exact: bool
     budget: int  # tokens the prompt may use: context size minus the reserve for the reply
     summarized: bool = False  # the dropped rounds are replaced by a summary (a system message)
+    passages: list[grounding.Passage] = field(default_factory=list)  # the passages sent with the question
+    passages_left_out: int = 0  # passages found but left out to fit
 
     @property
     def overflows(self) -> bool:
@@ -129,23 +131,56 @@ def with_summary(result: Fit, summary: str, model_id: str) -> Fit:
     note = Message("system", SUMMARY_PREFIX + summary.strip())
     messages = [*system, note, *result.messages[len(system):]]
     prompt, exact = count(messages, model_id)
-    return Fit(messages, result.dropped, result.dropped_rounds, prompt, exact, result.budget, summarized=True)
+    return replace(result, messages=messages, prompt_tokens=prompt, exact=exact, summarized=True)
+
+
+def fit_grounded(messages: list[Message], passages: list[grounding.Passage], model_id: str, context_size: int,
+                 reserve: int, max_share: float) -> Fit:
+    """:func:`fit` with ``passages`` put into the question (:func:`grounding.ground`), best first,
+    as many as fit: together they take at most ``max_share`` of the prompt's budget, and never
+    what the system prompt and the question need (so they cannot make it overflow); the rest are
+    left out (``passages_left_out``). Earlier rounds then make room as usual."""
+    system, _, current = _rounds(messages)
+    at = len(messages) - len(current)  # the question's place
+    if not passages or not current or current[0].role != "user":
+        return fit(messages, model_id, context_size, reserve)
+    budget = context_size - reserve
+    needed = count([*system, *current], model_id)[0]
+    room = min(int(budget * max_share), budget - needed)
+    framing = tokens.count(f"{grounding.INSTRUCTION}\n\n\n\n{grounding.QUESTION} ", model_id)[0]
+    kept: list[grounding.Passage] = []
+    used = framing
+    for passage in passages:
+        cost = tokens.count(grounding.block([passage]) + "\n\n", model_id)[0]
+        if used + cost > room:
+            break  # (lower-ranked ones are left out too: the order is the retriever's)
+        kept.append(passage)
+        used += cost
+    while True:
+        grounded = [*messages[:at], grounding.ground(messages[at], kept), *messages[at + 1:]]
+        result = fit(grounded, model_id, context_size, reserve)
+        if not result.overflows or not kept:  # (token counts of joined texts may differ by a few)
+            return replace(result, passages=kept, passages_left_out=len(passages) - len(kept))
+        kept.pop()
 
 
 async def fit_request(messages: list[Message], model: ChatModel, options: GenerationOptions, *,
                       reserve_default: int, strategy: Literal["trim", "summarize"] = "trim",
-                      summary: tuple[int, str] | None = None) -> tuple[Fit, tuple[int, str] | None]:
+                      summary: tuple[int, str] | None = None, passages: list[grounding.Passage] | None = None,
+                      max_share: float = 0.5) -> tuple[Fit, tuple[int, str] | None]:
     """The request for the last question, fitted to ``model``'s context: what every front end sends.
 
     Counting runs off the event loop for long histories. With the "summarize" strategy the
     rounds left out are summarised by the model; ``summary`` is a cache, ``(rounds covered,
     text)``, extended only when more rounds drop (a conversation keeps it; a one-off request
-    passes None). Returns the fit (``overflows`` when the question alone is too long) and the
-    summary cache to keep. A failed summary leaves the rounds simply out.
+    passes None). ``passages``: retrieved for the question, fitted with it (:func:`fit_grounded`).
+    Returns the fit (``overflows`` when the question alone is too long) and the summary cache to
+    keep. A failed summary leaves the rounds simply out.
     """
     reserve = reserve_for_reply(model.context_size, options, reserve_default)
-    result = await tokens.off_loop(fit, messages, model.model_id, model.context_size, reserve,
-                                   chars=sum(len(m.content) for m in messages))
+    chars = sum(len(m.content) for m in messages) + sum(len(p.text) for p in passages or ())
+    result = await tokens.off_loop(fit_grounded, messages, list(passages or ()), model.model_id, model.context_size,
+                                   reserve, max_share, chars=chars)
     if not result.dropped_rounds or strategy != "summarize":
         return result, summary
     covered, text = summary or (0, "")

@@ -104,6 +104,17 @@ def sources(passages: Sequence[Passage]) -> list[dict[str, Any]]:
     return [p.source(n) for n, p in enumerate(passages, 1)]
 
 
+def from_sources(sources: Sequence[dict[str, Any]]) -> list[Passage]:
+    """The passages of a reply's ``sources`` output (as :func:`sources` wrote them), in order."""
+    passages = []
+    for source in sources:
+        if isinstance(source, dict) and isinstance(source.get("text"), str):
+            page = source.get("page")
+            passages.append(Passage(source["text"], str(source.get("document") or ""), str(source.get("base") or ""),
+                                    page if isinstance(page, int) else None, source.get("section") or None))
+    return passages
+
+
 def query_of(messages: Sequence[Message]) -> str:
     """What to search for: the last user message's text ("" when there is none)."""
     for message in reversed(messages):

@@ -30,6 +30,7 @@ from modules.history.records import (
     new_message_id,
 )
 from modules.history.titles import title_from
+from modules.core import grounding
 from modules.core.streaming import Counts, Reply
 from modules.providers import Image, Message, errors
 
@@ -188,7 +189,9 @@ class Conversation:
             if upto is not None and index == upto:
                 break
             if turn.reply is not None and turn.reply.text:
-                messages.append(Message("assistant", turn.reply.text, dict(turn.reply.outputs) or None))
+                # (Passages a reply was given stay with it: a later question gets its own.)
+                outputs = {k: v for k, v in turn.reply.outputs.items() if k not in (grounding.SOURCES, grounding.LEFT_OUT)}
+                messages.append(Message("assistant", turn.reply.text, outputs or None))
         return messages
 
     # -- versions -----------------------------------------------------------------------------

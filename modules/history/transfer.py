@@ -43,6 +43,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from modules.core import grounding
 from modules.core.accounting import format_cost
 from modules.history.attachments import is_digest, known_mime
 from modules.history.records import Attachment, ConversationRecord, MessageRecord, TurnRecord, chain
@@ -180,6 +181,15 @@ def _markdown_name(name: str) -> str:
     return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", " ".join(name.split())) or "(no name)"
 
 
+def _markdown_sources(sources: Any) -> str:
+    """A grounded reply's Sources: each passage's place, then the passage quoted."""
+    items = []
+    for n, passage in enumerate(grounding.from_sources(sources if isinstance(sources, list) else []), 1):
+        quoted = "\n".join("   > " + line for line in passage.text.strip().splitlines() if line.strip())
+        items.append(f"{n}. {_markdown_name(passage.where())}" + (f"\n\n{quoted}" if quoted else ""))
+    return "**Sources**\n\n" + "\n".join(items) if items else ""
+
+
 def _markdown_reply(turn: TurnRecord) -> list[str]:
     if turn.status == "pending":
         return ["*(no reply)*"]
@@ -194,6 +204,9 @@ def _markdown_reply(turn: TurnRecord) -> list[str]:
         blocks.append("*(edited)*")
     if turn.reply:
         blocks.append(turn.reply)
+    sources = _markdown_sources(turn.outputs.get(grounding.SOURCES))
+    if sources:
+        blocks.append(sources)
     error = " ".join(turn.error.split()).replace("*", r"\*")
     if turn.status == "stopped":
         blocks.append("*⏹ Stopped.*")

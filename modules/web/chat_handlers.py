@@ -8,19 +8,20 @@ import asyncio
 import logging
 import math
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 import gradio as gr
 from pydantic import ValidationError
 
 from modules.config import AppConfig
 from modules.core.chat import ChatService
+from modules.core.grounding import Retriever
 from modules.core.runs import RunLimitError
 from modules.core.streaming import Reply, ReplyRun
 from modules.history import attachments
 from modules.history.conversation import Conversation, Node, Turn, new_id
 from modules.history.records import new_message_id
-from modules.core import context
+from modules.core import context, grounding
 from modules.providers import ChatModel, GenerationOptions, errors
 from modules.providers.text import repair
 from modules.providers.validation import first_problem
@@ -32,6 +33,12 @@ from modules.web.view import PageView
 log = logging.getLogger(__name__)
 
 _EMPTY_BOX = {"text": "", "files": []}
+
+
+class Bases(Protocol):
+    """The knowledge bases (``KnowledgeIndexer``), as the chat needs them."""
+
+    def retriever(self, owner: str, base_ids: list[int]) -> Retriever: ...
 
 
 def _box(value: Any) -> tuple[str, list[str]]:
@@ -53,9 +60,16 @@ def _overflow(fit: context.Fit, turn: Turn) -> errors.ContextOverflowError:
 
 class ChatHandlers:
     def __init__(self, config: AppConfig, chat: ChatService, view: PageView, keeper: SessionKeeper,
-                 attaching: Attaching):
+                 attaching: Attaching, knowledge: Bases | None = None):
         self.config, self.chat, self.t, self.pacer = config, chat, chat.t, chat.pacer
         self.view, self.keeper, self.store, self.attaching = view, keeper, keeper.store, attaching
+        self.knowledge = knowledge  # the knowledge bases a conversation may pick (None: none)
+
+    def _retriever(self, owner: str, conversation: Conversation) -> Retriever | None:
+        """The bases this conversation picked, as one retriever (None: none picked)."""
+        if self.knowledge is None or not conversation.bases:
+            return None
+        return self.knowledge.retriever(owner, list(conversation.bases))
 
     def _options(self, lang: str, temperature: Any, top_p: Any, max_tokens: Any, stop: Any,
                  presence: Any, frequency: Any, seed: Any) -> GenerationOptions:
@@ -164,13 +178,17 @@ class ChatHandlers:
         conversation.params = dict(params)
         index = conversation.turns.index(turn)
         extras = await self.attaching.extras(conversation, model, upto=index)
+        sources = None  # a continuation cites what the reply was given (if anything), without searching again
         if continuing:
             assert turn.reply is not None
             messages = self.chat.continuation(model, conversation.messages(system_prompt, upto=index, extras=extras),
                                               turn.reply.text)
+            sources = turn.reply.outputs.get(grounding.SOURCES) or []
         else:
             messages = conversation.messages(system_prompt, extras=extras)
-        fit, conversation.summary = await self.chat.fit(model, messages, options, summary=conversation.summary)
+        fit, conversation.summary = await self.chat.fit(
+            model, messages, options, summary=conversation.summary, retriever=self._retriever(owner, conversation),
+            query=turn.user, sources=sources)
         if turn not in conversation.turns or (not continuing and conversation.pending is not turn):
             yield gr.skip()  # the conversation changed meanwhile (another one was opened, another branch shown)
             return

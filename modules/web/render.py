@@ -10,6 +10,7 @@ import html
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal
 
+from modules.core import grounding
 from modules.core.accounting import format_cost
 from modules.core.sentences import error_message
 from modules.core.streaming import Counts, Reply
@@ -18,9 +19,32 @@ from modules.history.records import Attachment
 from modules.i18n import Translator
 
 
+def _passages(sources: Any, t: Translator, lang: str) -> str:
+    """A grounded reply's Sources: one line each, "[1] report.pdf, p. 3 · Section", the passage
+    itself shown when the line is clicked."""
+    lines = []
+    for source in sources if isinstance(sources, list) else []:
+        if not isinstance(source, dict):
+            continue
+        where = grounding.from_sources([source])
+        if not where:
+            continue
+        passage = where[0]
+        label = html.escape(f"[{source.get('n', len(lines) + 1)}] {passage.where()}", quote=False)
+        if passage.base:
+            label += f" <small>· {html.escape(passage.base, quote=False)}</small>"
+        text = "<br>".join(html.escape(line, quote=False) for line in passage.text.strip().splitlines() if line.strip())
+        lines.append(f"<details><summary>{label}</summary><blockquote>{text}</blockquote></details>")
+    if not lines:
+        return ""
+    return f"**{t.text(lang, 'mark.sources')}**\n\n" + "\n".join(lines)
+
+
 def _sources(outputs: dict[str, Any], label: str) -> str:
     lines = []
     for key, value in outputs.items():
+        if key in (grounding.SOURCES, grounding.LEFT_OUT):
+            continue
         items = value if isinstance(value, list) else [value]
         for item in items:
             text = str(item)
@@ -119,6 +143,10 @@ def reply_messages(reply: Reply, t: Translator, lang: str, secrets: Iterable[str
         marks.append("*" + t.text(lang, mark, rounds=reply.dropped_rounds) + "*")
     if reply.outputs:
         marks.append(_sources(reply.outputs, t.text(lang, "mark.sources")).strip())
+        marks.append(_passages(reply.outputs.get(grounding.SOURCES), t, lang))
+        left_out = reply.outputs.get(grounding.LEFT_OUT)
+        if isinstance(left_out, int) and left_out > 0:
+            marks.append("*" + t.text(lang, "mark.passages_left_out", count=left_out) + "*")
     if edited:
         marks.append("*" + t.text(lang, "mark.edited") + "*")
     if reply.status == "stopped":
