@@ -337,3 +337,42 @@ def test_an_import_that_is_refused_stores_no_record(store: SQLiteStore, files: A
         save_import(store, files, imported)
     assert [s.id for s in store.list(ALICE)] == ["taken"]
     assert collect(store, files) == 0  # still referenced by the first; put() made it fresh too
+
+
+# -- other keepers of files: the knowledge bases --------------------------------------------------
+def test_a_file_only_a_knowledge_document_names_survives_collect_until_the_document_goes(
+        store: SQLiteStore, files: AttachmentFiles, tmp_path: Path) -> None:
+    from modules.history.knowledge import KnowledgeStore
+
+    knowledge = KnowledgeStore(tmp_path / "knowledge.sqlite3")
+    try:
+        files.keep_referenced_by(knowledge)  # once, at wiring time; collect's call sites do not change
+        files.keep_referenced_by(knowledge)  # again: nothing changes
+        base = knowledge.create_base(ALICE, "Docs")
+        in_a_base = files.put(PDF)
+        assert knowledge.add_document(ALICE, base.id, "report.pdf", in_a_base, len(PDF)) is not None
+        ask(store, ALICE, "a1", attached(files, PNG))
+        assert store.delete(ALICE, "a1")
+        for sha in files.hashes():
+            age(files, sha, GRACE_SECONDS + 60)  # past the grace: only references protect them
+        assert collect(store, files) == 1  # the question's image, which no one names now
+        assert files.hashes() == {in_a_base} and files.read(in_a_base) == PDF
+
+        assert knowledge.remove_document(ALICE, base.id, "report.pdf")
+        assert collect(store, files) == 1 and files.hashes() == set()
+    finally:
+        knowledge.close()
+
+
+def test_a_keeper_that_cannot_say_what_it_names_stops_the_collection(store: SQLiteStore,
+                                                                       files: AttachmentFiles) -> None:
+    class Broken:
+        def referenced_attachments(self) -> set[str]:
+            raise OSError("the knowledge file cannot be read")
+
+    sha = files.put(PDF)
+    age(files, sha, GRACE_SECONDS + 60)
+    files.keep_referenced_by(Broken())
+    with pytest.raises(OSError):
+        collect(store, files)
+    assert files.hashes() == {sha}  # nothing removed while it is not known what is named

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from modules.history import knowledge_index
 from modules.history.attachments import AttachmentFiles
-from modules.history.knowledge import KnowledgeStore
+from modules.history.knowledge import SHARED, KnowledgeStore
 from modules.history.knowledge_index import BaseNotFound, KnowledgeIndexer
 from tests.fakes.documents import encrypted, pdf_pages
 
@@ -231,3 +232,139 @@ def test_two_threads_indexing_one_base_index_each_document_once(setup) -> None:
     assert sorted(seen) == ["broken.pdf", "locked.pdf", "manual.pdf", "notes.md", "sub/plain.txt"]
     assert sum(len(r.indexed) + len(r.failed) for r in reports) == 5
     assert indexer.search(OWNER, base_id, "lighthouse")[0].document == "sub/plain.txt"
+
+
+# -- shared bases from config --------------------------------------------------------------------
+def shared_ids(store: KnowledgeStore) -> dict[str, int]:
+    return {b.name: b.id for b in store.list_bases(SHARED)}
+
+
+def test_sync_shared_makes_the_configs_bases_and_keeps_them_up_to_date(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    handbook = tmp_path / "handbook"
+    handbook.mkdir()
+    (handbook / "rules.md").write_text("# Rules\n\nVisitors sign the guest book at the gate.\n", "utf-8")
+    (handbook / "old.txt").write_text("The canteen closes at noon on Fridays.\n", "utf-8")
+    missing = tmp_path / "not-mounted"
+    reports = indexer.sync_shared([("Handbook", handbook), ("Manuals", folder), ("Archive", missing)])
+    assert sorted(reports["Handbook"].added) == ["old.txt", "rules.md"]
+    assert "manual.pdf" in reports["Manuals"].added and [n for n, _ in reports["Manuals"].skipped] == ["archive.zip"]
+    [(where, why)] = reports["Archive"].skipped
+    assert where == str(missing) and "'Archive'" in why and str(missing) in why
+    ids = shared_ids(store)
+    assert sorted(ids) == ["Handbook", "Manuals"]  # a base whose folder is missing is not made
+    assert indexer.search(OWNER, ids["Handbook"], "guest book") == []  # not indexed yet: indexing is apart
+
+    report = indexer.index_pending(SHARED, ids["Handbook"])
+    assert sorted(n for n, _ in report.indexed) == ["old.txt", "rules.md"]
+    for reader in (OWNER, "user:bob"):
+        assert indexer.search(reader, ids["Handbook"], "guest book")[0].document == "rules.md"
+    with pytest.raises(BaseNotFound):  # read-only for users
+        indexer.add_files(OWNER, ids["Handbook"], [folder / "notes.md"])
+
+    (handbook / "rules.md").write_text("# Rules\n\nVisitors wear a badge at all times.\n", "utf-8")
+    (handbook / "old.txt").unlink()
+    again = indexer.sync_shared([("Handbook", handbook)])
+    assert again["Handbook"].replaced == ["rules.md"] and again["Handbook"].removed == ["old.txt"]
+    assert again["Handbook"].added == [] and again["Handbook"].unchanged == []
+    assert sorted(shared_ids(store)) == ["Handbook"]  # Manuals left the config: deleted
+    assert shared_ids(store)["Handbook"] == ids["Handbook"]
+    assert [d.name for d in store.pending(None, ids["Handbook"])] == ["rules.md"]
+    indexer.index_pending(SHARED, ids["Handbook"])
+    assert indexer.search(OWNER, ids["Handbook"], "badge")[0].document == "rules.md"
+    assert indexer.search(OWNER, ids["Handbook"], "canteen") == []
+    assert indexer.sync_shared([("Handbook", handbook)])["Handbook"].unchanged == ["rules.md"]
+    assert [b.name for b in store.list_bases(OWNER)] == ["Mine", "Handbook"]  # the user's base untouched
+
+
+def test_a_shared_base_whose_folder_went_missing_is_kept_as_it_was(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    handbook = tmp_path / "handbook"
+    handbook.mkdir()
+    (handbook / "rules.md").write_text("Visitors sign the guest book at the gate.\n", "utf-8")
+    indexer.sync_shared([("Handbook", handbook), ("Handbook", folder)])
+    indexer.index_pending(SHARED, shared_ids(store)["Handbook"])
+    handbook.rename(tmp_path / "unmounted")
+    reports = indexer.sync_shared([("Handbook", handbook)])
+    assert reports["Handbook"].skipped and reports["Handbook"].removed == []
+    assert indexer.search(OWNER, shared_ids(store)["Handbook"], "guest book")[0].document == "rules.md"
+
+
+def test_a_name_listed_twice_is_read_once_with_a_sentence(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    reports = indexer.sync_shared([("Docs", folder), ("Docs", tmp_path)])
+    assert "manual.pdf" in reports["Docs"].added
+    assert any("listed twice" in why for _, why in reports["Docs"].skipped)
+    assert all(d.source_path.startswith(str(folder.resolve()))
+               for d in store.list_documents(OWNER, shared_ids(store)["Docs"]))
+
+
+# -- resuming after a restart --------------------------------------------------------------------
+def test_resume_indexes_every_base_left_pending_after_a_restart(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    bobs = store.create_base("user:bob", "Bob's")
+    indexer.add_folder(OWNER, base_id, folder)
+    indexer.add_files("user:bob", bobs.id, [folder / "sub" / "plain.txt"])
+    indexer.sync_shared([("Manuals", folder)])
+    shared = shared_ids(store)["Manuals"]
+    half = store.pending(None, bobs.id)[0]
+    assert store.start_indexing(bobs.id, half.id)  # then the app stops: left "indexing"
+    store.close()
+
+    reopened = KnowledgeStore(tmp_path / "knowledge.sqlite3")
+    try:
+        assert reopened.resumed == 1
+        fresh = KnowledgeIndexer(reopened, AttachmentFiles(tmp_path / "attachments"), tmp_path / "indexes",
+                                 max_chars=100_000, max_pages=20)
+        seen: list[str] = []
+        reports = fresh.resume(lambda done, total, name: seen.append(name))
+        assert sorted(reports) == sorted([base_id, bobs.id, shared])
+        assert reports[bobs.id].indexed == [("plain.txt", 1)]
+        assert sorted(n for n, _ in reports[base_id].failed) == ["broken.pdf", "locked.pdf"]
+        assert seen.count("manual.pdf") == 2  # in Mine and in Manuals
+        assert fresh.search(OWNER, base_id, "carburetor")[0].document == "manual.pdf"
+        assert fresh.search("user:bob", bobs.id, "lighthouse")[0].document == "plain.txt"
+        assert fresh.search(OWNER, shared, "tomatoes")[0].document == "notes.md"
+        assert reopened.bases_with_pending() == [] and fresh.resume() == {}
+    finally:
+        reopened.close()
+
+
+# -- limits --------------------------------------------------------------------------------------
+def test_files_past_max_documents_are_skipped_with_a_sentence(setup, tmp_path: Path) -> None:
+    indexer, store, base_id, folder = setup
+    limited = KnowledgeIndexer(store, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20,
+                               max_documents=2)
+    report = limited.add_files(OWNER, base_id, [folder / "notes.md", folder / "manual.pdf", folder / "sub" / "plain.txt"])
+    assert report.added == ["notes.md", "manual.pdf"]
+    assert report.skipped == [("plain.txt", "the knowledge base already has 2 documents, the most allowed "
+                                            "(knowledge.max_documents)")]
+    (folder / "notes.md").write_text("# Gardening\n\nCucumbers climb trellises in July.\n", "utf-8")
+    again = limited.add_folder(OWNER, base_id, folder)
+    assert again.replaced == ["notes.md"] and again.unchanged == ["manual.pdf"]  # at the limit: still changed
+    assert again.added == [] and sorted(name for name, _ in again.skipped) == [
+        "archive.zip", "broken.pdf", "locked.pdf", "sub/plain.txt"]
+    assert all("knowledge.max_documents" in why for name, why in again.skipped if name != "archive.zip")
+    assert limited.store.remove_document(OWNER, base_id, "manual.pdf")
+    assert limited.add_files(OWNER, base_id, [folder / "sub" / "plain.txt"]).added == ["plain.txt"]
+    shared = limited.sync_shared([("Manuals", folder)])["Manuals"]
+    assert len(shared.added) == 2 and any("knowledge.max_documents" in why for _, why in shared.skipped)
+
+
+# -- the files of documents are kept ---------------------------------------------------------------
+def test_a_documents_file_is_not_collected_while_the_document_is_there(setup, tmp_path: Path) -> None:
+    from modules.history.attachments import GRACE_SECONDS, collect
+    from modules.history.store import SQLiteStore
+
+    indexer, store, base_id, folder = setup  # the indexer made: its store's files are kept
+    history = SQLiteStore(tmp_path / "history.sqlite3")
+    try:
+        indexer.add_files(OWNER, base_id, [folder / "notes.md"])
+        [sha] = indexer.files.hashes()
+        assert collect(history, indexer.files) == 0
+        assert indexer.files.remove_unreferenced(set(), now=time.time() + GRACE_SECONDS + 60) == 0
+        assert store.remove_document(OWNER, base_id, "notes.md")
+        assert indexer.files.remove_unreferenced(set(), now=time.time() + GRACE_SECONDS + 60) == 1
+        assert not indexer.files.exists(sha)
+    finally:
+        history.close()

@@ -109,6 +109,66 @@ def test_shared_bases_are_read_only_for_everyone(store: KnowledgeStore, tmp_path
     assert store.list_documents(ALICE, shared.id) == []
 
 
+def test_an_owner_cannot_make_more_bases_than_the_limit(store: KnowledgeStore) -> None:
+    for n in range(3):
+        store.create_base(ALICE, f"Base {n}", limit=3)
+    with pytest.raises(ValueError) as refused:
+        store.create_base(ALICE, "One more", limit=3)
+    assert str(refused.value) == ("You have 3 knowledge bases, the most allowed (knowledge.max_bases); "
+                                  "delete one to make another.")
+    assert len(store.list_bases(ALICE)) == 3
+    store.register_shared("Handbook", "/srv/handbook")  # shared bases are no owner's: not counted
+    assert store.create_base(BOB, "Bob's", limit=3).owner == BOB  # each owner has their own limit
+    assert store.delete_base(ALICE, store.list_bases(ALICE)[0].id)
+    assert store.create_base(ALICE, "One more", limit=3).name == "One more"
+    assert store.create_base(ALICE, "No limit").name == "No limit"
+
+
+def test_shared_bases_gone_from_config_are_deleted_and_no_one_elses(store: KnowledgeStore) -> None:
+    handbook = store.register_shared("Handbook", "/srv/handbook")
+    store.register_shared("Old", "/srv/old")
+    doc = store.add_shared_document(handbook.id, "rules.md", digest("rules"), 5)
+    assert doc is not None
+    mine = store.create_base(ALICE, "Old")  # a user's base of the same name stays
+    assert store.delete_shared_bases(["Handbook"]) == ["Old"]
+    assert [(b.owner, b.name) for b in store.list_bases(ALICE)] == [(ALICE, "Old"), (SHARED, "Handbook")]
+    assert store.base(ALICE, mine.id) is not None
+    assert store.delete_shared_bases([]) == ["Handbook"]
+    assert store.list_documents(ALICE, handbook.id) == [] and digest("rules") not in store.referenced_attachments()
+
+
+def test_bases_with_pending_documents_are_every_owners(store: KnowledgeStore) -> None:
+    alices, bobs, done = store.create_base(ALICE, "A"), store.create_base(BOB, "B"), store.create_base(ALICE, "C")
+    shared = store.register_shared("S", "/srv/s")
+    store.add_document(ALICE, alices.id, "a.txt", digest("a"), 1)
+    store.add_document(BOB, bobs.id, "b.txt", digest("b"), 1)
+    store.add_shared_document(shared.id, "s.txt", digest("s"), 1)
+    indexed(store, ALICE, done.id, "c.txt", "done")
+    assert store.bases_with_pending() == sorted([alices.id, bobs.id, shared.id])
+    failed = store.pending(None, bobs.id)[0]
+    assert store.start_indexing(bobs.id, failed.id) and store.mark_failed(bobs.id, failed.id, "it is broken")
+    assert store.bases_with_pending() == sorted([alices.id, shared.id])  # failed is not pending
+
+
+def test_chunks_without_vectors_come_by_id_in_pages_and_by_id_only_from_their_base(store: KnowledgeStore) -> None:
+    base, other = store.create_base(ALICE, "A"), store.create_base(BOB, "B")
+    indexed(store, ALICE, base.id, "a.txt", "one", "two", "three")
+    indexed(store, BOB, other.id, "b.txt", "bob")
+    ids = [c.id for c in store.chunks(base.id)]
+    assert store.bases_missing_vectors() == sorted([base.id, other.id])
+    first = store.chunks_without_vectors(base.id, 2)
+    assert [c.id for c in first] == ids[:2] and first[0].document == "a.txt" and first[0].text == "one"
+    assert [c.id for c in store.chunks_without_vectors(base.id, 2, after=first[-1].id)] == ids[2:]
+    assert store.set_vectors(base.id, {ids[0]: [1.0, 0.0], ids[1]: [0.0, 1.0]}) == 2
+    assert [c.id for c in store.chunks_without_vectors(base.id, 10)] == ids[2:]
+    assert store.set_vectors(base.id, {ids[2]: [0.5, 0.5]}) == 1
+    assert store.bases_missing_vectors() == [other.id]
+    bobs_chunk = store.chunks(other.id)[0].id
+    found = store.chunks_by_id(base.id, [ids[2], bobs_chunk, ids[0], ids[2], 10 ** 9])
+    assert sorted(found) == sorted([ids[0], ids[2]]) and found[ids[2]].text == "three"
+    assert store.chunks_by_id(base.id, []) == {}
+
+
 # -- documents ---------------------------------------------------------------------------------
 def test_adding_the_same_file_again_changes_nothing_and_a_changed_one_replaces_it(store: KnowledgeStore) -> None:
     base = store.create_base(ALICE, "Docs")

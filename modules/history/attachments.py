@@ -11,7 +11,9 @@ reader never sees half a file and two writers of the same bytes never harm each 
 message references any more are removed by :func:`collect` (after a conversation or messages are
 deleted), except those written in the last ``grace_seconds``: a file is put before the message that
 names it is saved, and a save in progress must not lose its file. ``put`` of bytes already kept
-makes their file fresh again, so the app puts a question's files again when it saves it.
+makes their file fresh again, so the app puts a question's files again when it saves it. Other
+keepers of files (the knowledge bases' documents) are registered once with
+:meth:`AttachmentFiles.keep_referenced_by`; the collector keeps what any of them names too.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def known_mime(kind: str, mime: str) -> bool:
     return kind == "document" and (mime in DOCUMENT_MIMES or _TEXT_MIME.fullmatch(mime) is not None)
 
 
+class _References(Protocol):
+    def referenced_attachments(self) -> set[str]: ...
+
+
 class AttachmentFiles:
     """The attachments folder: each file's bytes once, named by their SHA-256. Safe from any thread.
 
@@ -76,6 +82,7 @@ class AttachmentFiles:
         # look at that file and its removal: either the collector sees it fresh, or put() sees it gone.
         self._lock = threading.Lock()
         self._cleanup: weakref.finalize | None = None
+        self._referencers: list[_References] = []
 
     @classmethod
     def temporary(cls, *, grace_seconds: float = GRACE_SECONDS) -> AttachmentFiles:
@@ -162,13 +169,27 @@ class AttachmentFiles:
         return self.path(sha256).read_bytes()
 
     # -- collection ------------------------------------------------------------------------
+    def keep_referenced_by(self, source: _References) -> None:
+        """From now on the collector also keeps every file ``source.referenced_attachments()``
+        names (asked at each collection; an error there stops it, removing nothing). Registered
+        once at wiring time; the same source again changes nothing."""
+        with self._lock:
+            if not any(known is source for known in self._referencers):
+                self._referencers.append(source)
+
     def remove_unreferenced(self, referenced: set[str], *, now: float | None = None) -> int:
-        """Remove every kept file whose digest is not in ``referenced`` and that was last written (or
-        put again) more than ``grace_seconds`` before ``now`` (default: the time); how many went.
-        Temporary files a crashed ``put`` left behind, as old, go too (not counted)."""
+        """Remove every kept file whose digest is neither in ``referenced`` nor named by a source
+        given to :meth:`keep_referenced_by`, and that was last written (or put again) more than
+        ``grace_seconds`` before ``now`` (default: the time); how many went. Temporary files a
+        crashed ``put`` left behind, as old, go too (not counted)."""
         limit = (time.time() if now is None else now) - self.grace_seconds
+        keep = set(referenced)
+        with self._lock:
+            sources = list(self._referencers)
+        for source in sources:
+            keep |= source.referenced_attachments()
         removed = 0
-        for sha256 in self.hashes() - set(referenced):
+        for sha256 in self.hashes() - keep:
             path = self.path(sha256)
             with self._lock:
                 try:
@@ -190,13 +211,9 @@ class AttachmentFiles:
         return removed
 
 
-class _References(Protocol):
-    def referenced_attachments(self) -> set[str]: ...
-
-
 def collect(store: _References, files: AttachmentFiles) -> int:
     """Remove the files no message of any owner references any more (after a conversation or
-    messages were deleted); how many went. Blocking (a scan of the store and the folder): call it
+    messages were deleted), nor any source given to ``files.keep_referenced_by``; how many went. Blocking (a scan of the store and the folder): call it
     off the event loop. A file put in the last ``files.grace_seconds`` stays (its question may be
     on its way to the store)."""
     return files.remove_unreferenced(store.referenced_attachments())

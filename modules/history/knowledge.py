@@ -21,8 +21,10 @@ gives the digests still named here, which the collector must keep (with the hist
 
 Indexing state, per document: ``pending`` -> ``indexing`` -> ``indexed`` (its chunks saved in the
 same transaction) or ``failed`` (with a sentence saying why). A document left ``indexing`` by a
-crash is ``pending`` again when the file is next opened, so indexing resumes (:meth:`pending`).
-Every write is one transaction.
+crash is ``pending`` again when the file is next opened, so indexing resumes
+(:meth:`bases_with_pending`, :meth:`pending`). A chunk's embedding is set after it is saved
+(:meth:`chunks_without_vectors`, :meth:`set_vectors`); one with none is simply not found by
+dense retrieval yet. Every write is one transaction.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -246,13 +248,19 @@ class KnowledgeStore:
             self._conn.close()
 
     # -- bases -----------------------------------------------------------------------------
-    def create_base(self, owner: str, name: str) -> Base:
+    def create_base(self, owner: str, name: str, *, limit: int | None = None) -> Base:
         """A new, empty base of ``owner``. ValueError (a sentence for the user) for an empty or
-        too long name, or one the owner already has."""
+        too long name, one the owner already has, or when the owner has ``limit`` bases already
+        (``knowledge.max_bases``)."""
         _user(owner)
         name = _base_name(name)
         try:
             with self._write() as conn:
+                if limit is not None:
+                    count = conn.execute("SELECT COUNT(*) FROM bases WHERE owner = ?", (owner,)).fetchone()[0]
+                    if count >= limit:
+                        raise ValueError(f"You have {count} knowledge bases, the most allowed "
+                                         "(knowledge.max_bases); delete one to make another.")
                 cursor = conn.execute("INSERT INTO bases (owner, name, created_at) VALUES (?, ?, ?)",
                                       (owner, name, time.time()))
                 row = conn.execute(_BASE + " WHERE id = ?", (cursor.lastrowid,)).fetchone()
@@ -270,6 +278,16 @@ class KnowledgeStore:
                          (SHARED, name, str(folder), time.time()))
             row = conn.execute(_BASE + " WHERE owner = ? AND name = ?", (SHARED, name)).fetchone()
         return Base(*row)
+
+    def delete_shared_bases(self, keep: Iterable[str]) -> list[str]:
+        """Delete the shared bases not named in ``keep`` (gone from config), with their documents
+        and chunks; their names. For the app alone."""
+        keep = set(keep)
+        with self._write() as conn:
+            gone = [(i, n) for i, n in conn.execute("SELECT id, name FROM bases WHERE owner = ? ORDER BY name",
+                                                    (SHARED,)) if n not in keep]
+            conn.executemany("DELETE FROM bases WHERE id = ?", [(i,) for i, _ in gone])
+        return [n for _, n in gone]
 
     def list_bases(self, owner: str) -> list[Base]:
         """The owner's bases by name, then the shared ones by name."""
@@ -379,6 +397,16 @@ class KnowledgeStore:
             params += [base_id, owner, SHARED]
         return [Document(*row) for row in self._read(sql + " ORDER BY added_at, id", params)]
 
+    def bases_with_pending(self) -> list[int]:
+        """Every base (any owner's) with documents left to index: what to resume after a restart."""
+        return [row[0] for row in self._read(
+            "SELECT DISTINCT base_id FROM documents WHERE status = 'pending' ORDER BY base_id")]
+
+    def bases_missing_vectors(self) -> list[int]:
+        """Every base (any owner's) with chunks that have no embedding yet."""
+        return [row[0] for row in self._read(
+            "SELECT DISTINCT base_id FROM chunks WHERE vector IS NULL ORDER BY base_id")]
+
     def start_indexing(self, base_id: int, document_id: int) -> bool:
         """Mark a pending (or failed) document "indexing"; False when it is not so (gone, taken)."""
         with self._write() as conn:
@@ -438,6 +466,24 @@ class KnowledgeStore:
         index from. Indexed documents only (a document re-indexed is "indexed" again at once)."""
         rows = self._read(_CHUNK + " WHERE c.base_id = ? ORDER BY c.document_id, c.idx", (base_id,))
         return [ChunkRow(*row) for row in rows]
+
+    def chunks_without_vectors(self, base_id: int, limit: int, *, after: int = 0) -> list[ChunkRow]:
+        """Up to ``limit`` of the base's chunks with no embedding yet and an id above ``after``, by id."""
+        rows = self._read(_CHUNK + " WHERE c.base_id = ? AND c.vector IS NULL AND c.id > ? ORDER BY c.id LIMIT ?",
+                          (base_id, after, limit))
+        return [ChunkRow(*row) for row in rows]
+
+    def chunks_by_id(self, base_id: int, chunk_ids: Sequence[int]) -> dict[int, ChunkRow]:
+        """The base's chunks of these ids (those gone left out), by id: one query for a page of hits."""
+        found: dict[int, ChunkRow] = {}
+        ids = list(dict.fromkeys(int(i) for i in chunk_ids))
+        for start in range(0, len(ids), 500):  # below SQLite's limit on parameters
+            part = ids[start:start + 500]
+            marks = ", ".join("?" * len(part))
+            for row in self._read(_CHUNK + f" WHERE c.base_id = ? AND c.id IN ({marks})", [base_id, *part]):
+                chunk = ChunkRow(*row)
+                found[chunk.id] = chunk
+        return found
 
     def chunk(self, base_id: int, chunk_id: int) -> ChunkRow | None:
         """One chunk of the base, to show a source; None when it is gone."""

@@ -33,7 +33,13 @@ def rrf(lists: Iterable[Sequence], k: int = 60) -> list[tuple[Hashable, float]]:
 
 
 class EmbeddingsError(Exception):
-    """The embeddings endpoint failed; the message says how, without the key."""
+    """The embeddings endpoint failed; the message says how, without the key. ``kind`` names the
+    failure for a caller that reports each kind once: "timeout", "unreachable", "status",
+    "malformed" or "dimensions"."""
+
+    def __init__(self, message: str, kind: str = "failed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class Embeddings:
@@ -63,7 +69,7 @@ class Embeddings:
         if not parts:
             return np.zeros((0, 0), dtype=np.float32)
         if len({p.shape[1] for p in parts}) > 1:
-            raise EmbeddingsError(f"{self.url} answered vectors of different lengths")
+            raise EmbeddingsError(f"{self.url} answered vectors of different lengths", "dimensions")
         return np.concatenate(parts)
 
     def _post(self, texts: list[str]) -> np.ndarray:
@@ -71,19 +77,21 @@ class Embeddings:
         try:
             response = self._client.post(self.url, json={"model": self.model, "input": texts})
         except httpx.TimeoutException:
-            raise EmbeddingsError(f"{where} did not answer in time") from None
+            raise EmbeddingsError(f"{where} did not answer in time", "timeout") from None
         except httpx.HTTPError as exc:
-            raise EmbeddingsError(f"{where} cannot be reached ({type(exc).__name__})") from None
+            raise EmbeddingsError(f"{where} cannot be reached ({type(exc).__name__})", "unreachable") from None
         if response.status_code != 200:
             detail = response.text[:200].strip()
-            raise EmbeddingsError(f"{where} answered HTTP {response.status_code}" + (f": {detail}" if detail else ""))
+            raise EmbeddingsError(f"{where} answered HTTP {response.status_code}" + (f": {detail}" if detail else ""),
+                                 "status")
         try:
             data = sorted(response.json()["data"], key=lambda d: d.get("index", 0))
             vectors = np.asarray([d["embedding"] for d in data], dtype=np.float32)
             if vectors.ndim != 2 or len(vectors) != len(texts) or not np.isfinite(vectors).all():
                 raise ValueError
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise EmbeddingsError(f"{where} answered something that is not {len(texts)} embeddings") from None
+            raise EmbeddingsError(f"{where} answered something that is not {len(texts)} embeddings",
+                                 "malformed") from None
         return _unit(vectors)
 
 
