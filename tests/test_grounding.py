@@ -194,3 +194,35 @@ async def test_an_empty_question_searches_nothing(text):
     chat.bind(model.name, bound)
     await chat.fit(model, [Message("user", text)], OPTIONS)
     assert bound.queries == []
+
+
+# -- what the user reads -----------------------------------------------------------------------------
+def test_the_reply_shows_its_sources_with_the_passage_on_click_and_says_what_was_left_out():
+    from modules.core.streaming import Reply
+    from modules.web import render
+
+    reply = Reply(model="m", text="Fact1 is a <fact> [1].", status="done", finish_reason="stop")
+    reply.outputs = {grounding.SOURCES: grounding.sources([
+        grounding.Passage("Line one <b>bold</b>\nline two", "report.pdf", "Team", 3, "Intro")]),
+        grounding.LEFT_OUT: 2}
+    content = render.reply_messages(reply, Translator("en_US"), "en_US")[-1]["content"]
+    body, _, marks = content.partition(render.FOOTER)
+    assert body.strip() == "Fact1 is a <fact> [1]."
+    assert "**Sources**" in marks
+    assert "<details><summary>[1] report.pdf, p. 3, Intro <small>· Team</small></summary>" in marks
+    assert "<blockquote>Line one &lt;b&gt;bold&lt;/b&gt;<br>line two</blockquote>" in marks  # (text, not markup)
+    assert "2 passage(s) found in the knowledge bases were left out" in marks
+    assert "sources_left_out" not in marks and "- sources:" not in marks  # (not the generic outputs list)
+
+
+def test_the_markdown_export_lists_the_sources_under_the_reply():
+    from modules.history.records import ConversationRecord, MessageRecord
+    from modules.history.transfer import to_markdown
+
+    question = MessageRecord("q1", None, "user", "What is fact1?")
+    answer = MessageRecord("a1", "q1", "assistant", "It is [1].", status="done",
+                           outputs={grounding.SOURCES: grounding.sources([passage(1, 3)])})
+    record = ConversationRecord(id="c1", owner="local", title="T", model="m", system_prompt="", created_at=0.0,
+                                updated_at=0.0, messages=[question, answer], leaf="a1")
+    text = to_markdown(record)
+    assert "It is [1].\n\n**Sources**\n\n1. notes.md, p. 1, Part 1\n\n   > fact1w0 fact1w1 fact1w2" in text
