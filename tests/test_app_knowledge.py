@@ -251,3 +251,42 @@ def test_a_session_cannot_pick_another_owners_base(launch_app, sessions, mode) -
     except AppError:
         kept = []
     assert kept == []
+
+
+def test_the_selection_survives_a_restart(sessions, tmp_path) -> None:
+    with FakeOpenAIServer() as fake:
+        def launch() -> ChatApp:
+            data = {"models": [fake_model_entry(fake, "fake")],
+                    "history": {"mode": "shared", "data_dir": str(tmp_path)}, "server": {"port": free_port()}}
+            app = ChatApp(build_config(data, env={}))
+            app.build()
+            app.launch(prevent_thread_lock=True, quiet=True)
+            return app
+
+        def stop(app: ChatApp) -> None:
+            app.demo.close()
+            app.store.close()
+            app.knowledge_store.close()
+
+        app = launch()
+        try:
+            session = sessions(app.demo.local_url)
+            panel = Panel(session)
+            base = panel.create("Kept")[2]["value"]
+            panel.use(base)
+            fake.enqueue("Noted.")
+            session.add("a chat with a base")
+            assert panel.keep() == [base]
+            session.respond()
+        finally:
+            stop(app)
+        app = launch()
+        try:
+            session = sessions(app.demo.local_url)
+            panel = Panel(session)
+            assert panel.show()["used"] == []  # a new session, a new chat
+            [(_, conversation_id)] = session.search()
+            session.open(conversation_id)
+            assert panel.show()["used"] == [base]
+        finally:
+            stop(app)
