@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,21 @@ from modules.config import AppConfig
 from modules.core import tokens
 from modules.core.chat import ChatService
 from modules.core.streaming import Pacer
+from modules.history import attachments
+from modules.history.knowledge import KnowledgeProblem, KnowledgeStore, open_knowledge
+from modules.history.knowledge_index import KnowledgeIndexer
 from modules.history.store import HistoryStore, open_store
 from modules.i18n import Translator
 from modules.providers.text import guard_logs
 from modules.web.page import ChatPage
 
+log = logging.getLogger(__name__)
+
 
 class ChatApp:
     """The app: one set of models, one chat service (every reply is a run there), one history
-    store; the page on top, and the HTTP API beside it when ``api.enabled``."""
+    store, one attachments folder, the knowledge bases (their store and indexer); the page on top,
+    and the HTTP API beside it when ``api.enabled``."""
 
     def __init__(self, config: AppConfig, *, store: HistoryStore | None = None):
         """``store``: a history store to use instead of the one in ``history.data_dir``."""
@@ -44,8 +51,22 @@ class ChatApp:
                                 runs_config=config.runs, pacer=pacer, max_live_runs=config.server.concurrency)
         data_dir = Path(config.history.data_dir).expanduser().resolve()
         self.store, self.store_problem = (store, None) if store is not None else open_store(data_dir)
+        # One attachments folder: messages' files and knowledge bases' documents (by digest).
+        self.files = attachments.open_files(data_dir, temporary=self.store_problem is not None
+                                            and self.store_problem.kind == "unavailable")
+        self.knowledge_store: KnowledgeStore | None = None
+        self.knowledge_problem: KnowledgeProblem | None = None
+        self.knowledge: KnowledgeIndexer | None = None  # None: knowledge bases are off (no panel)
+        if config.knowledge.enabled:
+            self.knowledge_store, self.knowledge_problem = open_knowledge(data_dir)
+            if self.knowledge_problem is not None:
+                log.warning("%s", self.knowledge_problem)
+            self.knowledge = KnowledgeIndexer(self.knowledge_store, self.files, data_dir / "knowledge-index",
+                                              max_chars=config.attachments.max_document_chars,
+                                              max_pages=config.attachments.max_pdf_pages)
         self.page = ChatPage(config, chat=self.chat, store=self.store, store_problem=self.store_problem,
-                             data_dir=data_dir)
+                             data_dir=data_dir, files=self.files, knowledge=self.knowledge,
+                             knowledge_problem=self.knowledge_problem)
         self.demo: gr.Blocks | None = None
 
     def build(self) -> gr.Blocks:

@@ -122,6 +122,9 @@ class Conversation:
     notice: str = ""  # a sentence for the status line once the current event chain ends (not saved)
     following: bool = False  # this session's follow event shows a run (after a load or an open; not saved)
     continuing: Turn | None = None  # the turn whose answer the next respond continues (not saved)
+    # The knowledge bases (ids) this conversation answers from: picked on the page, kept by the
+    # knowledge store (not the history), loaded when the conversation is opened.
+    bases: list[int] = field(default_factory=list)
 
     # -- the branch ---------------------------------------------------------------------------
     @property
@@ -341,7 +344,7 @@ class Conversation:
 
     def fork(self, index: int) -> Conversation:
         """A new conversation (not saved yet) holding a copy of the branch up to turn ``index``."""
-        other = Conversation(owner=self.owner, title=self.title, params=dict(self.params))
+        other = Conversation(owner=self.owner, title=self.title, params=dict(self.params), bases=list(self.bases))
         for turn in self.turns[:index + 1]:
             copy = other.add_user(turn.user, turn.user_tokens, turn.question.attachments)
             copy.question.created_at = turn.created_at

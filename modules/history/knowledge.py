@@ -91,12 +91,20 @@ CREATE TABLE chunks (
     UNIQUE (document_id, idx)
 );
 CREATE INDEX chunks_base ON chunks (base_id);
+CREATE TABLE conversation_bases (  -- the bases a conversation answers from (picked on the page)
+    owner           TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    base_id         INTEGER NOT NULL REFERENCES bases (id) ON DELETE CASCADE,
+    PRIMARY KEY (owner, conversation_id, base_id)
+);
+CREATE INDEX conversation_bases_base ON conversation_bases (base_id);
 """
 TABLES = {
     "bases": ("id", "owner", "name", "folder", "created_at"),
     "documents": ("id", "base_id", "name", "sha256", "size", "source_path", "status", "error", "chunk_count",
                   "added_at", "indexed_at"),
     "chunks": ("id", "base_id", "document_id", "idx", "text", "page", "section", "char_start", "char_end", "vector"),
+    "conversation_bases": ("owner", "conversation_id", "base_id"),
 }
 _BASE = "SELECT id, owner, name, folder, created_at FROM bases"
 _DOCUMENT = ("SELECT id, base_id, name, sha256, size, source_path, status, error, chunk_count, added_at, "
@@ -489,6 +497,45 @@ class KnowledgeStore:
         """One chunk of the base, to show a source; None when it is gone."""
         rows = self._read(_CHUNK + " WHERE c.base_id = ? AND c.id = ?", (base_id, chunk_id))
         return ChunkRow(*rows[0]) if rows else None
+
+    # -- the bases a conversation answers from ---------------------------------------------------
+    def set_conversation_bases(self, owner: str, conversation_id: str, base_ids: Sequence[int]) -> list[int]:
+        """The bases the owner's conversation answers from, in place of those it had: only bases
+        the owner may read (theirs, or shared) are kept; the ids kept, in the order given."""
+        if not owner or not conversation_id:
+            return []
+        wanted = list(dict.fromkeys(_ids(base_ids)))
+        with self._write() as conn:
+            readable = {row[0] for row in conn.execute("SELECT id FROM bases WHERE owner IN (?, ?)", (owner, SHARED))}
+            kept = [base_id for base_id in wanted if base_id in readable]
+            conn.execute("DELETE FROM conversation_bases WHERE owner = ? AND conversation_id = ?",
+                         (owner, conversation_id))
+            conn.executemany("INSERT INTO conversation_bases (owner, conversation_id, base_id) VALUES (?, ?, ?)",
+                             [(owner, conversation_id, base_id) for base_id in kept])
+        return kept
+
+    def conversation_bases(self, owner: str, conversation_id: str) -> list[int]:
+        """The ids of the bases the owner's conversation answers from that the owner may still
+        read: their own by name, then the shared ones by name."""
+        rows = self._read("SELECT b.id FROM conversation_bases c JOIN bases b ON b.id = c.base_id "
+                          "WHERE c.owner = ? AND c.conversation_id = ? AND b.owner IN (?, ?) "
+                          "ORDER BY b.owner = ?, b.name", (owner, conversation_id, owner, SHARED, SHARED))
+        return [row[0] for row in rows]
+
+
+def _ids(values: Sequence[Any]) -> list[int]:
+    """Whole numbers from what a client sent (ints, or their text); anything else is left out."""
+    ids = []
+    for value in values or ():
+        if isinstance(value, bool):
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            continue
+        if not isinstance(value, float) or value == number:
+            ids.append(number)
+    return ids
 
 
 def _blob(vector: Sequence[float]) -> bytes:

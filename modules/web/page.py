@@ -1,8 +1,9 @@
 """The chat page (``gr.Blocks``): its layout and event wiring (``build``).
 
 The handlers live in :mod:`modules.web.chat_handlers` (sending, replies as runs, Stop,
-``/chat``) and :mod:`modules.web.history_handlers` (load, sidebar, export, import); both read
-the session through :mod:`modules.web.view` and keep it through :mod:`modules.web.keeping`.
+``/chat``), :mod:`modules.web.history_handlers` (load, sidebar, export, import) and
+:mod:`modules.web.knowledge_handlers` (the knowledge panel); they read the session through
+:mod:`modules.web.view` and keep it through :mod:`modules.web.keeping`.
 Per-session state is one :class:`Conversation` in ``gr.State``; what every session shares
 (models, runs, the store) is given by the app (``modules/app.py``).
 """
@@ -18,7 +19,10 @@ import gradio as gr
 from modules.config import AppConfig
 from modules.core.chat import ChatService
 from modules.history import attachments, ownership
+from modules.history.attachments import AttachmentFiles
 from modules.history.conversation import Conversation
+from modules.history.knowledge import KnowledgeProblem
+from modules.history.knowledge_index import KnowledgeIndexer
 from modules.history.store import HistoryStore, StoreProblem
 from modules.providers import ChatModel
 from modules.web.attaching import Attaching
@@ -26,6 +30,7 @@ from modules.web.chat_handlers import ChatHandlers
 from modules.web.files import FileLinks
 from modules.web.history_handlers import HistoryHandlers
 from modules.web.keeping import SessionKeeper
+from modules.web.knowledge_handlers import KnowledgeHandlers
 from modules.web.templates import load_templates
 from modules.web.view import PageView
 
@@ -53,6 +58,8 @@ CSS = """
 #chatbot [data-testid="user"] img { max-height: 12em; max-width: 100%; border-radius: 6px; }
 #history-list label { width: 100%; }
 #header-row { align-items: center; }
+#knowledge-docs table { font-size: 0.85em; }
+#knowledge-status { min-height: 1.5em; }
 """
 
 # Light and dark follow the system until the user picks one with the toggle; the pick is kept in localStorage.
@@ -111,7 +118,10 @@ class ChatPage:
     composed from what the app gives: the chat service (models, runs), the history store."""
 
     def __init__(self, config: AppConfig, *, chat: ChatService, store: HistoryStore, store_problem: StoreProblem | None,
-                 data_dir: Path):
+                 data_dir: Path, files: AttachmentFiles | None = None, knowledge: KnowledgeIndexer | None = None,
+                 knowledge_problem: KnowledgeProblem | None = None):
+        """``files``: the attachments folder (the app's; else one is opened in ``data_dir``);
+        ``knowledge``: the knowledge bases' indexer (None: no knowledge panel)."""
         self.config, self.t, self.models = config, chat.t, chat.models
         self.default_model = default_model(config, self.models)
         self.mode = ownership.storage_mode(config)
@@ -120,13 +130,15 @@ class ChatPage:
         self.templates, problems = load_templates(_app_folder(config.templates_dir))
         for problem in problems:
             log.warning("template skipped: %s", problem)
-        self.files = attachments.open_files(data_dir, temporary=store_problem is not None
-                                            and store_problem.kind == "unavailable")
+        self.files = files if files is not None else attachments.open_files(
+            data_dir, temporary=store_problem is not None and store_problem.kind == "unavailable")
         self.links = FileLinks(ownership.app_key(data_dir), store, self.files)
         view = PageView(chat, store, store_problem, self.default_model, self.links)
         keeper = SessionKeeper(self.mode, chat, store, self.default_model)
         self.chats = ChatHandlers(config, chat, view, keeper, Attaching(config.attachments, self.files, chat.t))
         self.histories = HistoryHandlers(config, chat, view, keeper, self.exports_dir, self.templates, self.files)
+        self.knowledge = (KnowledgeHandlers(config, chat.t, keeper, knowledge, store, self.files, knowledge_problem)
+                          if knowledge is not None else None)
         self.demo: gr.Blocks | None = None
 
     def _render_sidebar(self) -> dict[str, Any]:
@@ -183,6 +195,78 @@ class ChatPage:
             c["frequency"] = gr.Slider(-2, 2, value=0, step=0.1, label=t("label.frequency_penalty"))
             c["seed"] = gr.Number(-1, precision=0, label=t("label.seed"))
         return c
+
+    def _render_knowledge(self) -> dict[str, Any]:
+        """Knowledge bases: those this chat answers from; create, delete (confirmed), documents,
+        files and folders added (indexed with a progress line and a report)."""
+        t = self.t.label
+        c: dict[str, Any] = {}
+        with gr.Accordion(t("knowledge.label"), open=False, elem_id="knowledge-panel"):
+            c["notice"] = gr.Markdown(visible=False, elem_id="knowledge-notice")
+            c["use"] = gr.CheckboxGroup(choices=[], value=[], label=t("knowledge.use"), info=t("knowledge.use_info"),
+                                        elem_id="knowledge-use")
+            c["base"] = gr.Dropdown(choices=[], value=None, label=t("knowledge.base"), elem_id="knowledge-base")
+            with gr.Row():
+                c["new_name"] = gr.Textbox(placeholder=t("knowledge.new_name"), show_label=False, scale=3,
+                                           max_length=400, elem_id="knowledge-new-name")
+                c["create"] = gr.Button(t("knowledge.create"), size="sm", scale=1, elem_id="knowledge-create")
+            c["files"] = gr.File(label=t("knowledge.files"), file_count="multiple", type="filepath", height=90,
+                                 elem_id="knowledge-files")
+            c["folder"] = gr.File(label=t("knowledge.folder"), file_count="directory", type="filepath", height=90,
+                                  elem_id="knowledge-folder")
+            c["status"] = gr.Markdown(elem_id="knowledge-status")
+            c["docs"] = gr.Markdown(elem_id="knowledge-docs")
+            c["refresh"] = gr.Button(t("knowledge.refresh"), size="sm", elem_id="knowledge-refresh")
+            c["keep"] = gr.Button(visible="hidden", elem_id="knowledge-keep")  # for API callers
+            with gr.Row():
+                c["doc"] = gr.Dropdown(choices=[], value=None, label=t("knowledge.document"), scale=3,
+                                       elem_id="knowledge-doc")
+                c["remove"] = gr.Button(t("knowledge.remove"), size="sm", scale=1, elem_id="knowledge-remove-doc")
+            c["delete"] = gr.Button(t("knowledge.delete"), variant="stop", size="sm", elem_id="knowledge-delete")
+            with gr.Row(visible=False, elem_id="knowledge-confirm-row") as c["confirm_row"]:
+                c["confirm_text"] = gr.Markdown(elem_id="knowledge-confirm-text")
+                c["confirm"] = gr.Button(t("button.confirm_delete"), variant="stop", size="sm",
+                                         elem_id="knowledge-confirm-delete")
+                c["cancel"] = gr.Button(t("button.cancel"), size="sm", elem_id="knowledge-cancel-delete")
+        return c
+
+    def _wire_knowledge(self, k: dict[str, Any], conversation: gr.State) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The panel's own events; (opened, kept): the arguments of the events that follow a
+        conversation being opened or started (its bases and the panel again) and one getting an
+        id or being forked (its bases kept for it)."""
+        kn = self.knowledge
+        assert kn is not None
+        private: dict[str, Any] = dict(queue=False, api_visibility="private")
+        undocumented: dict[str, Any] = dict(queue=False, api_visibility="undocumented")
+        panel = [k["use"], k["base"], k["docs"], k["doc"]]
+        listed = [k["docs"], k["doc"]]
+        k["use"].input(kn.use, [k["use"], conversation], [k["use"]], api_name="knowledge_use", **undocumented)
+        k["base"].input(kn.documents, [k["base"], conversation], [*listed, k["status"]], api_name="knowledge_docs",
+                        **undocumented)
+        opened = dict(fn=kn.opened, inputs=[conversation, k["base"]], outputs=[*panel, k["notice"]])
+        kept = dict(fn=kn.kept, inputs=[conversation], outputs=[k["use"]])
+        # Callable by API (scripted clients follow the page's chains themselves): the panel again,
+        # and the conversation's bases kept once it has an id (the page does both after its events).
+        k["refresh"].click(**opened, api_name="knowledge_panel", **undocumented)
+        k["keep"].click(**kept, api_name="knowledge_keep", **undocumented)
+        create_args = dict(fn=kn.create, inputs=[k["new_name"], conversation],
+                           outputs=[k["new_name"], *panel, k["status"]])
+        k["create"].click(**create_args, api_name="knowledge_create", **undocumented)
+        k["new_name"].submit(**create_args, **private)
+        k["delete"].click(kn.ask_delete, [k["base"], conversation], [k["confirm_row"], k["confirm_text"], k["status"]],
+                          **private)
+        k["cancel"].click(lambda: gr.Row(visible=False), None, [k["confirm_row"]], **private)
+        k["confirm"].click(kn.delete, [k["base"], conversation], [k["confirm_row"], *panel, k["status"]],
+                           api_name="knowledge_delete", **undocumented)
+        k["remove"].click(kn.remove, [k["doc"], k["base"], conversation], [*listed, k["status"]],
+                          api_name="knowledge_remove", **undocumented)
+        # Reading and indexing take a while: queued (the progress line needs it), a few at a time.
+        adding: dict[str, Any] = dict(queue=True, api_visibility="undocumented", concurrency_id="knowledge",
+                                      concurrency_limit=2, show_progress_on=[k["status"]])
+        for upload, name in ((k["files"], "knowledge_add"), (k["folder"], "knowledge_add_folder")):
+            upload.upload(kn.add, [upload, k["base"], conversation], [k["status"], *listed], api_name=name,
+                          **adding).then(lambda: None, None, [upload], **private)  # ready for the next files
+        return {**opened, **private}, {**kept, **private}
 
     def build(self) -> gr.Blocks:
         t = self.t.label
@@ -247,6 +331,7 @@ class ChatPage:
                         delete_last = gr.Button(t("button.delete_last"), size="sm", elem_id="delete-last-btn")
                 with gr.Column(scale=2, min_width=260):
                     settings = self._render_settings()
+                    knowledge = self._render_knowledge() if self.knowledge is not None else None
             model, system_prompt, search, history = (settings["model"], settings["system_prompt"],
                                                      side["search"], side["history"])
 
@@ -273,6 +358,15 @@ class ChatPage:
             done_args = dict(fn=chats.done, inputs=[conversation, model, search],
                              outputs=[send, stop, status, usage, history], **private)
             followed_args = {**done_args, "fn": chats.followed}
+            # The knowledge panel's events; after a conversation is opened or started its bases are
+            # loaded (opened_args), after it gets an id or is forked they are kept (kept_args).
+            opened_args, kept_args = (self._wire_knowledge(knowledge, conversation) if knowledge is not None
+                                      else (None, None))
+
+            def then_panel(event: Any, args: dict[str, Any] | None) -> None:
+                if args is not None:
+                    event.then(**args)
+
             title_args = dict(fn=histories.auto_title, inputs=[conversation, search], outputs=[history],
                               concurrency_limit=limit, concurrency_id="generate", show_progress="hidden",
                               api_visibility="private")
@@ -289,7 +383,9 @@ class ChatPage:
             # -- chatting --
             streams = []
             for trigger in (textbox.submit, send.click):
-                event = trigger(**add_args).then(**respond_args)
+                added = trigger(**add_args)
+                then_panel(added, kept_args)  # a new conversation's first message gives it its id
+                event = added.then(**respond_args)
                 streams.append(event)
                 finished = event.then(**done_args)
                 event.failure(**done_args)  # a refused reply (gr.Error) gives Send back too
@@ -305,9 +401,11 @@ class ChatPage:
                 streams.append(edited)
                 edited.then(**done_args)
                 edited.failure(**done_args)
-            acted = action_go.click(chats.act, [action, conversation, model, search],
-                                    [chatbot, send, stop, status, usage, history, open_id, side["title"]],
-                                    api_name="act", **undocumented).then(**respond_args)
+            clicked = action_go.click(chats.act, [action, conversation, model, search],
+                                      [chatbot, send, stop, status, usage, history, open_id, side["title"]],
+                                      api_name="act", **undocumented)
+            then_panel(clicked, kept_args)  # a fork is a new conversation with the bases of the first
+            acted = clicked.then(**respond_args)
             streams.append(acted)
             # (A switch to a branch whose reply streams shows it growing; its own name: "follow" is the load's.)
             acted.then(**{**follow_args, "api_name": "follow_branch", "api_visibility": "private"}).then(**done_args)
@@ -327,8 +425,10 @@ class ChatPage:
             marks_timer = gr.Timer(MARKS_REFRESH_SECONDS, active=False)
             marks_args = dict(fn=histories.marks, inputs=[conversation], outputs=[marks_timer], **private)
             marks_timer.tick(histories.refresh_marks, [conversation, search], [history, marks_timer], **private)
-            side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented).then(**marks_args)
-            chatbot.clear(**new_chat_args, **private).then(**marks_args)  # the chatbot's trash icon starts anew too
+            for started in (side["new_chat"].click(**new_chat_args, api_name="new_chat", **undocumented),
+                            chatbot.clear(**new_chat_args, **private)):  # the chatbot's trash icon starts anew too
+                started.then(**marks_args)
+                then_panel(started, opened_args)
 
             # -- history sidebar (callable by API, undocumented: the isolation tests use it) --
             reopened = [*shown, model, system_prompt, side["title"], send, stop]
@@ -336,27 +436,32 @@ class ChatPage:
                                [browser_token, history, side["notice"], *reopened], api_name="on_load", **undocumented)
             loaded.then(**follow_args).then(**followed_args)
             loaded.then(**marks_args)
+            then_panel(loaded, opened_args)
             search.change(histories.search, [conversation, search], [history], api_name="search",
                           trigger_mode="always_last", **undocumented)
             opened = history.input(histories.open, [history, conversation, search], [*reopened, history, open_id],
                                    api_name="open", **notifying)
             opened.then(**follow_args).then(**followed_args)
             opened.then(**marks_args)
+            then_panel(opened, opened_args)
             rename_args = dict(fn=histories.rename, inputs=[side["title"], conversation, search], outputs=[history])
             side["rename"].click(**rename_args, api_name="rename", **undocumented)
             side["title"].submit(**rename_args, **private)
             side["delete"].click(histories.ask_delete, [conversation], [side["confirm_row"], side["confirm_text"]],
                                  **private)
             side["cancel"].click(lambda: gr.Row(visible=False), None, [side["confirm_row"]], **private)
-            side["confirm"].click(histories.delete, [conversation, model, search],
-                                  [side["confirm_row"], *shown, history, open_id], api_name="delete", **undocumented)
+            then_panel(side["confirm"].click(histories.delete, [conversation, model, search],
+                                             [side["confirm_row"], *shown, history, open_id], api_name="delete",
+                                             **undocumented), opened_args)
             side["export_md"].click(histories.export_markdown, [conversation], [side["export_file"]],
                                     api_name="export_markdown", **notifying)
             side["export_json"].click(histories.export_json, [conversation], [side["export_file"]],
                                       api_name="export_json", **notifying)
-            side["import"].upload(histories.import_file, [side["import"], conversation, search],
-                                  [*shown, model, system_prompt, history, open_id], api_name="import", **notifying
-                                  ).then(lambda: None, None, [side["import"]], **private)  # ready for the next file
+            imported = side["import"].upload(histories.import_file, [side["import"], conversation, search],
+                                             [*shown, model, system_prompt, history, open_id], api_name="import",
+                                             **notifying)
+            imported.then(lambda: None, None, [side["import"]], **private)  # ready for the next file
+            then_panel(imported, opened_args)
 
             model.change(histories.model_changed, [conversation, model], [usage], **private)  # the gauge's context size
 

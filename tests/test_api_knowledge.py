@@ -1,0 +1,158 @@
+"""A model that answers from a knowledge base, for every front end (issue #14): a shared base from
+config (a folder of notes), a model entry with ``knowledge: [...]``, the real app on a real port,
+a real fake OpenAI upstream. Clients are the real ones: the openai SDK for ``/v1``, httpx-sse for
+``/score``. ``/score`` sends the sources first, as a non-streamed output, exactly as a Promptflow
+flow with mixed outputs does; ``/v1/chat/completions`` answers as usual. Waits are bounded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+from httpx_sse import connect_sse
+
+from modules.config import build_config
+from modules.core import grounding
+from tests.conftest import FAKE_KEY, fake_model_entry, free_port
+from tests.fakes.documents import pdf_pages
+from tests.fakes.openai_server import FakeOpenAIServer
+
+API_KEY = "kb-test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WAIT = 30.0
+
+NOTES = {
+    "handbook/leave.md": "# Leave\n\nEvery employee gets 25 days of paid annual leave each year. Unused days "
+                         "carry over until March.\n\n# Expenses\n\nTaxi receipts are reimbursed within 30 days.",
+    "handbook/security.md": "# Badges\n\nLost badges must be reported to the front desk on the same day.",
+    "产品/保修.md": "# 保修政策\n\n本产品的保修期为两年，自购买之日起计算。人为损坏不在保修范围内。",
+    "产品/安装.md": "# 安装说明\n\n安装前请关闭电源，并准备十字螺丝刀。",
+    "broken.pdf": "this is not a PDF at all",
+}
+
+
+@pytest.fixture
+def knowledge_app(tmp_path: Path, fake_openai: FakeOpenAIServer) -> Iterator[tuple[str, FakeOpenAIServer, Any]]:
+    from modules.app import ChatApp
+
+    folder = tmp_path / "notes"
+    for name, text in NOTES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "manual.pdf").write_bytes(pdf_pages(["The router has four antennas.",
+                                                   "To reset the router, hold the pin button for ten seconds."]))
+    config = build_config({
+        "server": {"port": free_port()},
+        "history": {"data_dir": str(tmp_path / "data")},
+        "api": {"enabled": True, "keys": [API_KEY]},
+        "knowledge": {"bases": [{"name": "Company notes", "folder": str(folder)}]},
+        "models": [fake_model_entry(fake_openai, "Notes bot", knowledge=["Company notes"]),
+                   fake_model_entry(fake_openai, "Plain")],
+    }, env={})
+    app = ChatApp(config)
+    app.build()
+    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        assert app.knowledge_ready.wait(WAIT), "the shared base was not indexed in time"
+        yield url.rstrip("/"), fake_openai, app
+    finally:
+        app.demo.close()
+
+
+def sent(fake: FakeOpenAIServer) -> str:
+    """The last user message the upstream was sent."""
+    return fake.requests[-1].body["messages"][-1]["content"]
+
+
+def test_the_shared_base_is_indexed_at_start_and_an_unreadable_file_is_named(knowledge_app):
+    _, _, app = knowledge_app
+    store = app.knowledge.store
+    base = next(b for b in store.list_bases("shared") if b.name == "Company notes")
+    documents = {d.name: d for d in store.list_documents("anyone", base.id)}
+    assert set(documents) == {*NOTES, "manual.pdf"}
+    assert all(documents[n].status == "indexed" for n in NOTES if n != "broken.pdf")
+    assert documents["broken.pdf"].status == "failed" and "PDF" in documents["broken.pdf"].error
+
+
+def test_score_sends_the_sources_first_then_the_answer(knowledge_app):
+    url, fake, _ = knowledge_app
+    fake.enqueue("Employees get ", "25 days [1].")
+    body = {"question": "How many days of paid leave does an employee get?", "chat_history": [],
+            "model": "Notes bot"}
+    events = []
+    with httpx.Client(timeout=WAIT) as http:
+        with connect_sse(http, "POST", f"{url}/score", json=body,
+                         headers={**AUTH, "Accept": "text/event-stream"}) as source:
+            for event in source.iter_sse():
+                events.append(json.loads(event.data))
+    assert list(events[0]) == ["sources"], events[0]  # the non-streamed output, alone, first
+    sources = events[0]["sources"]
+    assert sources[0]["n"] == 1 and sources[0]["document"] == "handbook/leave.md"
+    assert "25 days of paid annual leave" in sources[0]["text"] and sources[0]["section"] == "Leave"
+    assert "".join(e["answer"] for e in events[1:]) == "Employees get 25 days [1]."
+    question = sent(fake)
+    assert question.startswith(grounding.INSTRUCTION)
+    assert "[1] handbook/leave.md, Leave\n" in question
+    assert question.endswith("Question: How many days of paid leave does an employee get?")
+    assert FAKE_KEY not in json.dumps(events)
+
+
+def test_score_as_json_carries_the_sources_beside_the_answer(knowledge_app):
+    url, fake, _ = knowledge_app
+    fake.enqueue("两年", "[1]。")
+    with httpx.Client(timeout=WAIT) as http:
+        response = http.post(f"{url}/score", headers={**AUTH, "Accept": "application/json"},
+                             json={"question": "保修期是多久？", "chat_history": [], "model": "Notes bot"})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["answer"] == "两年[1]。"
+    assert data["sources"][0]["document"] == "产品/保修.md" and "保修期为两年" in data["sources"][0]["text"]
+    assert "[1] 产品/保修.md, 保修政策" in sent(fake)
+
+
+def test_the_openai_api_answers_as_usual_from_the_base(knowledge_app):
+    url, fake, _ = knowledge_app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=WAIT)
+    assert {"Notes bot", "Plain"} <= {m.id for m in client.models.list()}
+    fake.enqueue("Report it ", "the same day [1].")
+    stream = client.chat.completions.create(
+        model="Notes bot", stream=True,
+        messages=[{"role": "user", "content": "What do I do about a lost badge?"}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "Report it the same day [1]."
+    assert "[1] handbook/security.md, Badges" in sent(fake)
+
+
+def test_a_pdf_passage_is_cited_with_its_page(knowledge_app):
+    url, fake, _ = knowledge_app
+    fake.enqueue("Hold the pin [1].")
+    with httpx.Client(timeout=WAIT) as http:
+        response = http.post(f"{url}/score", headers={**AUTH, "Accept": "application/json"},
+                             json={"question": "How do I reset the router?", "chat_history": [], "model": "Notes bot"})
+    first = response.json()["sources"][0]
+    assert (first["document"], first["page"]) == ("manual.pdf", 2) and "pin button" in first["text"]
+    assert "[1] manual.pdf, p. 2\n" in sent(fake)
+
+
+def test_a_model_without_bases_is_sent_the_question_alone(knowledge_app):
+    url, fake, _ = knowledge_app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=WAIT)
+    fake.enqueue("No idea.")
+    reply = client.chat.completions.create(model="Plain", messages=[{"role": "user", "content": "Lost badge?"}])
+    assert reply.choices[0].message.content == "No idea."
+    assert sent(fake) == "Lost badge?"
+
+
+def test_a_question_the_base_cannot_answer_is_still_answered(knowledge_app):
+    url, fake, _ = knowledge_app
+    fake.enqueue("I do not know.")
+    with httpx.Client(timeout=WAIT) as http:
+        response = http.post(f"{url}/score", headers={**AUTH, "Accept": "application/json"},
+                             json={"question": "zzqx wvyk?", "chat_history": [], "model": "Notes bot"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"answer": "I do not know."}  # nothing found: no sources output
+    assert sent(fake) == "zzqx wvyk?"

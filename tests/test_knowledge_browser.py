@@ -1,0 +1,80 @@
+"""The knowledge panel in a real headless Chromium: a base created, files uploaded through the
+panel's file chooser, the progress line while they are read, the report and the documents listed,
+the base ticked for the chat. Reading is held at the first file (an event the test sets), so the
+progress line is seen for sure; every wait is on a condition in the page, with a timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from modules.app import ChatApp
+from modules.config import build_config
+from tests.conftest import free_port
+from tests.fakes.documents import pdf_pages
+
+expect.set_options(timeout=15_000)
+
+
+@pytest.fixture
+def held_app(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
+    """The app, its indexer held before reading each document until the event is set."""
+    data = {"models": [{"provider": "openai", "name": "fake", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+                        "api_key": "k"}],
+            "history": {"mode": "shared", "data_dir": str(tmp_path / "data")}, "server": {"port": free_port()}}
+    app = ChatApp(build_config(data, env={}))
+    gate = threading.Event()
+    indexer = app.knowledge
+    assert indexer is not None
+    read = indexer._chunks
+
+    def held(name: str, sha256: str):
+        assert gate.wait(30), "the test never let the indexer go on"
+        return read(name, sha256)
+
+    indexer._chunks = held  # type: ignore[method-assign]
+    app.build()
+    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        yield url, gate
+    finally:
+        gate.set()
+        app.demo.close()
+        app.store.close()
+        app.knowledge_store.close()
+
+
+def test_create_a_base_upload_files_see_progress_and_the_report(held_app, contexts, tmp_path) -> None:
+    url, gate = held_app
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\n\nThe budget is 42 euros.\n", encoding="utf-8")
+    report = tmp_path / "report.pdf"
+    report.write_bytes(pdf_pages(["Page 1: the launch is in May.", "Page 2: the team is five."]))
+    page: Page = contexts().new_page()
+    page.goto(url)
+    expect(page.locator("#user-input textarea")).to_be_editable()
+    page.locator("#knowledge-panel").get_by_text("📚 Knowledge bases").click()
+    page.locator("#knowledge-new-name input, #knowledge-new-name textarea").fill("Project")
+    page.locator("#knowledge-create").click()
+    status = page.locator("#knowledge-status")
+    expect(status).to_contain_text("Created the knowledge base “Project”")
+    expect(page.locator("#knowledge-use")).to_contain_text("Project")
+
+    page.locator("#knowledge-files input[type=file]").set_input_files([str(notes), str(report)])
+    expect(status).to_contain_text(re.compile(r"Reading (notes\.md|report\.pdf) \(1/2\)"))
+    gate.set()
+    expect(status).to_contain_text("Added 2: ")
+    expect(status).to_contain_text("“Project” now holds 3 passage(s).")
+    docs = page.locator("#knowledge-docs")
+    expect(docs.locator("tr", has_text="notes.md")).to_contain_text("indexed")
+    expect(docs.locator("tr", has_text="report.pdf")).to_contain_text("indexed")
+
+    # Ticked for this chat.
+    page.locator("#knowledge-use").get_by_label("Project").check()
+    expect(page.locator("#knowledge-use").get_by_label("Project")).to_be_checked()
