@@ -11,6 +11,8 @@ import gc
 import importlib.util
 import logging
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from modules.api.gateway import Gateway
 from modules.config import AppConfig
 from modules.core import tokens
 from modules.core.chat import ChatService
+from modules.core.retrieval import Embeddings
 from modules.core.streaming import Pacer
 from modules.history import attachments
 from modules.history.knowledge import KnowledgeProblem, KnowledgeStore, open_knowledge
@@ -48,7 +51,8 @@ class ChatApp:
         pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
         # One chat pipeline for the page, /chat and the HTTP API (fit, run, settle; runs outlive pages).
         self.chat = ChatService(self.models, translator=self.t, context_config=config.context,
-                                runs_config=config.runs, pacer=pacer, max_live_runs=config.server.concurrency)
+                                runs_config=config.runs, pacer=pacer, max_live_runs=config.server.concurrency,
+                                knowledge_config=config.knowledge)
         data_dir = Path(config.history.data_dir).expanduser().resolve()
         self.store, self.store_problem = (store, None) if store is not None else open_store(data_dir)
         # One attachments folder: messages' files and knowledge bases' documents (by digest).
@@ -63,7 +67,12 @@ class ChatApp:
                 log.warning("%s", self.knowledge_problem)
             self.knowledge = KnowledgeIndexer(self.knowledge_store, self.files, data_dir / "knowledge-index",
                                               max_chars=config.attachments.max_document_chars,
-                                              max_pages=config.attachments.max_pdf_pages)
+                                              max_pages=config.attachments.max_pdf_pages,
+                                              embeddings=_embeddings(config), max_documents=config.knowledge.max_documents)
+            for model_name, names in config.model_knowledge.items():  # (models that answer from shared bases)
+                self.chat.bind(model_name, self.knowledge.shared_retriever(names))
+        # Set once the shared bases are read and interrupted indexing resumed (see ``launch``).
+        self.knowledge_ready = threading.Event()
         self.page = ChatPage(config, chat=self.chat, store=self.store, store_problem=self.store_problem,
                              data_dir=data_dir, files=self.files, knowledge=self.knowledge,
                              knowledge_problem=self.knowledge_problem)
@@ -76,6 +85,7 @@ class ChatApp:
     def launch(self, **kwargs: Any):
         demo = self.demo or self.build()
         _tune_process()
+        self.start_knowledge_upkeep()
         server = self.config.server
         demo.queue(default_concurrency_limit=server.concurrency)
         app_kwargs = dict(kwargs.get("app_kwargs") or {})
@@ -93,6 +103,53 @@ class ChatApp:
                 "en_US" if self.t.language == "auto" else self.t.language, "auth.message"))
         return demo.launch(server_name=server.host, server_port=server.port, share=server.share,
                            max_threads=server.concurrency + 16, **self.page.launch_options(), **kwargs)
+
+
+    def start_knowledge_upkeep(self) -> None:
+        """In the background, once: read the shared bases' folders (``knowledge.bases``), then
+        index what a restart left pending. The app serves meanwhile; a base answers from what is
+        indexed so far. ``knowledge_ready`` is set when it is done (or there is nothing to do)."""
+        if self.knowledge is None:
+            self.knowledge_ready.set()
+            return
+        if getattr(self, "_upkeep", None) is not None:
+            return
+        shared = [(b.name, Path(b.folder).expanduser().resolve()) for b in self.config.knowledge.bases]
+        self._upkeep = threading.Thread(target=_knowledge_upkeep, args=(self.knowledge, shared, self.knowledge_ready),
+                                        name="knowledge-upkeep", daemon=True)
+        self._upkeep.start()
+
+
+def _embeddings(config: AppConfig) -> Embeddings | None:
+    section = config.knowledge.embeddings
+    if section is None:
+        return None
+    key = section.api_key.get_secret_value() if section.api_key else None
+    return Embeddings(section.base_url, section.model, key, timeout=section.timeout_seconds, batch=section.batch)
+
+
+def _knowledge_upkeep(indexer: KnowledgeIndexer, shared: list[tuple[str, Path]], ready: threading.Event) -> None:
+    """The shared bases read from their folders, then every pending document indexed; each
+    problem logged as the sentence the indexer gives (a daemon thread: a crash resumes next time)."""
+    try:
+        started = time.monotonic()
+        for name, report in indexer.sync_shared(shared).items():
+            for document, why in report.skipped:
+                log.warning("knowledge base %r: %s was skipped: %s", name, document, why)
+            if report.added or report.replaced or report.removed:
+                log.info("knowledge base %r: %d added, %d replaced, %d removed, %d unchanged", name,
+                         len(report.added), len(report.replaced), len(report.removed), len(report.unchanged))
+        for base_id, report in indexer.resume().items():
+            for document, why in report.failed:
+                log.warning("knowledge base %d: %s could not be indexed: %s", base_id, document, why)
+            for note in report.notes:
+                log.warning("knowledge base %d: %s", base_id, note)
+            log.info("knowledge base %d: %d document(s) indexed, %d passages in all (%.1f s)", base_id,
+                     len(report.indexed), report.chunks, time.monotonic() - started)
+    except Exception:  # (the app goes on serving; what is left pending is indexed at the next start)
+        log.exception("keeping the knowledge bases up to date failed")
+    finally:
+        ready.set()
 
 
 def _tune_process() -> None:

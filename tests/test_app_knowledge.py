@@ -23,7 +23,8 @@ from tests.conftest import fake_model_entry, free_port
 from tests.fakes.documents import encrypted, pdf_pages
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests import test_app_history
-from tests.test_app_history import Session
+from tests.test_app_history import Session, message_text
+from tests.test_app_api import wait_until
 
 sessions = test_app_history.sessions  # a fixture
 
@@ -186,24 +187,24 @@ def _owner_of(app: ChatApp, base_id: int) -> str:
 
 
 def test_shared_bases_are_listed_read_only(launch_app, sessions, tmp_path) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    store = KnowledgeStore(data / FILENAME)
-    shared = store.register_shared("Handbook", tmp_path)
-    store.add_shared_document(shared.id, "guide.md", "0" * 64, 10)  # (shared sync reads the folder)
-    store.close()
-    panel = Panel(sessions(start(launch_app, history={"data_dir": str(data)})))
-    shown = panel.show()
-    assert shown["bases"] == {"Handbook (shared)": shared.id} and shown["base"] == shared.id
-    assert shown["documents"] == ["guide.md"] and "| guide.md | waiting | 0 |" in shown["docs"]
+    folder = tmp_path / "handbook"
+    folder.mkdir()
+    (folder / "guide.md").write_text("# Guide\n\nBadges open every door.\n", encoding="utf-8")
+    panel = Panel(sessions(start(launch_app, knowledge={"bases": [{"name": "Handbook", "folder": str(folder)}]})))
+    # (The app reads the shared folders in the background at start: the panel shows them once read.)
+    shown = wait_until(lambda: (lambda s: s if s["documents"] == ["guide.md"] and "| indexed |" in s["docs"] else None)(
+        panel.show()), "the shared base read and indexed")
+    shared_id = shown["base"]
+    assert shown["bases"] == {"Handbook (shared)": shared_id}
+    assert "| guide.md | indexed | 1 |" in shown["docs"]
     refused = "“Handbook” is a shared knowledge base: it is read-only."
-    assert panel.add(shared.id, documents(tmp_path)["notes.md"])[0] == refused
-    assert panel.delete(shared.id) == refused
-    assert panel.remove("guide.md", shared.id) == refused
-    assert panel.use(shared.id) == [shared.id]  # read-only, but any chat may answer from it
+    assert panel.add(shared_id, documents(tmp_path)["notes.md"])[0] == refused
+    assert panel.delete(shared_id) == refused
+    assert panel.remove("guide.md", shared_id) == refused
+    assert panel.use(shared_id) == [shared_id]  # read-only, but any chat may answer from it
     mine = panel.create("Mine")[2]["value"]
     assert list(panel.show()["bases"]) == ["Mine", "Handbook (shared)"]  # own first
-    assert mine != shared.id
+    assert mine != shared_id
 
 
 def test_the_selection_is_kept_for_its_conversation(launch_app, sessions, tmp_path) -> None:
@@ -290,3 +291,73 @@ def test_the_selection_survives_a_restart(sessions, tmp_path) -> None:
             assert panel.show()["used"] == [base]
         finally:
             stop(app)
+
+
+def test_a_conversation_answers_from_its_bases_and_cites_them(launch_app, sessions, tmp_path) -> None:
+    """The page's own pipeline: the passages of the bases the conversation picked go with each
+    question, the reply shows its Sources (kept in history and both exports), and Continue cites
+    the same passages again without searching."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "travel.md").write_text("# Travel\n\nTrain tickets are booked by the office manager.\n\n"
+                                      "# Hotels\n\nHotel rooms cost at most 120 euros a night.\n", encoding="utf-8")
+    (folder / "会议.md").write_text("# 会议室\n\n三楼的会议室可以容纳十二个人。\n", encoding="utf-8")
+    (folder / "plan.pdf").write_bytes(pdf_pages(["Page one: the plan.", "Page two: the launch is on the ninth of May."]))
+    with FakeOpenAIServer() as fake:
+        session = sessions(start(launch_app, fake))
+        panel = Panel(session)
+        base = panel.create("Office")[2]["value"]
+        report = panel.add(base, *sorted(folder.iterdir()))[0]
+        assert report.startswith("Added 3: plan.pdf, travel.md, 会议.md.") and "now holds 5 passage(s)" in report, report
+        panel.use(base)
+        fake.enqueue("At most ", "120 euros [1].")
+        session.add("How much may a hotel room cost?")
+        panel.keep()
+        shown = session.respond()
+        question = fake.requests[-1].body["messages"][-1]["content"]
+        assert "[1] travel.md, Hotels\n# Hotels\n\nHotel rooms cost at most 120 euros a night." in question
+        assert question.endswith("Question: How much may a hotel room cost?")
+        answer = message_text(shown[-1])
+        assert answer.startswith("At most 120 euros [1].")
+        assert "**Sources**" in answer and "<details><summary>[1] travel.md, Hotels" in answer
+        # Chinese, and a PDF's page.
+        fake.enqueue("十二个人[1]。")
+        session.add("会议室能坐多少人？")
+        session.respond()
+        assert "[1] 会议.md, 会议室\n# 会议室\n\n三楼的会议室可以容纳十二个人。" in fake.requests[-1].body["messages"][-1]["content"]
+        fake.enqueue("On the ninth ", "of May [1].")
+        session.add("When is the launch?")
+        shown = session.respond()
+        assert "[1] plan.pdf, p. 2\n" in fake.requests[-1].body["messages"][-1]["content"]
+        assert "<details><summary>[1] plan.pdf, p. 2" in message_text(shown[-1])
+        # Earlier questions go back as they were asked: their passages stay with their replies.
+        earlier = [m["content"] for m in fake.requests[-1].body["messages"][:-1] if m["role"] == "user"]
+        assert earlier[-2:] == ["How much may a hotel room cost?", "会议室能坐多少人？"]
+        # Kept: the JSON export has each reply's sources, the Markdown export lists them.
+        exported = session.export_json()
+        replies = [m for m in exported["messages"] if m["role"] == "assistant"]
+        assert [r["outputs"]["sources"][0]["document"] for r in replies] == ["travel.md", "会议.md", "plan.pdf"]
+        markdown = session.export("md").read_text(encoding="utf-8")
+        assert "**Sources**\n\n1. plan.pdf, p. 2\n\n   > Page two: the launch is on the ninth of May." in markdown
+        # Continue: the same passages, not searched again (the question would find others now).
+        fake.enqueue(*[f" w{i}" for i in range(30)], delay=0.05)
+        session.add("Which hotel rule applies?")
+        job = session.submit_respond()
+        wait_until(lambda: job.outputs() and " w3" in message_text(job.outputs()[-1][-1]), "a few words of the reply")
+        session.stop()
+        job.result(timeout=30)
+        cited = fake.requests[-1].body["messages"][-1]["content"]
+        rules = tmp_path / "rules.md"  # what a new search for the question would find first now
+        rules.write_text("# Hotel rule\n\nWhich hotel rule applies? The hotel rule that applies is rule 7.\n", encoding="utf-8")
+        panel.add(base, rules)
+        reply_id = session.export_json()["leaf"]
+        fake.enqueue(" done.")
+        session.client.predict(f"continue:{reply_id}|1", session.model, "", api_name="/act")
+        session.respond()
+        again = [m for m in fake.requests[-1].body["messages"] if m["role"] == "user"]
+        grounded = next(m["content"] for m in reversed(again) if "Question: Which hotel rule applies?" in m["content"])
+        assert grounded == cited and "rules.md" not in grounded
+        fake.enqueue("Rule 7 [1].")
+        session.add("Which hotel rule applies?")
+        session.respond()
+        assert "[1] rules.md, Hotel rule" in fake.requests[-1].body["messages"][-1]["content"]  # (a new question does search)

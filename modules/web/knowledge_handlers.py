@@ -31,16 +31,6 @@ from modules.web.keeping import SessionKeeper
 log = logging.getLogger(__name__)
 
 
-class _References:
-    """What the collector must keep: files named by a message or by a knowledge base's document."""
-
-    def __init__(self, *stores: Any) -> None:
-        self.stores = stores
-
-    def referenced_attachments(self) -> set[str]:
-        return set().union(*(store.referenced_attachments() for store in self.stores))
-
-
 class KnowledgeHandlers:
     """(``self`` is not annotated: Gradio reads these signatures and must resolve every annotation.)"""
 
@@ -48,7 +38,7 @@ class KnowledgeHandlers:
                  history: HistoryStore, files: AttachmentFiles, problem: KnowledgeProblem | None = None):
         self.config, self.t, self.keeper, self.indexer = config, t, keeper, indexer
         self.store, self.files, self.problem = indexer.store, files, problem
-        self.references = _References(history, indexer.store)
+        self.history = history  # (the collector keeps the bases' files too: the indexer registered them)
 
     # -- what the panel shows ----------------------------------------------------------------
     def _label(self, lang: str, base: Base) -> str:
@@ -212,7 +202,7 @@ class KnowledgeHandlers:
         def remove() -> tuple[Any, ...]:
             self.store.delete_base(owner, base.id)
             try:
-                attachments.collect(self.references, self.files)
+                attachments.collect(self.history, self.files)
             except OSError as exc:
                 log.warning("Could not collect the files of a deleted knowledge base: %s", exc)
             return self._panel(lang, owner, conversation, None)
@@ -233,7 +223,7 @@ class KnowledgeHandlers:
         def drop() -> tuple[bool, tuple[Any, Any]]:
             removed = self.store.remove_document(owner, base.id, name)
             if removed:
-                attachments.collect(self.references, self.files)
+                attachments.collect(self.history, self.files)
             return removed, self._documents(lang, owner, base.id)
 
         removed, shown = await asyncio.to_thread(drop)
@@ -298,6 +288,7 @@ class KnowledgeHandlers:
         if indexed is not None:
             lines += [t(lang, "knowledge.report_failed", name=name, reason=reason) for name, reason in indexed.failed]
             lines.append(t(lang, "knowledge.report_chunks", base=base.name, chunks=indexed.chunks))
+            lines += indexed.notes  # (dense retrieval not ready: the indexer's sentence)
         return "\n\n".join(_escape(line) for line in lines)
 
 

@@ -135,7 +135,8 @@ class ChatPage:
         self.links = FileLinks(ownership.app_key(data_dir), store, self.files)
         view = PageView(chat, store, store_problem, self.default_model, self.links)
         keeper = SessionKeeper(self.mode, chat, store, self.default_model)
-        self.chats = ChatHandlers(config, chat, view, keeper, Attaching(config.attachments, self.files, chat.t))
+        self.chats = ChatHandlers(config, chat, view, keeper, Attaching(config.attachments, self.files, chat.t),
+                                  knowledge=knowledge)
         self.histories = HistoryHandlers(config, chat, view, keeper, self.exports_dir, self.templates, self.files)
         self.knowledge = (KnowledgeHandlers(config, chat.t, keeper, knowledge, store, self.files, knowledge_problem)
                           if knowledge is not None else None)
