@@ -18,6 +18,7 @@ from gradio_client.exceptions import AppError
 
 from modules.app import ChatApp
 from modules.config import build_config
+from modules.web import render
 from modules.history.knowledge import FILENAME, KnowledgeStore
 from tests.conftest import fake_model_entry, free_port
 from tests.fakes.documents import encrypted, pdf_pages
@@ -361,3 +362,31 @@ def test_a_conversation_answers_from_its_bases_and_cites_them(launch_app, sessio
         session.add("Which hotel rule applies?")
         session.respond()
         assert "[1] rules.md, Hotel rule" in fake.requests[-1].body["messages"][-1]["content"]  # (a new question does search)
+
+
+def test_offline_the_embedded_model_answers_from_a_folder_of_pdfs_and_notes(launch_app, sessions, tmp_path) -> None:
+    """What #14 is done by: no network, the embedded model, a folder of PDFs and notes, a question
+    in English and one in Chinese, each answered with the right passages as its sources."""
+    folder = tmp_path / "papers"
+    folder.mkdir()
+    (folder / "garden.pdf").write_bytes(pdf_pages(["Tomatoes need six hours of sun a day.",
+                                                   "Water the basil every morning in summer."]))
+    (folder / "bikes.md").write_text("# Tyres\n\nRoad bike tyres are pumped to six bar.\n", encoding="utf-8")
+    (folder / "茶.md").write_text("# 绿茶\n\n泡绿茶的水温应为八十度左右。\n", encoding="utf-8")
+    session = sessions(launch_app({"models": [{"provider": "embedded", "name": "local", "default_max_tokens": 24}],
+                                   "history": {"mode": "shared"}}), model="local")
+    panel = Panel(session)
+    base = panel.create("Papers")[2]["value"]
+    assert "now holds" in panel.add(base, *sorted(folder.iterdir()))[0]
+    panel.use(base)
+    for question, document in (("How often should I water the basil?", ("garden.pdf", 2)),
+                               ("泡绿茶的水温是多少？", ("茶.md", None))):
+        session.add(question)
+        panel.keep()
+        answer = message_text(session.respond()[-1])
+        assert answer.split(render.FOOTER)[0].strip(), f"no answer to {question!r}"
+        assert "**Sources**" in answer
+        last = [m for m in session.export_json()["messages"] if m["role"] == "assistant"][-1]
+        assert last["status"] == "done"
+        first = last["outputs"]["sources"][0]
+        assert (first["document"], first["page"]) == document, last["outputs"]["sources"]

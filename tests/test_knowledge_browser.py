@@ -78,3 +78,42 @@ def test_create_a_base_upload_files_see_progress_and_the_report(held_app, contex
     # Ticked for this chat.
     page.locator("#knowledge-use").get_by_label("Project").check()
     expect(page.locator("#knowledge-use").get_by_label("Project")).to_be_checked()
+
+
+def test_a_reply_shows_its_sources_and_a_click_shows_the_passage(contexts, tmp_path) -> None:
+    """A model answering from a shared base: the reply's Sources list in the page, each source
+    closed at first, its passage shown when its line is clicked."""
+    from tests.fakes.openai_server import FakeOpenAIServer
+
+    folder = tmp_path / "handbook"
+    folder.mkdir()
+    (folder / "leave.md").write_text("# Leave\n\nEvery employee gets 25 days of paid leave a year.\n", encoding="utf-8")
+    with FakeOpenAIServer() as fake:
+        data = {"models": [{"provider": "openai", "name": "Handbook", "model": "m", "base_url": fake.base_url,
+                            "api_key": "k", "max_retries": 0, "knowledge": ["Handbook"]}],
+                "knowledge": {"bases": [{"name": "Handbook", "folder": str(folder)}]},
+                "history": {"mode": "shared", "data_dir": str(tmp_path / "data")}, "server": {"port": free_port()}}
+        app = ChatApp(build_config(data, env={}))
+        app.build()
+        _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
+        try:
+            assert app.knowledge_ready.wait(30)
+            fake.enqueue("You get 25 days [1].")
+            page: Page = contexts().new_page()
+            page.goto(url)
+            box = page.locator("#user-input textarea")
+            expect(box).to_be_editable()
+            box.fill("How many days of leave do I get?")
+            box.press("Enter")
+            reply = page.locator('#chatbot [data-testid="bot"]').last
+            expect(reply).to_contain_text("You get 25 days [1].")
+            expect(reply).to_contain_text("Sources")
+            source = reply.locator("details").first
+            expect(source.locator("summary")).to_have_text("[1] leave.md, Leave · Handbook")
+            passage = source.locator("blockquote")
+            expect(passage).to_be_hidden()  # (closed until clicked)
+            source.locator("summary").click()
+            expect(passage).to_be_visible()
+            expect(passage).to_contain_text("Every employee gets 25 days of paid leave a year.")
+        finally:
+            app.demo.close()
