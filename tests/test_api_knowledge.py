@@ -156,3 +156,83 @@ def test_a_question_the_base_cannot_answer_is_still_answered(knowledge_app):
     assert response.status_code == 200, response.text
     assert response.json() == {"answer": "I do not know."}  # nothing found: no sources output
     assert sent(fake) == "zzqx wvyk?"
+
+
+# -- dense retrieval from config, and indexing a restart left pending --------------------------------------
+EMBED_KEY = "sk-embed-canary-7b1d0e55"
+
+
+def test_with_an_embeddings_endpoint_the_app_indexes_vectors_and_fuses_them(tmp_path, fake_openai, caplog):
+    from modules.app import ChatApp
+    from tests.fakes.embeddings_server import FakeEmbeddingsServer
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "leave.md").write_text(NOTES["handbook/leave.md"], encoding="utf-8")
+    (folder / "badges.md").write_text(NOTES["handbook/security.md"], encoding="utf-8")
+    with FakeEmbeddingsServer() as embedder:
+        config = build_config({
+            "server": {"port": free_port()}, "history": {"data_dir": str(tmp_path / "data")},
+            "api": {"enabled": True, "keys": [API_KEY]},
+            "knowledge": {"bases": [{"name": "Notes", "folder": str(folder)}],
+                          "embeddings": {"base_url": embedder.base_url, "model": "fake-embed", "api_key_env": "EK"}},
+            "models": [fake_model_entry(fake_openai, "Notes bot", knowledge=["Notes"])],
+        }, env={"EK": EMBED_KEY})
+        app = ChatApp(config)
+        app.build()
+        _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
+        try:
+            assert app.knowledge_ready.wait(WAIT)
+            base = next(b for b in app.knowledge.store.list_bases("shared") if b.name == "Notes")
+            assert len(app.knowledge.store.vectors(base.id)) == len(app.knowledge.store.chunks(base.id)) > 0
+            assert all(r["auth"] == f"Bearer {EMBED_KEY}" and r["body"]["model"] == "fake-embed"
+                       for r in embedder.requests)
+            before = len(embedder.requests)
+            fake_openai.enqueue("Same day [1].")
+            with httpx.Client(timeout=WAIT) as http:
+                response = http.post(f"{url.rstrip('/')}/score", headers={**AUTH, "Accept": "application/json"},
+                                     json={"question": "What about lost badges?", "chat_history": [],
+                                           "model": "Notes bot"})
+            assert response.json()["sources"][0]["document"] == "badges.md"
+            assert [r["body"]["input"] for r in embedder.requests[before:]] == [["What about lost badges?"]]
+            # The endpoint goes down: questions are still answered, from BM25.
+            embedder.mode = "error"
+            fake_openai.enqueue("Same day [1].")
+            with caplog.at_level("WARNING"):
+                with httpx.Client(timeout=WAIT) as http:
+                    response = http.post(f"{url.rstrip('/')}/score", headers={**AUTH, "Accept": "application/json"},
+                                         json={"question": "lost badges front desk", "chat_history": [],
+                                               "model": "Notes bot"})
+            assert response.status_code == 200 and response.json()["sources"][0]["document"] == "badges.md"
+            assert EMBED_KEY not in caplog.text and EMBED_KEY not in response.text
+        finally:
+            app.demo.close()
+
+
+def test_documents_a_restart_left_unindexed_are_indexed_at_the_next_start(tmp_path, fake_openai):
+    from modules.app import ChatApp
+    from modules.history.attachments import open_files
+    from modules.history.knowledge import open_knowledge
+    from modules.history.knowledge_index import KnowledgeIndexer
+
+    data = tmp_path / "data"
+    store, _ = open_knowledge(data)
+    indexer = KnowledgeIndexer(store, open_files(data), data / "knowledge-index", max_chars=100_000, max_pages=10)
+    base = store.create_base("local", "Mine")
+    note = tmp_path / "leave.md"
+    note.write_text(NOTES["handbook/leave.md"], encoding="utf-8")
+    assert indexer.add_files("local", base.id, [note]).added == ["leave.md"]  # added; the app stopped before indexing
+    store.close()
+    config = build_config({"server": {"port": free_port()}, "history": {"data_dir": str(data), "mode": "shared"},
+                           "models": [fake_model_entry(fake_openai, "fake")]}, env={})
+    app = ChatApp(config)
+    app.build()
+    app.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        assert app.knowledge_ready.wait(WAIT)
+        [document] = app.knowledge.store.list_documents("local", base.id)
+        assert document.status == "indexed" and document.chunk_count > 0
+        passages = app.knowledge.retriever("local", [base.id]).retrieve("paid annual leave", 5)
+        assert passages and passages[0].document == "leave.md"
+    finally:
+        app.demo.close()

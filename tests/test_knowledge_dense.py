@@ -315,3 +315,33 @@ def test_resume_makes_the_vectors_a_failed_endpoint_left_missing(tmp_path: Path,
         assert fresh.search(OWNER, s.base.id, STOP_WORDS_ONLY)[0].document == "hamlet.txt"
     finally:
         s.close()
+
+
+# -- the evaluation set, through the indexer: BM25 alone and fused with the fake's vectors ---------------
+def test_recall_at_5_on_the_evaluation_set_with_and_without_dense_retrieval(tmp_path: Path, server) -> None:
+    import json
+
+    from tests.test_retrieval import EVAL
+
+    questions = json.loads((EVAL / "questions.json").read_text("utf-8"))
+    recalls = {}
+    for name, embeddings in (("bm25", None), ("bm25+dense", Embeddings(server.base_url, "fake-embed", batch=16))):
+        root = tmp_path / name
+        root.mkdir()
+        store = KnowledgeStore(root / "knowledge.sqlite3")
+        indexer = KnowledgeIndexer(store, AttachmentFiles(root / "files"), root / "indexes", max_chars=100_000,
+                                   max_pages=20, embeddings=embeddings)
+        base = store.create_base(OWNER, "Eval")
+        added = indexer.add_files(OWNER, base.id, sorted(EVAL.glob("*.md")))
+        report = indexer.index_pending(OWNER, base.id)
+        assert not added.skipped and not report.failed and not report.notes
+        assert report.embedded == (report.chunks if embeddings else 0)
+        retriever = indexer.retriever(OWNER, [base.id])
+        found = [any(p.document == q["document"] and q["answer"] in p.text for p in retriever.retrieve(q["question"], 5))
+                 for q in questions]
+        recalls[name] = sum(found) / len(found)
+        if embeddings is not None:
+            embeddings.close()
+        store.close()
+    print(f"\nrecall@5 through the indexer: BM25 {recalls['bm25']:.3f}, BM25 + dense (RRF) {recalls['bm25+dense']:.3f}")
+    assert recalls["bm25"] >= 0.8 and recalls["bm25+dense"] >= 0.8
