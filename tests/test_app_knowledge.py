@@ -390,3 +390,18 @@ def test_offline_the_embedded_model_answers_from_a_folder_of_pdfs_and_notes(laun
         assert last["status"] == "done"
         first = last["outputs"]["sources"][0]
         assert (first["document"], first["page"]) == document, last["outputs"]["sources"]
+
+
+def test_two_files_of_one_name_in_one_upload_are_both_kept(launch_app, sessions, tmp_path) -> None:
+    """A folder's files come without their subfolders (the browser sends names only): two files of
+    one name are two documents, the second "name (2)"."""
+    for part in ("a", "b"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "notes.md").write_text(f"# {part}\n\nPart {part} says hello.\n", encoding="utf-8")
+    panel = Panel(sessions(start(launch_app)))
+    base = panel.create("Parts")[2]["value"]
+    report, _, names = panel.add(base, tmp_path / "a" / "notes.md", tmp_path / "b" / "notes.md")
+    assert report.startswith("Added 2: notes.md, notes (2).md."), report
+    assert names == ["notes (2).md", "notes.md"]
+    report, _, names = panel.add(base, tmp_path / "a" / "notes.md", tmp_path / "b" / "notes.md")
+    assert "Unchanged" in report and "Added" not in report, report  # (the same folder again: nothing to read)

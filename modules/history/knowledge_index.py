@@ -145,15 +145,15 @@ class KnowledgeIndexer:
             raise BaseNotFound("You have no such knowledge base.")
 
     # -- adding ----------------------------------------------------------------------------
-    def add_files(self, owner: str, base_id: int, paths: list[Path]) -> AddReport:
-        """Keep and register each file (named by its file name); BaseNotFound when the owner has
-        no such base they may change."""
+    def add_files(self, owner: str, base_id: int, paths: list[Path], names: list[str] | None = None) -> AddReport:
+        """Keep and register each file, named by ``names`` (default: its file name); BaseNotFound
+        when the owner has no such base they may change."""
         self._writable(owner, base_id)
         report = AddReport()
         with self._lock(self._base_locks, base_id):
-            names = self._names(owner, base_id)
-            for path in paths:
-                self._add_one(owner, base_id, Path(path), Path(path).name, report, names)
+            known = self._names(owner, base_id)
+            for path, name in zip(paths, names or [Path(p).name for p in paths], strict=True):
+                self._add_one(owner, base_id, Path(path), name, report, known)
         return report
 
     def add_folder(self, owner: str, base_id: int, folder: Path) -> AddReport:

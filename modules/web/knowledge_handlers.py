@@ -253,17 +253,19 @@ class KnowledgeHandlers:
         def run() -> tuple[AddReport, IndexReport | None]:
             known = {d.name for d in self.store.list_documents(owner, base.id)}
             room = limit - len(known)
-            taken, over = [], []
-            for path in files:
-                if path.name in known:
+            taken, names, over = [], [], []
+            for path, name in zip(files, _batch_names(files)):
+                if name in known:
                     taken.append(path)
+                    names.append(name)
                 elif room > 0:
                     taken.append(path)
-                    known.add(path.name)
+                    names.append(name)
+                    known.add(name)
                     room -= 1
                 else:
-                    over.append(path.name)
-            added = self.indexer.add_files(owner, base.id, taken)
+                    over.append(name)
+            added = self.indexer.add_files(owner, base.id, taken, names)
             added.skipped += [(name, self.t.text(lang, "knowledge.too_many_documents", limit=limit))
                               for name in over]
             return added, self.indexer.index_pending(owner, base.id, progress=reading)
@@ -306,3 +308,14 @@ def _escape(text: str) -> str:
     on one line."""
     text = " ".join(str(text).split())
     return "".join("\\" + c if c in "\\`*_{}[]<>#|~" else c for c in text)
+
+
+def _batch_names(files: list[Path]) -> list[str]:
+    """Each file's document name: its file name, "name (2).ext" for the second file of one upload
+    with that name (a folder's files in different subfolders: the browser sends no paths)."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in files:
+        count = seen[path.name] = seen.get(path.name, 0) + 1
+        names.append(path.name if count == 1 else f"{path.stem} ({count}){path.suffix}")
+    return names
