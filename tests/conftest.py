@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any, Callable, Iterator
@@ -101,3 +102,18 @@ def contexts(browser: Any) -> Iterator[Callable[..., Any]]:
     yield make
     for context in made:
         context.close()
+
+
+@contextlib.contextmanager
+def running_app(data: dict[str, Any], env: dict[str, str] | None = None) -> Iterator[tuple[Any, str]]:
+    """``(app, url)``: the real app of the config ``data`` on a free port, closed on leaving (for
+    tests that need the app itself, or to stop and start it again)."""
+    from modules.app import ChatApp
+
+    app = ChatApp(build_config({**data, "server": {**data.get("server", {}), "port": free_port()}}, env=env or {}))
+    app.build()
+    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        yield app, url.rstrip("/")
+    finally:
+        app.demo.close()

@@ -15,9 +15,8 @@ import openai
 import pytest
 from httpx_sse import connect_sse
 
-from modules.config import build_config
 from modules.core import grounding
-from tests.conftest import FAKE_KEY, fake_model_entry, free_port
+from tests.conftest import FAKE_KEY, fake_model_entry, running_app
 from tests.fakes.documents import pdf_pages
 from tests.fakes.openai_server import FakeOpenAIServer
 
@@ -37,30 +36,22 @@ NOTES = {
 
 @pytest.fixture
 def knowledge_app(tmp_path: Path, fake_openai: FakeOpenAIServer) -> Iterator[tuple[str, FakeOpenAIServer, Any]]:
-    from modules.app import ChatApp
-
     folder = tmp_path / "notes"
     for name, text in NOTES.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text, encoding="utf-8")
     (folder / "manual.pdf").write_bytes(pdf_pages(["The router has four antennas.",
                                                    "To reset the router, hold the pin button for ten seconds."]))
-    config = build_config({
-        "server": {"port": free_port()},
+    data = {
         "history": {"data_dir": str(tmp_path / "data")},
         "api": {"enabled": True, "keys": [API_KEY]},
         "knowledge": {"bases": [{"name": "Company notes", "folder": str(folder)}]},
         "models": [fake_model_entry(fake_openai, "Notes bot", knowledge=["Company notes"]),
                    fake_model_entry(fake_openai, "Plain")],
-    }, env={})
-    app = ChatApp(config)
-    app.build()
-    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
-    try:
+    }
+    with running_app(data) as (app, url):
         assert app.knowledge_ready.wait(WAIT), "the shared base was not indexed in time"
-        yield url.rstrip("/"), fake_openai, app
-    finally:
-        app.demo.close()
+        yield url, fake_openai, app
 
 
 def sent(fake: FakeOpenAIServer) -> str:
@@ -163,7 +154,6 @@ EMBED_KEY = "sk-embed-canary-7b1d0e55"
 
 
 def test_with_an_embeddings_endpoint_the_app_indexes_vectors_and_fuses_them(tmp_path, fake_openai, caplog):
-    from modules.app import ChatApp
     from tests.fakes.embeddings_server import FakeEmbeddingsServer
 
     folder = tmp_path / "notes"
@@ -171,17 +161,13 @@ def test_with_an_embeddings_endpoint_the_app_indexes_vectors_and_fuses_them(tmp_
     (folder / "leave.md").write_text(NOTES["handbook/leave.md"], encoding="utf-8")
     (folder / "badges.md").write_text(NOTES["handbook/security.md"], encoding="utf-8")
     with FakeEmbeddingsServer() as embedder:
-        config = build_config({
-            "server": {"port": free_port()}, "history": {"data_dir": str(tmp_path / "data")},
-            "api": {"enabled": True, "keys": [API_KEY]},
+        data = {
+            "history": {"data_dir": str(tmp_path / "data")}, "api": {"enabled": True, "keys": [API_KEY]},
             "knowledge": {"bases": [{"name": "Notes", "folder": str(folder)}],
                           "embeddings": {"base_url": embedder.base_url, "model": "fake-embed", "api_key_env": "EK"}},
             "models": [fake_model_entry(fake_openai, "Notes bot", knowledge=["Notes"])],
-        }, env={"EK": EMBED_KEY})
-        app = ChatApp(config)
-        app.build()
-        _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
-        try:
+        }
+        with running_app(data, env={"EK": EMBED_KEY}) as (app, url):
             assert app.knowledge_ready.wait(WAIT)
             base = next(b for b in app.knowledge.store.list_bases("shared") if b.name == "Notes")
             assert len(app.knowledge.store.vectors(base.id)) == len(app.knowledge.store.chunks(base.id)) > 0
@@ -190,7 +176,7 @@ def test_with_an_embeddings_endpoint_the_app_indexes_vectors_and_fuses_them(tmp_
             before = len(embedder.requests)
             fake_openai.enqueue("Same day [1].")
             with httpx.Client(timeout=WAIT) as http:
-                response = http.post(f"{url.rstrip('/')}/score", headers={**AUTH, "Accept": "application/json"},
+                response = http.post(f"{url}/score", headers={**AUTH, "Accept": "application/json"},
                                      json={"question": "What about lost badges?", "chat_history": [],
                                            "model": "Notes bot"})
             assert response.json()["sources"][0]["document"] == "badges.md"
@@ -200,17 +186,14 @@ def test_with_an_embeddings_endpoint_the_app_indexes_vectors_and_fuses_them(tmp_
             fake_openai.enqueue("Same day [1].")
             with caplog.at_level("WARNING"):
                 with httpx.Client(timeout=WAIT) as http:
-                    response = http.post(f"{url.rstrip('/')}/score", headers={**AUTH, "Accept": "application/json"},
+                    response = http.post(f"{url}/score", headers={**AUTH, "Accept": "application/json"},
                                          json={"question": "lost badges front desk", "chat_history": [],
                                                "model": "Notes bot"})
             assert response.status_code == 200 and response.json()["sources"][0]["document"] == "badges.md"
             assert EMBED_KEY not in caplog.text and EMBED_KEY not in response.text
-        finally:
-            app.demo.close()
 
 
 def test_documents_a_restart_left_unindexed_are_indexed_at_the_next_start(tmp_path, fake_openai):
-    from modules.app import ChatApp
     from modules.history.attachments import open_files
     from modules.history.knowledge import open_knowledge
     from modules.history.knowledge_index import KnowledgeIndexer
@@ -223,16 +206,10 @@ def test_documents_a_restart_left_unindexed_are_indexed_at_the_next_start(tmp_pa
     note.write_text(NOTES["handbook/leave.md"], encoding="utf-8")
     assert indexer.add_files("local", base.id, [note]).added == ["leave.md"]  # added; the app stopped before indexing
     store.close()
-    config = build_config({"server": {"port": free_port()}, "history": {"data_dir": str(data), "mode": "shared"},
-                           "models": [fake_model_entry(fake_openai, "fake")]}, env={})
-    app = ChatApp(config)
-    app.build()
-    app.launch(prevent_thread_lock=True, quiet=True)
-    try:
+    data = {"history": {"data_dir": str(data), "mode": "shared"}, "models": [fake_model_entry(fake_openai, "fake")]}
+    with running_app(data) as (app, _):
         assert app.knowledge_ready.wait(WAIT)
         [document] = app.knowledge.store.list_documents("local", base.id)
         assert document.status == "indexed" and document.chunk_count > 0
         passages = app.knowledge.retriever("local", [base.id]).retrieve("paid annual leave", 5)
         assert passages and passages[0].document == "leave.md"
-    finally:
-        app.demo.close()

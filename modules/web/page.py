@@ -156,11 +156,8 @@ class ChatPage:
                                             scale=3, elem_id="rename-box")
                     c["rename"] = gr.Button(t("button.rename"), size="sm", scale=1, elem_id="rename-btn")
                 c["delete"] = gr.Button(t("button.delete"), variant="stop", size="sm", elem_id="delete-btn")
-                with gr.Row(visible=False, elem_id="confirm-delete-row") as c["confirm_row"]:
-                    c["confirm_text"] = gr.Markdown(elem_id="confirm-delete-text")
-                    c["confirm"] = gr.Button(t("button.confirm_delete"), variant="stop", size="sm",
-                                             elem_id="confirm-delete-btn")
-                    c["cancel"] = gr.Button(t("button.cancel"), size="sm", elem_id="cancel-delete-btn")
+                c.update(self._render_confirm("confirm-delete-row", "confirm-delete-text", "confirm-delete-btn",
+                                              "cancel-delete-btn"))
                 with gr.Row():
                     c["export_md"] = gr.Button(t("button.export_markdown"), size="sm", elem_id="export-md-btn")
                     c["export_json"] = gr.Button(t("button.export_json"), size="sm", elem_id="export-json-btn")
@@ -197,6 +194,15 @@ class ChatPage:
             c["seed"] = gr.Number(-1, precision=0, label=t("label.seed"))
         return c
 
+    def _render_confirm(self, row: str, text: str, confirm: str, cancel: str) -> dict[str, Any]:
+        """A hidden row asking to confirm a deletion: its text, Delete and Cancel (by elem_id)."""
+        t = self.t.label
+        with gr.Row(visible=False, elem_id=row) as confirm_row:
+            confirm_text = gr.Markdown(elem_id=text)
+            button = gr.Button(t("button.confirm_delete"), variant="stop", size="sm", elem_id=confirm)
+            back = gr.Button(t("button.cancel"), size="sm", elem_id=cancel)
+        return {"confirm_row": confirm_row, "confirm_text": confirm_text, "confirm": button, "cancel": back}
+
     def _render_knowledge(self) -> dict[str, Any]:
         """Knowledge bases: those this chat answers from; create, delete (confirmed), documents,
         files and folders added (indexed with a progress line and a report)."""
@@ -224,11 +230,8 @@ class ChatPage:
                                        elem_id="knowledge-doc")
                 c["remove"] = gr.Button(t("knowledge.remove"), size="sm", scale=1, elem_id="knowledge-remove-doc")
             c["delete"] = gr.Button(t("knowledge.delete"), variant="stop", size="sm", elem_id="knowledge-delete")
-            with gr.Row(visible=False, elem_id="knowledge-confirm-row") as c["confirm_row"]:
-                c["confirm_text"] = gr.Markdown(elem_id="knowledge-confirm-text")
-                c["confirm"] = gr.Button(t("button.confirm_delete"), variant="stop", size="sm",
-                                         elem_id="knowledge-confirm-delete")
-                c["cancel"] = gr.Button(t("button.cancel"), size="sm", elem_id="knowledge-cancel-delete")
+            c.update(self._render_confirm("knowledge-confirm-row", "knowledge-confirm-text",
+                                          "knowledge-confirm-delete", "knowledge-cancel-delete"))
         return c
 
     def _wire_knowledge(self, k: dict[str, Any], conversation: gr.State) -> tuple[dict[str, Any], dict[str, Any]]:
