@@ -52,6 +52,10 @@ def backup_main(argv: list[str]) -> int:
         return 2
     from modules.history.store import FILENAME, BackupError, backup, backup_path
 
+    if config.history.url is not None:
+        print("ChuanhuStyleChat backup: history.url is set: the history is in PostgreSQL; back it up with "
+              "pg_dump (this command copies the SQLite file)", file=sys.stderr)
+        return 2
     source = Path(config.history.data_dir).expanduser().resolve() / FILENAME
     target = backup_path(Path(args.path)).absolute()
     try:
@@ -86,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from modules.app import ChatApp  # gradio is slow to import: only once the config is good
+    from modules.history.store import HistoryUnavailable
 
-    app = ChatApp(config)
+    try:
+        app = ChatApp(config)
+    except HistoryUnavailable as exc:  # one line, naming history.url, without the password
+        print(f"ChuanhuStyleChat: cannot start: {exc}", file=sys.stderr)
+        return 2
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals can be set only there
     if in_main_thread:
         signal.signal(signal.SIGTERM, _interrupt)
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if in_main_thread:  # a second Ctrl+C or SIGTERM must not cut the last checkpoint short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        app.store.close()  # checkpointed: history.sqlite3 alone holds every conversation
+        app.store.close()  # checkpointed: history.sqlite3 alone holds every conversation (or the pool closed)
     return 0
 
 

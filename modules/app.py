@@ -28,7 +28,7 @@ from modules.core.streaming import Pacer
 from modules.history import attachments
 from modules.history.knowledge import KnowledgeProblem, KnowledgeStore, open_knowledge
 from modules.history.knowledge_index import KnowledgeIndexer
-from modules.history.store import HistoryStore, open_store
+from modules.history.store import HistoryStore, open_history
 from modules.i18n import Translator
 from modules.providers.text import guard_logs
 from modules.web.page import ChatPage
@@ -42,11 +42,17 @@ class ChatApp:
     and the HTTP API beside it when ``api.enabled``."""
 
     def __init__(self, config: AppConfig, *, store: HistoryStore | None = None):
-        """``store``: a history store to use instead of the one in ``history.data_dir``."""
+        """``store``: a history store to use instead of the one the config names (``history.url``, or
+        the SQLite file in ``history.data_dir``). Raises ``HistoryUnavailable`` when ``history.url``
+        is set and PostgreSQL cannot be used."""
         self.config = config
         self.t = Translator(config.language)
         self.models = {m.name: providers.create(m) for m in config.models}
         secrets = [s for m in self.models.values() for s in m.secrets()]
+        if config.history.url is not None:  # the password of the history's database
+            from modules.history.pg_store import url_secrets
+
+            secrets += url_secrets(config.history.url.get_secret_value())
         guard_logs([*secrets, *(k.get_secret_value() for k in config.api.keys)])  # scrubbed from the log
         pacer = Pacer(config.ui.update_interval_ms / 1000, config.ui.max_updates_per_second)
         # One chat pipeline for the page, /chat and the HTTP API (fit, run, settle; runs outlive pages).
@@ -54,7 +60,7 @@ class ChatApp:
                                 runs_config=config.runs, pacer=pacer, max_live_runs=config.server.concurrency,
                                 knowledge_config=config.knowledge)
         data_dir = Path(config.history.data_dir).expanduser().resolve()
-        self.store, self.store_problem = (store, None) if store is not None else open_store(data_dir)
+        self.store, self.store_problem = (store, None) if store is not None else open_history(config.history, data_dir)
         # One attachments folder: messages' files and knowledge bases' documents (by digest).
         self.files = attachments.open_files(data_dir, temporary=self.store_problem is not None
                                             and self.store_problem.kind == "unavailable")

@@ -2,7 +2,8 @@
 
 Precedence, lowest first: built-in defaults < the YAML file < environment
 variables (secrets, ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` as a Space
-sets them, ``CHUANHU_DATA_DIR`` for the history folder) < command-line flags. Any problem raises :class:`ConfigError`, whose
+sets them, ``CHUANHU_DATA_DIR`` for the history folder, ``CHUANHU_HISTORY_URL`` for a
+history in PostgreSQL) < command-line flags. Any problem raises :class:`ConfigError`, whose
 message names the file, the key and what is wrong.
 """
 
@@ -188,6 +189,34 @@ class HistoryConfig(_Section):
                     "With login, each user always sees only their own.",
     )
     title_model: str = Field("", description="Model (display name) that writes titles; empty: the first question.")
+    url: SecretStr | None = Field(None, description=(
+        "Keep the history in PostgreSQL instead of data_dir's SQLite file (for a team: several app processes "
+        "share it): postgresql://user:password@host:5432/database, or postgresql:///database?host=/socket/folder. "
+        "CHUANHU_HISTORY_URL overrides. The app creates and upgrades its tables; it does not start when the "
+        "database cannot be reached."))
+    pool_size: int = Field(10, ge=1, le=1000, description="Most connections to PostgreSQL this process keeps open.")
+    pool_min_size: int = Field(1, ge=0, le=1000, description="Connections kept open even when idle.")
+    pool_timeout_seconds: float = Field(10.0, gt=0, le=600, description=(
+        "Longest a history read or write waits for a free connection before it fails."))
+    connect_timeout_seconds: int = Field(10, ge=2, le=600, description=(
+        "Longest a new connection to PostgreSQL may take (at start-up, the app gives up after it)."))
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _empty_url(cls, value: Any) -> Any:
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is None:
+            return None
+        scheme, sep, _ = url.get_secret_value().partition("://")
+        if scheme not in ("postgresql", "postgres") or not sep:
+            # never echo the value: it holds a password
+            raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host:5432/database "
+                             "or postgresql:///database?host=/socket/folder")
+        return url
 
 
 class ContextConfig(_Section):
@@ -319,6 +348,9 @@ def build_config(
     if env.get("CHUANHU_DATA_DIR"):
         data["history"] = {**dict(data.get("history") or {}), "data_dir": env["CHUANHU_DATA_DIR"]}
 
+    if env.get("CHUANHU_HISTORY_URL"):
+        data["history"] = {**dict(data.get("history") or {}), "url": env["CHUANHU_HISTORY_URL"]}
+
     if env.get("CHUANHU_API_KEYS"):
         api_section = dict(data.get("api") or {})
         api_section["keys"] = [k.strip() for k in env["CHUANHU_API_KEYS"].split(",") if k.strip()]
@@ -377,6 +409,9 @@ def build_config(
     if config.api.enabled and not config.api.keys:
         raise ConfigError(file, "api.keys", "the HTTP API is enabled but has no key: list one here "
                                             "or in the CHUANHU_API_KEYS environment variable")
+    if config.history.pool_min_size > config.history.pool_size:
+        raise ConfigError(file, "history.pool_min_size", f"{config.history.pool_min_size} is more than "
+                                                         f"history.pool_size ({config.history.pool_size})")
     if config.history.title_model and config.history.title_model not in seen:
         raise ConfigError(file, "history.title_model", f"{config.history.title_model!r} is not a configured model name")
     if config.ui.default_model and config.ui.default_model not in seen:

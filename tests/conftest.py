@@ -117,3 +117,44 @@ def running_app(data: dict[str, Any], env: dict[str, str] | None = None) -> Iter
         yield app, url.rstrip("/")
     finally:
         app.demo.close()
+
+# -- a throwaway PostgreSQL cluster (Debian's postgresql package) ---------------------------------
+def _postgres_required() -> bool:
+    return bool(os.environ.get("CHUANHU_PG_REQUIRED") or os.environ.get("CI"))
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """One PostgreSQL cluster for the session (``tests/pg_cluster.py``), started at the first test
+    that needs it and stopped at the end: skipped where PostgreSQL is not installed, except in CI
+    (``CI`` or ``CHUANHU_PG_REQUIRED`` set), where that fails."""
+    from tests.pg_cluster import Cluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        reason = "PostgreSQL's server programs (initdb, pg_ctl) are not installed (apt-get install postgresql)"
+        if _postgres_required():
+            pytest.fail(reason + ": CI must run the PostgreSQL tests")
+        pytest.skip(reason)
+    cluster = Cluster(bindir)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_database(pg_cluster: Any) -> Iterator[str]:
+    """The name of a fresh, empty database of the session's cluster, dropped after the test."""
+    name = pg_cluster.new_database()
+    yield name
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any, pg_database: str) -> str:
+    """``postgresql://chuanhu:<password>@127.0.0.1:<port>/<fresh database>``."""
+    return pg_cluster.url(pg_database)

@@ -392,3 +392,32 @@ def test_the_embeddings_key_comes_from_its_environment_variable_and_stays_secret
                                                         "api_key_env": "EMBED_KEY"}}}, env={"EMBED_KEY": "sk-embed-123456"})
     assert config.knowledge.embeddings.api_key.get_secret_value() == "sk-embed-123456"
     assert "sk-embed-123456" not in repr(config)
+
+
+# -- history in PostgreSQL ------------------------------------------------------------------------
+def test_history_url_chooses_postgresql_and_the_environment_overrides_it():
+    assert build_config(None, env={}).history.url is None  # SQLite by default
+    yaml_url = "postgresql://team:from-yaml-pw@db:5432/chat"
+    config = build_config({"history": {"url": yaml_url, "pool_size": 4, "pool_min_size": 2}}, env={})
+    assert config.history.url.get_secret_value() == yaml_url and (config.history.pool_size, config.history.pool_min_size) == (4, 2)
+    assert "from-yaml-pw" not in repr(config) and "from-yaml-pw" not in str(config.history)
+    env_url = "postgresql:///chat?host=/run/postgresql"
+    assert build_config({"history": {"url": yaml_url}}, env={"CHUANHU_HISTORY_URL": env_url}).history.url \
+        .get_secret_value() == env_url
+    assert build_config({"history": {"url": ""}}, env={}).history.url is None
+
+
+@pytest.mark.parametrize("url", ["mysql://root:Secret-pw-42@db/chat", "root:Secret-pw-42@db/chat",
+                                 "sqlite:///data/history.sqlite3"])
+def test_a_history_url_that_is_not_postgresql_names_the_key_and_never_echoes_it(url):
+    with pytest.raises(ConfigError) as caught:
+        build_config({"history": {"url": url}}, env={})
+    assert caught.value.key == "history.url" and "postgresql://" in caught.value.problem
+    assert "Secret-pw" not in str(caught.value) and "mysql" not in str(caught.value)
+
+
+def test_the_pool_bounds_are_checked():
+    with pytest.raises(ConfigError, match=r"history\.pool_min_size: 5 is more than history\.pool_size \(3\)"):
+        build_config({"history": {"pool_size": 3, "pool_min_size": 5}}, env={})
+    with pytest.raises(ConfigError, match=r"history\.pool_size"):
+        build_config({"history": {"pool_size": 0}}, env={})

@@ -1,6 +1,8 @@
 """The history store: CRUD of a tree of messages, owner isolation, search, crash safety and damaged files.
 
-Every test uses a real SQLite file in a temporary folder. The crash test kills
+Every test of the store interface runs twice: on a real SQLite file in a temporary folder, and on
+a fresh database of a real PostgreSQL cluster (``pg_url`` in ``tests/conftest.py``); the tests of
+files (crashes, damage, the WAL) are SQLite's alone. The crash test kills
 a real writer process (``tests/fakes/store_writer.py``) with SIGKILL in the
 middle of its writes, driven only by the acknowledgements it prints.
 """
@@ -29,11 +31,27 @@ ROOT = Path(__file__).resolve().parent.parent
 ALICE, BOB = "user:alice", "user:bob"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / FILENAME)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLiteStore]:
+    """Each test of the store interface runs on both stores: a SQLite file, and a fresh database of
+    the session's PostgreSQL cluster (``pg_url``)."""
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path / FILENAME)
+    else:
+        from modules.history.pg_store import PostgresStore
+
+        s = PostgresStore(request.getfixturevalue("pg_url"))  # type: ignore[assignment]
     yield s
     s.close()
+
+
+def table_rows(store: Any, sql: str) -> list[tuple[Any, ...]]:
+    """``sql`` run on the store's own database, beside it (a SQLite connection, or one of the pool's)."""
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as conn:
+            return conn.execute(sql).fetchall()
+    with store._pool.connection() as conn:
+        return [tuple(row) for row in conn.execute(sql).fetchall()]
 
 
 def meta(conversation_id: str, owner: str = ALICE, title: str = "", updated_at: float = 1000.0) -> ConversationMeta:
@@ -224,8 +242,7 @@ def test_siblings_keep_the_order_they_were_first_saved_in(store: SQLiteStore) ->
     children = children_of(record.messages)
     assert [c.id for c in children["q1"]] == ["a1", "a1b"]
     assert [c.id for c in children["a1"]] == ["q2", "q2b"]
-    with sqlite3.connect(store.path) as conn:
-        seq = [s for (s,) in conn.execute("SELECT seq FROM messages WHERE conversation_id = 'tree' ORDER BY seq")]
+    seq = [s for (s,) in table_rows(store, "SELECT seq FROM messages WHERE conversation_id = 'tree' ORDER BY seq")]
     assert seq == list(range(1, 8))
 
 
@@ -354,7 +371,7 @@ def test_deleting_the_first_question_of_a_long_conversation_deletes_it_all(store
     assert store.list(ALICE)[0].turns == 0
 
 
-def test_rename_and_delete(store: SQLiteStore, tmp_path: Path) -> None:
+def test_rename_and_delete(store: SQLiteStore) -> None:
     tree(store, "c1")
     save_all(store, meta("c2", title="Keep"), q("q", None))
     assert store.rename(ALICE, "c1", "新的标题") is True
@@ -364,8 +381,8 @@ def test_rename_and_delete(store: SQLiteStore, tmp_path: Path) -> None:
     assert store.delete(ALICE, "c1") is True
     assert store.load(ALICE, "c1") is None
     assert store.delete(ALICE, "c1") is False
-    with sqlite3.connect(tmp_path / FILENAME) as conn:  # the messages went with it (foreign keys are on)
-        assert conn.execute("SELECT conversation_id, id FROM messages").fetchall() == [("c2", "q")]
+    # the messages went with it (foreign keys are on)
+    assert table_rows(store, "SELECT conversation_id, id FROM messages") == [("c2", "q")]
 
 
 def three_branches(conversation_id: str = "imported") -> ConversationRecord:

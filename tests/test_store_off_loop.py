@@ -9,6 +9,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from gradio_client import Client
 
 from modules.config import build_config
@@ -40,14 +41,19 @@ class RecordingStore:
         return write
 
 
-def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path, backend, request):
     from modules.app import ChatApp
-    from modules.history.store import open_store
+    from modules.history.store import open_history
 
-    store, _ = open_store(tmp_path)
+    history = {"data_dir": str(tmp_path), "mode": "shared"}
+    if backend == "postgresql":
+        history["url"] = request.getfixturevalue("pg_url")
+    config = build_config({"models": [fake_model_entry(fake_openai, "fake")], "server": {"port": free_port()},
+                           "history": history}, env={})
+    store, _ = open_history(config.history, tmp_path)
     recording = RecordingStore(store)
-    app = ChatApp(build_config({"models": [fake_model_entry(fake_openai, "fake")], "server": {"port": free_port()},
-                                "history": {"data_dir": str(tmp_path), "mode": "shared"}}, env={}), store=recording)
+    app = ChatApp(config, store=recording)
     app.build()
     _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
     try:
@@ -62,6 +68,7 @@ def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path):
         client.close()
     finally:
         app.demo.close()
+        store.close()
     names = {name for name, _ in recording.writes}
     assert {"save_message", "save_reply", "rename", "import_record", "delete"} <= names, recording.writes
     assert not [w for w in recording.writes if w[1]], f"writes on the event loop: {recording.writes}"

@@ -143,9 +143,17 @@ def test_an_export_of_a_missing_or_damaged_file_says_which() -> None:
         to_json(sample(), lambda sha: read(sha)[:-1] + b"!")
 
 
-def test_an_imported_tree_is_stored_and_exported_again_the_same(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_imported_tree_is_stored_and_exported_again_the_same(tmp_path: Path, backend: str,
+                                                                 request: pytest.FixtureRequest) -> None:
     record = sample()
-    store, files = SQLiteStore(tmp_path / "history.sqlite3"), AttachmentFiles(tmp_path / "attachments")
+    if backend == "sqlite":
+        store = SQLiteStore(tmp_path / "history.sqlite3")
+    else:
+        from modules.history.pg_store import PostgresStore
+
+        store = PostgresStore(request.getfixturevalue("pg_url"))
+    files = AttachmentFiles(tmp_path / "attachments")
     try:
         save_import(store, files, import_json(to_json(record, read), owner="user:bob", new_id="fresh"))
         loaded = store.load("user:bob", "fresh")

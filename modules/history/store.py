@@ -27,11 +27,13 @@ The store checkpoints the log into the main file a few seconds after the last
 write and when it is closed, so that ``history.sqlite3`` alone is a complete
 copy; :func:`backup` copies it with SQLite's online backup API, safely while the
 app runs.
+
+:func:`open_history` picks the store the config asks for: this one, or PostgreSQL
+(``modules/history/pg_store.py``) when ``history.url`` is set.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -49,15 +51,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from modules.config import HistoryConfig
 from modules.history.attachments import is_digest
 from modules.history.records import (
-    Attachment,
     ConversationMeta,
     ConversationRecord,
     ConversationSummary,
     MessageRecord,
     TurnRecord,
     chain,
+)
+from modules.history.rows import (  # (shared with the PostgreSQL store; re-exported here as they were)
+    CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS,
+    fold as _fold,
+    message_from_row as _message_from_row,
+    message_row as _message_row,
+    meta_row as _meta_row,
+    misfit,
+    tree_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -75,15 +87,8 @@ WAL_FORMAT_VERSION = 3007000
 WAL_HEADER_SIZE, WAL_FRAME_HEADER_SIZE = 32, 24
 CHECKPOINT_SECONDS = 5.0  # the most a write stays in the log alone (when nothing else checkpoints it)
 
-CONVERSATION_COLUMNS = ("id", "owner", "title", "model", "system_prompt", "params", "created_at", "updated_at")
-# One column per MessageRecord field, in the dataclass's order (its ``parent`` is ``parent_id``).
-MESSAGE_COLUMNS = ("id", "parent_id", "role", "content", "reasoning", "outputs", "status", "error", "finish_reason",
-                   "model", "tokens", "prompt_tokens", "completion_tokens", "tokens_exact", "cost", "dropped_rounds",
-                   "summarized", "edited", "attachments", "created_at", "finished_at")
 # Schema 2's messages: all of today's but attachments.
 V2_MESSAGE_COLUMNS = tuple(c for c in MESSAGE_COLUMNS if c != "attachments")
-ATTACHMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Attachment))
-_FLAGS = ("tokens_exact", "summarized", "edited")  # stored as 0 and 1
 # Schema 1's turns table: one column per field of the TurnRecord of then (the first 17 of today's).
 V1_TURN_COLUMNS = ("user", "reply", "reasoning", "outputs", "status", "error", "finish_reason", "model",
                    "user_tokens", "prompt_tokens", "completion_tokens", "tokens_exact", "cost",
@@ -200,7 +205,8 @@ WHERE m.attachments != '[]'
 
 
 class HistoryStore(Protocol):
-    """Conversation history, per owner. Synchronous and safe to call from any thread.
+    """Conversation history, per owner. Synchronous and safe to call from any thread. Implemented
+    by :class:`SQLiteStore` and by ``pg_store.PostgresStore``; ``tests/test_store.py`` runs on both.
 
     A conversation is a tree of messages (``modules/history/records.py``): each names its
     parent; the conversation names the ``leaf`` of the branch last viewed. A conversation of
@@ -704,30 +710,6 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 # -- rows ------------------------------------------------------------------------------------
-def _meta_row(meta: ConversationMeta) -> dict[str, Any]:
-    return {"id": meta.id, "owner": meta.owner, "title": meta.title, "model": meta.model,
-            "system_prompt": meta.system_prompt, "params": json.dumps(meta.params, ensure_ascii=False),
-            "created_at": meta.created_at, "updated_at": meta.updated_at}
-
-
-def _message_row(conversation_id: str, message: MessageRecord) -> dict[str, Any]:
-    row = {name: getattr(message, name) for name in MESSAGE_COLUMNS if name != "parent_id"}
-    row["outputs"] = json.dumps(message.outputs, ensure_ascii=False)
-    row["attachments"] = json.dumps([dataclasses.asdict(a) for a in message.attachments], ensure_ascii=False)
-    return {"conversation_id": conversation_id, "parent_id": message.parent, **row}
-
-
-def _message_from_row(row: tuple[Any, ...]) -> MessageRecord:
-    values = dict(zip(MESSAGE_COLUMNS, row))
-    values["parent"] = values.pop("parent_id")
-    values["outputs"] = json.loads(values["outputs"])
-    values["attachments"] = [Attachment(**{k: v for k, v in item.items() if k in ATTACHMENT_FIELDS})
-                             for item in json.loads(values["attachments"])]
-    for flag in _FLAGS:
-        values[flag] = bool(values[flag])
-    return MessageRecord(**values)
-
-
 def _v1_turn(row: tuple[Any, ...]) -> TurnRecord:
     """A row of schema 1's turns table (``V1_TURN_COLUMNS``), as a turn."""
     values = dict(zip(V1_TURN_COLUMNS, row))
@@ -752,50 +734,10 @@ def _run(conn: sqlite3.Connection, script: str) -> None:
 
 
 # -- the tree --------------------------------------------------------------------------------
-def _answer_misplaced(role: str, parent_role: str | None) -> bool:
-    """An answer must follow a question; a question may follow anything (after an unanswered one, too)."""
-    return role == "assistant" and parent_role != "user"
-
-
-def tree_problem(messages: list[MessageRecord], leaf: str | None) -> tuple[str, str] | None:
-    """What keeps ``messages`` (in the order they are to be saved) and ``leaf`` from being a
-    conversation's tree, as ``(where, sentence)``, e.g. ``("messages[3].parent", "'x1' is not the
-    id of an earlier message")``; None when nothing does."""
-    roles: dict[str, str] = {}
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if message.role not in ("user", "assistant"):
-            return f"{where}.role", "must be 'user' or 'assistant'"
-        if message.id in roles:
-            return f"{where}.id", f"{message.id!r} is the id of an earlier message too"
-        if message.parent is not None and message.parent not in roles:
-            return f"{where}.parent", f"{message.parent!r} is not the id of an earlier message"
-        if _answer_misplaced(message.role, roles.get(message.parent) if message.parent is not None else None):
-            return f"{where}.parent", "an assistant message must follow a user message"
-        roles[message.id] = message.role
-    if leaf is not None and leaf not in roles:
-        return "leaf", f"{leaf!r} is not the id of a message"
-    return None
-
-
 def _misfit(conn: sqlite3.Connection, owner: str, conversation_id: str, message: MessageRecord) -> str | None:
-    """Why ``message`` cannot be saved in the owner's conversation, or None: a message keeps its place
-    in the tree (parent and role), and a new one follows a message of the conversation (an answer, a
-    question) or none (a question)."""
-    def place(message_id: str) -> tuple[str, str | None] | None:
-        return conn.execute(_PLACE, {"id": conversation_id, "owner": owner, "message": message_id}).fetchone()
-
-    if message.role not in ("user", "assistant"):
-        return f"its role is {message.role!r}"
-    saved = place(message.id)
-    if saved is not None:
-        return None if saved == (message.role, message.parent) else "it was saved with another role or parent"
-    parent = place(message.parent) if message.parent is not None else None
-    if message.parent is not None and parent is None:
-        return f"its parent {message.parent!r} is not in the conversation"
-    if _answer_misplaced(message.role, parent[0] if parent else None):
-        return "an answer must follow a question"
-    return None
+    """Why ``message`` cannot be saved in the owner's conversation, or None (``rows.misfit``)."""
+    return misfit(lambda message_id: conn.execute(
+        _PLACE, {"id": conversation_id, "owner": owner, "message": message_id}).fetchone(), message)
 
 
 def _check_header(path: Path) -> None:
@@ -893,10 +835,6 @@ def _wal_checksum(data: bytes, big_endian: bool, s0: int = 0, s1: int = 0) -> tu
     return s0, s1
 
 
-def _fold(text: str | None) -> str:
-    return (text or "").casefold()
-
-
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
     """True for SQLite's "not a database" and "malformed" errors (as opposed to I/O, access, locks)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -904,6 +842,25 @@ def _is_damage(exc: sqlite3.DatabaseError) -> bool:
 
 
 # -- opening the app's store -----------------------------------------------------------------
+class HistoryUnavailable(Exception):
+    """The history in PostgreSQL (``history.url``) cannot be used: unreachable, refused, or a schema
+    of a newer app. A sentence for the operator naming the config key, never the password; the app
+    does not start (a team's server never falls back to a history in memory)."""
+
+
+def open_history(history: HistoryConfig, data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
+    """The app's history: in PostgreSQL when ``history.url`` is set (``pg_store.open_postgres``, with
+    the pool's bounds from ``history``; raises :class:`HistoryUnavailable`), else the SQLite file in
+    ``data_dir`` (:func:`open_store`, which never raises)."""
+    if history.url is None:
+        return open_store(data_dir)
+    from modules.history.pg_store import open_postgres  # psycopg only for those who use it
+
+    return open_postgres(history.url.get_secret_value(), min_size=history.pool_min_size,
+                         max_size=history.pool_size, timeout=history.pool_timeout_seconds,
+                         connect_timeout=history.connect_timeout_seconds), None
+
+
 def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
     """The history store in ``data_dir`` (created if needed), and what went wrong opening it, if anything.
 

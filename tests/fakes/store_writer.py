@@ -1,8 +1,9 @@
 """A process that writes big messages into a history store until it is killed.
 
     python -m tests.fakes.store_writer DATA_DIR
+    python -m tests.fakes.store_writer postgresql://...
 
-Opens the store in DATA_DIR with ``open_store`` and, for rounds 0, 1, 2... saves each round as
+Opens the store in DATA_DIR with ``open_store`` (or the PostgreSQL store at the URL) and, for rounds 0, 1, 2... saves each round as
 the app does: first the question (``save_message``, following the previous answer), then its
 answer (``save_reply``, which moves the branch viewed from the question to it). After each
 write has returned (committed) it prints ``saved <round> question`` or ``saved <round> answer``
@@ -40,8 +41,13 @@ def reply_text(n: int) -> str:
     return f"<a{n}>" + "回答" * (SIZE // 2) + f"</a{n}>"
 
 
-def main(data_dir: Path) -> None:
-    store, problem = open_store(data_dir)
+def main(target: str) -> None:
+    if target.startswith("postgresql:"):
+        from modules.history.pg_store import PostgresStore
+
+        store, problem = PostgresStore(target), None
+    else:
+        store, problem = open_store(Path(target))
     if problem is not None:
         sys.exit(f"store_writer: {problem}")
     created = time.time()
@@ -60,4 +66,4 @@ def main(data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(sys.argv[1])
