@@ -23,6 +23,7 @@ from modules.api.gateway import Gateway
 from modules.config import AppConfig
 from modules.core import tokens
 from modules.core.chat import ChatService
+from modules.core.limits import Limiter
 from modules.core.retrieval import Embeddings
 from modules.core.streaming import Pacer
 from modules.history import attachments
@@ -61,6 +62,9 @@ class ChatApp:
                                 knowledge_config=config.knowledge)
         data_dir = Path(config.history.data_dir).expanduser().resolve()
         self.store, self.store_problem = (store, None) if store is not None else open_history(config.history, data_dir)
+        # Per-user limits and usage, counted in the history's database (across processes with PostgreSQL).
+        counter = self.store if callable(getattr(self.store, "admit", None)) else None
+        self.chat.use_limits(Limiter(config.limits.per_user, counter))
         # One attachments folder: messages' files and knowledge bases' documents (by digest).
         self.files = attachments.open_files(data_dir, temporary=self.store_problem is not None
                                             and self.store_problem.kind == "unavailable")

@@ -93,8 +93,34 @@ class APIConfig(_Section):
         return origins
 
 
+class ModelLimits(_Section):
+    """A model's own per-user limit, beside the user's limits for all models together."""
+
+    tokens_per_day: int | None = Field(None, ge=1, description=(
+        "Tokens (in and out) one user may use on this model per day (UTC); none: only the overall limit."))
+
+
+class PerUserLimits(_Section):
+    """What one user may use (a logged-in user, a browser, everyone on a desktop, an API key), counted in
+    the history's database: with PostgreSQL, across every app process. None: unlimited."""
+
+    concurrent_replies: int | None = Field(None, ge=1, le=10000, description=(
+        "Replies one user may have streaming at once, in all processes together."))
+    messages_per_minute: int | None = Field(None, ge=1, le=100000, description=(
+        "Messages (each question, Regenerate or Continue) one user may send in any 60 seconds."))
+    tokens_per_day: int | None = Field(None, ge=1, description=(
+        "Tokens (in and out, all models) one user may use per day; the day starts at 00:00 UTC. A reply "
+        "that crosses the limit finishes; the next message is refused."))
+    models: dict[str, ModelLimits] = Field(default_factory=dict, description=(
+        "Per model (its display name): its own tokens_per_day."))
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.concurrent_replies, self.messages_per_minute, self.tokens_per_day)) \
+            or any(m.tokens_per_day is not None for m in self.models.values())
+
+
 class LimitsConfig(_Section):
-    """Bounds on what one request may ask of the app (the page, /chat and the HTTP API)."""
+    """Bounds on what one request may ask of the app (the page, /chat and the HTTP API), and per user."""
 
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description=(
         "Largest HTTP API request body, in bytes; a larger one is refused (413) before it is read."))
@@ -104,6 +130,8 @@ class LimitsConfig(_Section):
     heartbeat_seconds: float = Field(15.0, gt=0, le=300, description=(
         "While a reply waits for its first token (or its upstream stalls), the page and /chat check this "
         "often that their client is still there; a client that has gone stops the reply."))
+    per_user: PerUserLimits = Field(default_factory=PerUserLimits, description=(
+        "Per-user limits (concurrent replies, messages per minute, tokens per day), enforced across processes."))
 
 
 class RunsConfig(_Section):
@@ -412,6 +440,9 @@ def build_config(
     if config.history.pool_min_size > config.history.pool_size:
         raise ConfigError(file, "history.pool_min_size", f"{config.history.pool_min_size} is more than "
                                                          f"history.pool_size ({config.history.pool_size})")
+    for name in config.limits.per_user.models:
+        if name not in seen:
+            raise ConfigError(file, f"limits.per_user.models.{name}", f"{name!r} is not a configured model name")
     if config.history.title_model and config.history.title_model not in seen:
         raise ConfigError(file, "history.title_model", f"{config.history.title_model!r} is not a configured model name")
     if config.ui.default_model and config.ui.default_model not in seen:

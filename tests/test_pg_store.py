@@ -79,7 +79,7 @@ def test_a_schema_of_a_newer_app_is_refused_with_a_clear_sentence(pg_url: str, p
     with pytest.raises(HistoryUnavailable) as caught:
         open_postgres(pg_url)
     sentence = str(caught.value)
-    assert sentence.startswith("history.url: ") and "version 99, newer than this app knows (1)" in sentence
+    assert sentence.startswith("history.url: ") and f"version 99, newer than this app knows ({pg_store.SCHEMA_VERSION})" in sentence
     assert pg_cluster.password not in sentence and "chuanhu:***@127.0.0.1" in sentence
     assert rows(pg_url, "SELECT version FROM schema_versions") == [(99,)]  # left as it was
 
@@ -94,23 +94,24 @@ def test_an_older_schema_is_upgraded_in_one_transaction(pg_url: str, monkeypatch
     s = PostgresStore(pg_url)
     save_all(s, meta("c1"), q("q1", None, "before the upgrade"))
     s.close()
-    monkeypatch.setattr(pg_store, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(pg_store, "UPGRADES", {1: "ALTER TABLE conversations ADD COLUMN pinned boolean NOT NULL "
+    today = pg_store.SCHEMA_VERSION
+    monkeypatch.setattr(pg_store, "SCHEMA_VERSION", today + 1)
+    monkeypatch.setattr(pg_store, "UPGRADES", {**pg_store.UPGRADES, today: "ALTER TABLE conversations ADD COLUMN pinned boolean NOT NULL "
                                                   "DEFAULT false; CREATE INDEX pinned ON conversations (pinned)"})
     s = PostgresStore(pg_url)
     try:
         assert [m.content for m in s.load(ALICE, "c1").messages] == ["before the upgrade"]
     finally:
         s.close()
-    assert rows(pg_url, "SELECT version FROM schema_versions") == [(2,)]
+    assert rows(pg_url, "SELECT version FROM schema_versions") == [(today + 1,)]
     assert rows(pg_url, "SELECT pinned FROM conversations") == [(False,)]
 
-    rows(pg_url, "UPDATE schema_versions SET version = 1")  # an upgrade that fails leaves it all as it was
-    monkeypatch.setattr(pg_store, "UPGRADES", {1: "ALTER TABLE conversations ADD COLUMN extra text; "
+    rows(pg_url, f"UPDATE schema_versions SET version = {today}")  # an upgrade that fails leaves it all as it was
+    monkeypatch.setattr(pg_store, "UPGRADES", {**pg_store.UPGRADES, today: "ALTER TABLE conversations ADD COLUMN extra text; "
                                                   "SELECT no_such_function()"})
     with pytest.raises(HistoryUnavailable, match="no_such_function"):
         open_postgres(pg_url)
-    assert rows(pg_url, "SELECT version FROM schema_versions") == [(1,)]
+    assert rows(pg_url, "SELECT version FROM schema_versions") == [(today,)]
     assert rows(pg_url, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'extra'") == [(0,)]
 
 

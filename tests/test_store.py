@@ -441,7 +441,7 @@ def test_the_file_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
     s.save_message(meta("c1"), full_answer())
     s.close()
     with sqlite3.connect(tmp_path / "data" / FILENAME) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     s, problem = open_store(tmp_path / "data")
     assert problem is None

@@ -122,9 +122,12 @@ def assert_upgraded_whole(store: SQLiteStore) -> None:
     assert store.referenced_attachments() == set()
 
 
-def assert_schema_3(path: Path) -> None:
-    """The file (no store open on it) is of schema 3: messages have their attachments and its index."""
-    assert SCHEMA_VERSION == 3 and sql(path, "PRAGMA user_version") == [(3,)]
+def assert_schema_4(path: Path) -> None:
+    """The file (no store open on it) is of schema 4: messages have their attachments and its index,
+    and the usage tables are there."""
+    assert SCHEMA_VERSION == 4 and sql(path, "PRAGMA user_version") == [(4,)]
+    tables = {name for (name,) in sql(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"usage_events", "reply_leases"} <= tables
     assert "attachments" in {row[1] for row in sql(path, "PRAGMA table_info(messages)")}
     indexes = {name for (name,) in sql(path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "messages_with_attachments" in indexes
@@ -145,10 +148,10 @@ def test_a_version_1_file_is_upgraded_with_nothing_lost(v1: Path, caplog: pytest
     caplog.set_level(logging.INFO, logger="modules.history.store")
     open_upgraded(v1)
     assert "Upgraded the history file" in caplog.text and str(v1) in caplog.text
-    assert_schema_3(v1)  # straight through
+    assert_schema_4(v1)  # straight through
     assert sql(v1, "PRAGMA journal_mode") == [("wal",)]
     tables = {name for (name,) in sql(v1, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"conversations", "messages"}  # turns went
+    assert tables == {"conversations", "messages", "usage_events", "reply_leases"}  # turns went
     owners = {owner for (owner,) in sql(v1, "SELECT DISTINCT owner FROM conversations")}
     assert owners == set(EXPECTED["owners"])  # and no conversation of anyone else appeared
 
@@ -266,7 +269,7 @@ def test_an_upgrade_that_fails_leaves_the_version_1_file_as_it_was(v1: Path, dam
         conn.commit()
     store, problem = open_store(v1.parent)
     try:
-        assert problem is None and sql(v1, "PRAGMA user_version") == [(3,)]
+        assert problem is None and sql(v1, "PRAGMA user_version") == [(4,)]
         assert [s.id for s in store.list("user:alice")] == ["alice-pf", "alice-notes"]
     finally:
         store.close()
@@ -330,8 +333,8 @@ def test_a_version_2_file_is_upgraded_in_place_with_nothing_lost(v2: Path, tmp_p
     finally:
         store.close()
     assert sorted(p.name for p in v2.parent.iterdir()) == [FILENAME]  # a column added in one transaction: no copy
-    assert "Upgraded the history file" in caplog.text and "from schema version 2 to 3" in caplog.text
-    assert_schema_3(v2)
+    assert "Upgraded the history file" in caplog.text and "from schema version 2 to 4" in caplog.text
+    assert_schema_4(v2)
     pristine = tmp_path / "pristine.sqlite3"  # (a read-only connection would leave a -shm beside the fixture)
     shutil.copyfile(V2_FILE, pristine)
     rows = "SELECT * FROM messages ORDER BY conversation_id, seq"
@@ -389,3 +392,21 @@ def test_a_version_2_file_that_cannot_be_written_is_left_alone(v2: Path, monkeyp
         assert_v2_upgraded_whole(store)
     finally:
         store.close()
+
+
+# -- schema 3 (before the per-user limits' usage tables) -----------------------------------------
+def test_a_version_3_file_gets_the_usage_tables_in_place(tmp_path: Path) -> None:
+    path = tmp_path / FILENAME
+    store = SQLiteStore(path)
+    store.save_message(ConversationMeta(id="c3", owner="user:alice", title="kept", created_at=1.0, updated_at=1.0),
+                       MessageRecord(id="q1", parent=None, role="user", content="from schema 3"))
+    store.close()
+    with closing(sqlite3.connect(path)) as conn:  # what a file of schema 3 was: no usage tables
+        conn.executescript("DROP TABLE usage_events; DROP TABLE reply_leases; PRAGMA user_version = 3;")
+    store = SQLiteStore(path)
+    try:
+        assert [m.content for m in store.load("user:alice", "c3").messages] == ["from schema 3"]
+        assert store.usage_since(0) == []
+    finally:
+        store.close()
+    assert_schema_4(path)

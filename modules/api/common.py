@@ -7,6 +7,7 @@ CORS and the body limit, and assembles the routes."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from contextlib import aclosing
@@ -20,6 +21,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from modules.api.schemas import EVENT_STREAM
 from modules.config import APIConfig, LimitsConfig
 from modules.core.chat import ChatService
+from modules.core.limits import LimitError
 from modules.core.runs import RunLimitError
 from modules.core.streaming import Reply, ReplyRun
 from modules.i18n import language_from_header
@@ -48,6 +50,15 @@ _STATUS = {
     "unreachable": 502,
     "interrupted": 502,
 }
+
+
+def api_owner(request: Request) -> str:
+    """Whose limits and usage a request counts against: its API key's, as ``api:<the first 16 hex
+    digits of the key's SHA-256>`` (never the key itself). The key was checked before."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" else ""
+    key = key or request.query_params.get("api_key", "")
+    return "api:" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
 # -- the pieces ------------------------------------------------------------------------------------
@@ -224,7 +235,9 @@ class ApiChat:
         """A run of the chat service for ``messages``, fitted to the model's context as the page's
         are (the oldest rounds left out, or summarised, as ``context.strategy`` says). A question
         too long alone is a 400 ``context_length_exceeded`` with the page's sentence; too many
-        replies streaming a 503. ``grace``: see :meth:`ChatService.start`."""
+        replies streaming a 503; a per-user limit of the request's key (``limits.per_user``) a 429
+        with the sentence saying which and when it resets, and ``Retry-After``. ``grace``: see
+        :meth:`ChatService.start`."""
         fit, _ = await self.chat.fit(model, messages, options)
         if fit.overflows:
             raise Problem(400, self.chat.sentence(self._lang(request), self.chat.overflow(fit)),
@@ -233,7 +246,14 @@ class ApiChat:
             log.info("API %s: %d oldest round(s) %s to fit %r's context", request.url.path, fit.dropped_rounds,
                      "summarised" if fit.summarized else "left out", model.name)
         try:
-            return self.chat.start(model, fit, options, grace=grace)
+            admission = await self.chat.admit(api_owner(request), model)
+        except LimitError as exc:
+            message = self._scrub(self.chat.limit_sentence(self._lang(request), exc))
+            log.info("API %s: refused: %s", request.url.path, message)
+            raise Problem(429, message, code="rate_limit_exceeded",
+                          headers={"Retry-After": str(exc.hit.retry_after)}) from None
+        try:
+            return self.chat.start(model, fit, options, grace=grace, admission=admission)
         except RunLimitError:
             raise Problem(503, "Too many replies are streaming; try again shortly.", code="overloaded",
                           headers={"Retry-After": "5"}) from None

@@ -29,8 +29,9 @@ from typing import Any, Awaitable, Callable, Hashable, Mapping, Sequence
 from modules.config import ContextConfig, KnowledgeConfig, RunsConfig
 from modules.core import accounting, context, grounding, tokens
 from modules.core.context import CONTINUE_INSTRUCTION
+from modules.core.limits import Admission, LimitError, Limiter
 from modules.core.runs import ReplyRuns
-from modules.core.sentences import error_message
+from modules.core.sentences import error_message, limit_message
 from modules.core.streaming import Pacer, Reply, ReplyRun
 from modules.i18n import Translator
 from modules.providers import ChatModel, GenerationOptions, Message, errors
@@ -58,6 +59,19 @@ class ChatService:
         self.runs = ReplyRuns(limit=max_live_runs, max_per_owner=self.config.max_per_owner,
                               keep_seconds=max(30.0, self.config.unwatched_grace_seconds))
         self.secrets = [s for m in models.values() for s in m.secrets()]
+        # The per-user limits and the usage table (``use_limits``: the app's wiring gives them the store).
+        self.limiter = Limiter(None, None)
+        self._leases: set[asyncio.Task] = set()
+
+    def use_limits(self, limiter: Limiter) -> None:
+        """At wiring time: the per-user limits, counted by the store ``limiter`` holds."""
+        self.limiter = limiter
+
+    async def admit(self, owner: str, model: ChatModel) -> Admission:
+        """Before a run starts: ``owner`` may have one more reply of ``model`` (counted as a message,
+        and a live reply, in the store); raises :class:`LimitError` when a per-user limit refuses it.
+        Pass the admission to :meth:`start`, which settles it when the reply ends."""
+        return await self.limiter.admit(owner, model.name)
 
     def bind(self, model_name: str, retriever: grounding.Retriever) -> None:
         """At wiring time: ``model_name`` answers from ``retriever`` for every front end."""
@@ -109,7 +123,7 @@ class ChatService:
     def start(self, model: ChatModel, fit: context.Fit, options: GenerationOptions, *,
               owner: str | None = None, key: Hashable | None = None, save: Save | None = None,
               checkpoint: Save | None = None, grace: float | None = None,
-              continuing: Reply | None = None) -> ReplyRun:
+              continuing: Reply | None = None, admission: Admission | None = None) -> ReplyRun:
         """Stream a reply to ``fit.messages`` (check ``fit.overflows`` first). With ``owner`` the
         run outlives its viewers as ``runs.unwatched`` says; without, it stops when its last viewer
         leaves (``grace``: that many seconds later, unless a viewer comes back; for a reconnecting
@@ -117,7 +131,11 @@ class ChatService:
 
         ``continuing``: the earlier reply this run continues (``fit`` is then the fitted
         :meth:`continuation`): the new reply starts with its text, reasoning and outputs and adds
-        to its counts and cost (see :meth:`Reply.continue_from`); ``continuing`` is not changed."""
+        to its counts and cost (see :meth:`Reply.continue_from`); ``continuing`` is not changed.
+
+        ``admission``: from :meth:`admit`; its live-reply lease is renewed while the run lives, and
+        the reply's tokens and cost are recorded (and the lease dropped) once it is settled; when
+        the run does not start after all (RunLimitError), the admission is taken back."""
         reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
                       dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
         if continuing is not None:
@@ -129,16 +147,28 @@ class ChatService:
 
         async def finish(run: ReplyRun) -> None:
             await self.settle(run.reply, model)
+            if admission is not None:
+                await self.limiter.settle(admission, run.reply)
             if save is not None:
                 await save(run)
 
         kept = owner is not None
-        return self.runs.start(
-            model, fit.messages, options, key=key, owner=owner, reply=reply, finish=finish,
-            checkpoint=checkpoint, checkpoint_seconds=self.checkpoint_seconds,
-            unwatched=self.config.unwatched if kept else "stop",
-            grace=self.config.unwatched_grace_seconds if kept else (grace or 0.0),
-            max_seconds=self.config.max_seconds)
+        try:
+            run = self.runs.start(
+                model, fit.messages, options, key=key, owner=owner, reply=reply, finish=finish,
+                checkpoint=checkpoint, checkpoint_seconds=self.checkpoint_seconds,
+                unwatched=self.config.unwatched if kept else "stop",
+                grace=self.config.unwatched_grace_seconds if kept else (grace or 0.0),
+                max_seconds=self.config.max_seconds)
+        except BaseException:
+            if admission is not None:  # not started after all: its message and lease are taken back
+                self.limiter.settle_now(admission, None)
+            raise
+        if admission is not None and admission.lease_id is not None:
+            keeper = asyncio.ensure_future(self.limiter.keep_lease(admission, run.task))
+            self._leases.add(keeper)
+            keeper.add_done_callback(self._leases.discard)
+        return run
 
     async def settle(self, reply: Reply, model: ChatModel) -> None:
         """The reply's final counts and cost (tiktoken runs off the event loop for a long reply)."""
@@ -148,6 +178,10 @@ class ChatService:
     def sentence(self, lang: str, error: errors.ModelError) -> str:
         """The sentence a user reads for ``error`` (secrets scrubbed)."""
         return error_message(self.t, lang, error, self.secrets)
+
+    def limit_sentence(self, lang: str, error: LimitError) -> str:
+        """The sentence for a per-user limit: which one, and when it resets."""
+        return limit_message(self.t, lang, error.hit)
 
     def overflow(self, fit: context.Fit) -> errors.ContextOverflowError:
         return errors.ContextOverflowError(fit.prompt_tokens, fit.budget)

@@ -30,7 +30,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -38,6 +38,8 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from modules.core.limits import LimitHit, Tally, UsageEvent, UsageRow
+from modules.history import usage
 from modules.history.attachments import is_digest
 from modules.history.records import ConversationMeta, ConversationRecord, ConversationSummary, MessageRecord
 from modules.history.rows import (
@@ -56,11 +58,15 @@ from modules.providers.text import scrub
 log = logging.getLogger(__name__)
 
 COMPONENT = "history"  # its row in schema_versions
-SCHEMA_VERSION = 1
-# Statements that take a schema of version N to N + 1, run in one transaction: UPGRADES[N].
-UPGRADES: dict[int, str] = {}
+SCHEMA_VERSION = 2
+# Statements that take a schema of version N to N + 1, run in one transaction: UPGRADES[N]. A new
+# database gets SCHEMA (version 1), then each of them.
+UPGRADES: dict[int, str] = {
+    1: usage.POSTGRES_SCHEMA,  # the per-user limits' usage_events and reply_leases
+}
 LOCK_SPACE = 0x43484348  # "CHCH": the first key of this app's advisory locks
-SETUP_LOCK, CONVERSATION_LOCK = 1, 2  # the second key (with a conversation's hash, the third)
+# The second key (with a conversation's hash, or an owner's for the usage, the third).
+SETUP_LOCK, CONVERSATION_LOCK, USAGE_LOCK = 1, 2, 3
 
 SCHEMA_VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_versions (
@@ -341,6 +347,42 @@ class PostgresStore(HistoryStore):
                                                       for n, m in enumerate(record.messages, start=1)])
             _execute(conn, _SET_LEAF, {"id": record.id, "owner": record.owner, "leaf": record.leaf})
 
+    # -- usage (the per-user limits' counter: modules/core/limits.py) ------------------------------
+    @contextmanager
+    def _owner_lock(self, owner: str) -> Iterator[usage.Execute]:
+        """One transaction holding ``owner``'s usage lock: every process's admissions of one owner
+        take turns (``pg_advisory_xact_lock``), so the last slot of a limit goes to one of them."""
+        with self._connection() as conn, conn.transaction():
+            _execute(conn, "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
+                     {"space": LOCK_SPACE, "key": f"{USAGE_LOCK}:{owner}"})
+            yield lambda sql, params: _execute(conn, sql, params)
+
+    def admit(self, owner: str, model: str, *, now: float, window_start: float, day_start: float,
+              decide: Callable[[Tally], LimitHit | None], message_id: str | None, lease_id: str | None,
+              lease_expires: float) -> LimitHit | None:
+        with self._owner_lock(owner) as execute:
+            return usage.admit(execute, owner, model, now=now, window_start=window_start, day_start=day_start,
+                               decide=decide, message_id=message_id, lease_id=lease_id,
+                               lease_expires=lease_expires)
+
+    def renew_lease(self, lease_id: str, expires_at: float) -> None:
+        with self._connection() as conn:
+            _execute(conn, usage.RENEW, {"id": lease_id, "expires_at": expires_at})
+
+    def settle_usage(self, *, lease_id: str | None, drop_message: str | None, event: UsageEvent | None) -> None:
+        with self._connection() as conn, conn.transaction():
+            usage.settle(lambda sql, params: _execute(conn, sql, params), lease_id=lease_id,
+                         drop_message=drop_message, event=event)
+
+    def tally(self, owner: str, model: str, *, now: float, window_start: float, day_start: float) -> Tally:
+        with self._connection() as conn:
+            return usage.tally(lambda sql, params: _execute(conn, sql, params), owner, model, now=now,
+                               window_start=window_start, day_start=day_start)
+
+    def usage_since(self, since: float) -> list[UsageRow]:
+        with self._connection() as conn:
+            return usage.since(lambda sql, params: _execute(conn, sql, params), since)
+
     def close(self) -> None:
         """Close the pool and its connections; a second call does nothing."""
         if not self._closed.is_set():
@@ -365,6 +407,8 @@ def _prepare(conn: psycopg.Connection[Any]) -> None:
                 raise SchemaError("the database has a conversations table that is not this app's "
                                   "(no history schema version): point history.url at a database of its own")
             _run(conn, SCHEMA)
+            for step in range(1, SCHEMA_VERSION):
+                _run(conn, UPGRADES[step])
             conn.execute("INSERT INTO schema_versions VALUES (%s, %s, %s)", (COMPONENT, SCHEMA_VERSION, time.time()))
             log.info("Created the history schema (version %d) in PostgreSQL", SCHEMA_VERSION)
             return

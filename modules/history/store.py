@@ -14,7 +14,8 @@ in which messages were first saved, and ``attachments`` a question's files (a JS
 ``modules/history/attachments.py``). A file of schema version 1 (the turns of a conversation
 by position, before branches) is upgraded in place when opened, after a copy of it is made
 beside it (``history.sqlite3.v1-backup``); one of schema version 2 (before attachments) is
-upgraded in place too, in one transaction (a column added), with no copy.
+upgraded in place too, in one transaction (a column added), with no copy; one of schema version 3
+(before the per-user limits) gets the usage tables (``modules/history/usage.py``) the same way.
 
 :func:`open_store` is how the app opens it: a damaged file is moved aside (never
 deleted) and a fresh one started; a folder that cannot be written, or a file of an
@@ -52,6 +53,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from modules.config import HistoryConfig
+from modules.core.limits import LimitHit, Tally, UsageEvent, UsageRow
+from modules.history import usage
 from modules.history.attachments import is_digest
 from modules.history.records import (
     ConversationMeta,
@@ -75,7 +78,7 @@ from modules.history.rows import (  # (shared with the PostgreSQL store; re-expo
 log = logging.getLogger(__name__)
 
 FILENAME = "history.sqlite3"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 V1_BACKUP = ".v1-backup"  # after the file's name: the copy of a version-1 file made before upgrading it
 COMPANIONS = ("-wal", "-shm")  # SQLite's write-ahead log and its index, kept beside the file
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
@@ -392,7 +395,7 @@ class SQLiteStore(HistoryStore):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         new = version == 0 and not tables
-        if not new and version not in (1, 2, SCHEMA_VERSION):
+        if not new and version not in (1, 2, 3, SCHEMA_VERSION):
             raise CorruptStoreError(f"schema version {version} is unknown to this app"
                                     + (" (a newer version?)" if version > SCHEMA_VERSION else ""))
         if version == 1:
@@ -402,6 +405,9 @@ class SQLiteStore(HistoryStore):
             self._check_columns("conversations", (*CONVERSATION_COLUMNS, "leaf"))
             self._check_columns("messages", ("conversation_id", *(V2_MESSAGE_COLUMNS if version == 2 else
                                                                   MESSAGE_COLUMNS), "seq"))
+            if version == SCHEMA_VERSION:
+                for table, columns in usage.TABLES.items():
+                    self._check_columns(table, columns)
         self._wal = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -414,7 +420,11 @@ class SQLiteStore(HistoryStore):
         # A write even when there is nothing to create: a read-only file fails here, not at the first save.
         with self._transaction():
             if new:
-                _run(conn, CONVERSATIONS_SCHEMA + MESSAGES_SCHEMA)
+                _run(conn, CONVERSATIONS_SCHEMA + MESSAGES_SCHEMA + ";" + usage.SQLITE_SCHEMA)
+            elif version == 3:
+                _run(conn, usage.SQLITE_SCHEMA)
+                log.info("Upgraded the history file %s from schema version 3 to %d (the usage tables)",
+                         self.path, SCHEMA_VERSION)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_columns(self, table: str, expected: tuple[str, ...]) -> None:
@@ -442,7 +452,7 @@ class SQLiteStore(HistoryStore):
         try:
             with self._transaction() as conn:
                 conn.execute("ALTER TABLE conversations ADD COLUMN leaf TEXT")
-                _run(conn, MESSAGES_SCHEMA)
+                _run(conn, MESSAGES_SCHEMA + ";" + usage.SQLITE_SCHEMA)
                 rows = conn.execute(f"""
                     SELECT t.conversation_id, c.owner, {", ".join("t." + c for c in V1_TURN_COLUMNS)}
                     FROM turns t LEFT JOIN conversations c ON c.id = t.conversation_id
@@ -468,7 +478,7 @@ class SQLiteStore(HistoryStore):
         :class:`UpgradeError` on any failure but damage (a read-only file), with the file as it was."""
         try:
             with self._transaction() as conn:
-                _run(conn, UPGRADE_FROM_V2)
+                _run(conn, UPGRADE_FROM_V2 + usage.SQLITE_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:  # rolled back
             if isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc):
@@ -642,6 +652,36 @@ class SQLiteStore(HistoryStore):
                 raise ValueError(f"a conversation with id {record.id!r} already exists")
             conn.execute(_UPSERT_CONVERSATION, _meta_row(record))
             _insert_tree(conn, record.id, record.owner, record.messages, record.leaf)
+
+    # -- usage (the per-user limits' counter: modules/core/limits.py) ------------------------------
+    def _execute(self, conn: sqlite3.Connection) -> usage.Execute:
+        return lambda sql, params: conn.execute(usage.sqlite(sql), params)
+
+    def admit(self, owner: str, model: str, *, now: float, window_start: float, day_start: float,
+              decide: Callable[[Tally], LimitHit | None], message_id: str | None, lease_id: str | None,
+              lease_expires: float) -> LimitHit | None:
+        # BEGIN IMMEDIATE: the file's write lock, so another process on the same file waits its turn.
+        with self._write() as conn:
+            return usage.admit(self._execute(conn), owner, model, now=now, window_start=window_start,
+                               day_start=day_start, decide=decide, message_id=message_id, lease_id=lease_id,
+                               lease_expires=lease_expires)
+
+    def renew_lease(self, lease_id: str, expires_at: float) -> None:
+        with self._write() as conn:
+            self._execute(conn)(usage.RENEW, {"id": lease_id, "expires_at": expires_at})
+
+    def settle_usage(self, *, lease_id: str | None, drop_message: str | None, event: UsageEvent | None) -> None:
+        with self._write() as conn:
+            usage.settle(self._execute(conn), lease_id=lease_id, drop_message=drop_message, event=event)
+
+    def tally(self, owner: str, model: str, *, now: float, window_start: float, day_start: float) -> Tally:
+        with self._lock:
+            return usage.tally(self._execute(self._conn), owner, model, now=now, window_start=window_start,
+                               day_start=day_start)
+
+    def usage_since(self, since: float) -> list[UsageRow]:
+        with self._lock:
+            return usage.since(self._execute(self._conn), since)
 
     def close(self) -> None:
         """Checkpoint the whole log into the main file (``TRUNCATE``: the log is left empty), stop the

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from modules.config import AppConfig
 from modules.core.chat import ChatService
 from modules.core.grounding import Retriever
+from modules.core.limits import LimitError
 from modules.core.runs import RunLimitError
 from modules.core.streaming import Reply, ReplyRun
 from modules.history import attachments
@@ -210,9 +211,15 @@ class ChatHandlers:
         node = turn.answer if continuing else Node(new_message_id(), turn.id, "assistant")
         assert node is not None
         save, checkpoint = self.keeper.keepers(conversation, node, lang, model.name, system_prompt, params)
+        try:  # the per-user limits (counted in the history's database, across processes)
+            admission = await self.chat.admit(owner, model)
+        except LimitError as exc:  # the question stays, as below
+            await self._give_back(conversation, turn)
+            raise self._refuse_limit(conversation, lang, exc) from None
         try:
             run = self.chat.start(model, fit, options, owner=owner, key=self.view.run_key(conversation, turn.id, node.id),
-                                  save=save, checkpoint=checkpoint, continuing=turn.reply if continuing else None)
+                                  save=save, checkpoint=checkpoint, continuing=turn.reply if continuing else None,
+                                  admission=admission)
         except RunLimitError as exc:  # the question stays; Regenerate asks again later
             await self._give_back(conversation, turn)
             key_name = "error.too_many_runs" if exc.scope == "owner" else "error.app_busy"
@@ -232,6 +239,13 @@ class ChatHandlers:
         error = self.view.error(lang, key, **values)
         conversation.notice = "⚠️ " + error.message
         return error
+
+    def _refuse_limit(self, conversation: Conversation, lang: str, exc: LimitError) -> gr.Error:
+        """A per-user limit: which one and when it resets, in a toast and the status line."""
+        message = f"{self.chat.limit_sentence(lang, exc)} {self.t.text(lang, 'limit.kept')}"
+        log.info("refused: %s", message)
+        conversation.notice = "⚠️ " + message
+        return gr.Error(message, print_exception=False)
 
     async def follow(self, conversation: Conversation, request: gr.Request):
         """Show the reply streaming in the session's conversation (after a reload, or when the user
@@ -469,8 +483,15 @@ class ChatHandlers:
         fit, _ = await self.chat.fit(chat_model, messages, options)
         if fit.overflows:
             raise gr.Error(self.chat.sentence(lang, self.chat.overflow(fit)), print_exception=False)
+        owner = self.keeper.owner(Conversation(), request)  # (whose limits: the user, the desktop, the session)
         try:
-            run = self.chat.start(chat_model, fit, options)  # belongs to this request: leaving stops it
+            admission = await self.chat.admit(owner, chat_model)
+        except LimitError as exc:
+            sentence = self.chat.limit_sentence(lang, exc)
+            log.info("refused: %s", sentence)
+            raise gr.Error(sentence, print_exception=False) from None
+        try:  # belongs to this request: leaving stops it
+            run = self.chat.start(chat_model, fit, options, admission=admission)
         except RunLimitError as exc:
             raise self.view.error(lang, "error.app_busy", limit=exc.limit) from None
         sent = ""

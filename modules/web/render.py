@@ -271,6 +271,12 @@ def conversation_usage(conversation: Conversation, context_size: int, t: Transla
             f'</progress><span>{html.escape(gauge)}</span></div>')
 
 
+def tokens_left(left: int, limit: int, t: Translator, lang: str) -> str:
+    """"Today: 12,345 of 50,000 tokens left" (HTML), under the conversation's usage."""
+    text = t.text(lang, "usage.left_today", left=f"{left:,}", limit=f"{limit:,}")
+    return f'<div class="usage-left" data-left="{left}">{html.escape(text)}</div>'
+
+
 def status_line(reply: Reply, t: Translator, lang: str) -> str:
     """"Generating…" while the reply streams; then
     "model · tokens in 12 · out 40 · first token 0.21 s · 35.2 tokens/s"."""

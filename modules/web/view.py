@@ -99,7 +99,22 @@ class PageView:
     def usage(self, conversation: Conversation, model_name: str | None, lang: str) -> str:
         model = self.models.get(model_name or self.default_model)
         size = model.context_size if model is not None else 0
-        return render.conversation_usage(conversation, size, self.t, lang)
+        shown = render.conversation_usage(conversation, size, self.t, lang)
+        left = self.left_today(conversation.owner, model.name if model is not None else "")
+        if left is not None:
+            shown += render.tokens_left(left[0], left[1], self.t, lang)
+        return shown
+
+    def left_today(self, owner: str, model: str) -> tuple[int, int] | None:
+        """(tokens left today, the limit) for ``owner`` on ``model`` under ``limits.per_user``; None
+        when no token limit applies (or the usage cannot be read now)."""
+        if not owner:
+            return None
+        try:
+            return self.chat.limiter.left_today(owner, model)
+        except Exception:  # the usage line must not break the page
+            log.warning("could not read the usage of %s", owner, exc_info=True)
+            return None
 
     def shown(self, conversation: Conversation, model_name: str | None, lang: str) -> tuple[Any, ...]:
         """(chatbot, status, usage) for a conversation that was just opened or started."""
