@@ -44,7 +44,7 @@ def error_message(t: Translator, lang: str, error: errors.ModelError, secrets: I
 def wait_text(t: Translator, lang: str, seconds: float) -> str:
     """"45 s", "12 min", "3 h 12 min": how long until a limit resets (rounded up)."""
     s = max(1, math.ceil(seconds))
-    if s < 60:
+    if s <= 60:
         return t.text(lang, "limit.wait_s", s=s)
     if s < 3600:
         return t.text(lang, "limit.wait_m", m=math.ceil(s / 60))
