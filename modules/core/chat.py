@@ -18,6 +18,8 @@ here knows Gradio, HTTP or the history store: a front end passes ``save`` and
 A run belongs either to its request (``owner=None``: the HTTP API and ``/chat``; a client
 that disconnects stops it at once, as OpenAI's API does) or to an owner (the page: the run
 outlives the page, as ``runs.unwatched`` says, and is bounded by ``runs.max_per_owner``).
+A page's run (keyed by owner, conversation, question and answer) is also shared with the other
+app processes of one database through :attr:`ChatService.remote` (``modules/core/remote.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Awaitable, Callable, Hashable, Mapping, Sequence
 from modules.config import ContextConfig, KnowledgeConfig, RunsConfig
 from modules.core import accounting, context, grounding, tokens
 from modules.core.context import CONTINUE_INSTRUCTION
+from modules.core.remote import RemoteRuns
 from modules.core.runs import ReplyRuns
 from modules.core.sentences import error_message
 from modules.core.streaming import Pacer, Reply, ReplyRun
@@ -57,6 +60,9 @@ class ChatService:
         self.checkpoint_seconds = checkpoint_seconds
         self.runs = ReplyRuns(limit=max_live_runs, max_per_owner=self.config.max_per_owner,
                               keep_seconds=max(30.0, self.config.unwatched_grace_seconds))
+        # The page's runs as other app processes see them, and theirs here (a single-process bus
+        # until the app's wiring connects another: ``remote.connect``).
+        self.remote = RemoteRuns(self.runs)
         self.secrets = [s for m in models.values() for s in m.secrets()]
 
     def bind(self, model_name: str, retriever: grounding.Retriever) -> None:
@@ -133,12 +139,15 @@ class ChatService:
                 await save(run)
 
         kept = owner is not None
-        return self.runs.start(
+        run = self.runs.start(
             model, fit.messages, options, key=key, owner=owner, reply=reply, finish=finish,
             checkpoint=checkpoint, checkpoint_seconds=self.checkpoint_seconds,
             unwatched=self.config.unwatched if kept else "stop",
             grace=self.config.unwatched_grace_seconds if kept else (grace or 0.0),
             max_seconds=self.config.max_seconds)
+        if kept and isinstance(key, tuple) and len(key) == 4 and all(isinstance(part, str) for part in key):
+            self.remote.share(run, key)  # a page's run: other processes see it grow and may stop it
+        return run
 
     async def settle(self, reply: Reply, model: ChatModel) -> None:
         """The reply's final counts and cost (tiktoken runs off the event loop for a long reply)."""
