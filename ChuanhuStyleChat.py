@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if in_main_thread:  # a second Ctrl+C or SIGTERM must not cut the last checkpoint short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        app.chat.remote.close()  # (PostgreSQL: this process's replies still streaming marked interrupted)
         app.store.close()  # checkpointed: history.sqlite3 alone holds every conversation (or the pool closed)
     return 0
 

@@ -65,6 +65,7 @@ class ChatApp:
         # Per-user limits and usage, counted in the history's database (across processes with PostgreSQL).
         counter = self.store if callable(getattr(self.store, "admit", None)) else None
         self.chat.use_limits(Limiter(config.limits.per_user, counter))
+        self._connect_runs()
         # One attachments folder: messages' files and knowledge bases' documents (by digest).
         self.files = attachments.open_files(data_dir, temporary=self.store_problem is not None
                                             and self.store_problem.kind == "unavailable")
@@ -87,6 +88,29 @@ class ChatApp:
                              data_dir=data_dir, files=self.files, knowledge=self.knowledge,
                              knowledge_problem=self.knowledge_problem)
         self.demo: gr.Blocks | None = None
+
+    def _connect_runs(self) -> None:
+        """With the history on PostgreSQL, the page's runs are shared with the other app processes
+        of that database (LISTEN/NOTIFY, a lease per process: ``modules/history/pg_runs.py``)."""
+        if config_url := self.config.history.url:
+            from modules.history.pg_store import PostgresStore
+
+            if isinstance(self.store, PostgresStore):
+                from modules.history.pg_runs import open_run_bus
+
+                lang = "en_US" if self.t.language == "auto" else self.t.language
+                bus = open_run_bus(config_url.get_secret_value(), self.store,
+                                   lease_seconds=self.config.runs.lease_seconds,
+                                   process_stopped=self.t.text(lang, "error.process_stopped"))
+                self.chat.remote.connect(bus)
+
+    def close(self) -> None:
+        """Stop sharing runs (this process's replies still streaming are marked interrupted for the
+        other processes), close the server, then the history store; a second call does nothing."""
+        self.chat.remote.close()
+        if self.demo is not None:
+            self.demo.close()
+        self.store.close()
 
     def build(self) -> gr.Blocks:
         self.demo = self.page.build()

@@ -150,6 +150,10 @@ class RunsConfig(_Section):
     max_per_owner: int = Field(4, ge=1, le=1000, description=(
         "Replies one owner (a user, a browser, or everyone on a desktop) may have streaming at once; "
         "past it, a new message gets a sentence saying so."))
+    lease_seconds: float = Field(10.0, ge=1, le=600, description=(
+        "With the history on PostgreSQL (several app processes): how long a process may go without its "
+        "heartbeat before the others take it for dead and mark its replies still streaming as interrupted "
+        "(with their text so far). It beats every third of this."))
 
 
 class AttachmentsConfig(_Section):

@@ -34,8 +34,7 @@ def start(fake_openai: Any, url: str, data_dir: Path) -> tuple[Any, str]:
 
 
 def stop(app: Any) -> None:
-    app.demo.close()
-    app.store.close()
+    app.close()
 
 
 def test_a_conversation_is_kept_in_postgresql_across_a_restart(fake_openai, sessions, pg_url, tmp_path):

@@ -18,6 +18,8 @@ here knows Gradio, HTTP or the history store: a front end passes ``save`` and
 A run belongs either to its request (``owner=None``: the HTTP API and ``/chat``; a client
 that disconnects stops it at once, as OpenAI's API does) or to an owner (the page: the run
 outlives the page, as ``runs.unwatched`` says, and is bounded by ``runs.max_per_owner``).
+A page's run (keyed by owner, conversation, question and answer) is also shared with the other
+app processes of one database through :attr:`ChatService.remote` (``modules/core/remote.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from modules.config import ContextConfig, KnowledgeConfig, RunsConfig
 from modules.core import accounting, context, grounding, tokens
 from modules.core.context import CONTINUE_INSTRUCTION
 from modules.core.limits import Admission, LimitError, Limiter
+from modules.core.remote import RemoteRuns
 from modules.core.runs import ReplyRuns
 from modules.core.sentences import error_message, limit_message
 from modules.core.streaming import Pacer, Reply, ReplyRun
@@ -58,6 +61,9 @@ class ChatService:
         self.checkpoint_seconds = checkpoint_seconds
         self.runs = ReplyRuns(limit=max_live_runs, max_per_owner=self.config.max_per_owner,
                               keep_seconds=max(30.0, self.config.unwatched_grace_seconds))
+        # The page's runs as other app processes see them, and theirs here (a single-process bus
+        # until the app's wiring connects another: ``remote.connect``).
+        self.remote = RemoteRuns(self.runs)
         self.secrets = [s for m in models.values() for s in m.secrets()]
         # The per-user limits and the usage table (``use_limits``: the app's wiring gives them the store).
         self.limiter = Limiter(None, None)
@@ -168,6 +174,8 @@ class ChatService:
             keeper = asyncio.ensure_future(self.limiter.keep_lease(admission, run.task))
             self._leases.add(keeper)
             keeper.add_done_callback(self._leases.discard)
+        if kept and isinstance(key, tuple) and len(key) == 4 and all(isinstance(part, str) for part in key):
+            self.remote.share(run, key)  # a page's run: other processes see it grow and may stop it
         return run
 
     async def settle(self, reply: Reply, model: ChatModel) -> None:

@@ -254,6 +254,7 @@ class ReplyRun:
         self._next_checkpoint = time.monotonic() + checkpoint_seconds
         self._saving: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._on_change: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._reader = asyncio.create_task(self._read(messages, options))
         self.task = asyncio.create_task(self._run())
@@ -319,9 +320,20 @@ class ReplyRun:
             await asyncio.wait((self.task,))
 
     def _wake(self) -> None:
-        """Wake every viewer waiting for a change (each waits on the event it saw)."""
+        """Wake every viewer waiting for a change (each waits on the event it saw), and tell the
+        :meth:`on_change` callbacks."""
         self._changed.set()
         self._changed = asyncio.Event()
+        for callback in self._on_change:
+            try:
+                callback()
+            except Exception:
+                log.exception("a change callback of a reply of model %r failed", self.model.name)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the loop; it must not block) each time the reply changed, as a
+        viewer would be woken, and once it is final (``done``): how another process is told."""
+        self._on_change.append(callback)
 
     # -- control ------------------------------------------------------------------------------------
     def stop(self) -> None:

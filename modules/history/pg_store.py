@@ -271,6 +271,16 @@ class PostgresStore(HistoryStore):
         with self._connection() as conn:
             return _execute(conn, _OWNS_ATTACHMENT, {"owner": owner, "sha256": sha256}).fetchone() is not None
 
+    def answer_text(self, owner: str, conversation_id: str, message_id: str) -> str | None:
+        """The stored text of one of ``owner``'s messages (a reply's last checkpoint, while it
+        streams in some app process); None when there is no such message."""
+        with self._connection() as conn:
+            row = _execute(conn, "SELECT m.content FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                                 "WHERE c.id = %(id)s AND c.owner = %(owner)s AND m.conversation_id = %(id)s "
+                                 "AND m.id = %(message)s",
+                           {"id": conversation_id, "owner": owner, "message": message_id}).fetchone()
+        return None if row is None else row[0]
+
     def referenced_attachments(self) -> set[str]:
         with self._connection() as conn:
             rows = conn.execute(_REFERENCED_ATTACHMENTS).fetchall()

@@ -17,6 +17,7 @@ from modules.config import AppConfig
 from modules.core.chat import ChatService
 from modules.core.grounding import Retriever
 from modules.core.limits import LimitError
+from modules.core.remote import RemoteRun
 from modules.core.runs import RunLimitError
 from modules.core.streaming import Reply, ReplyRun
 from modules.history import attachments
@@ -268,10 +269,11 @@ class ChatHandlers:
         conversation.following = False
         return await self.done(conversation, model_name, query, request)
 
-    async def _watch(self, conversation: Conversation, run: ReplyRun, lang: str, at_once: bool = True):
+    async def _watch(self, conversation: Conversation, run: ReplyRun | RemoteRun, lang: str, at_once: bool = True):
         """The chatbot each time ``run``'s reply grew (paced), until it ended or the session opened
         another conversation. Only the chatbot: every output costs per update (a second one, the
-        status line, cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place."""
+        status line, cost 40 % more CPU per token). "Retrying (2/3)…" shows in the reply's place.
+        A run of another process ends with its answer as that process saved it."""
         async with aclosing(run.watch(pacer=self.pacer, heartbeat=self.config.limits.heartbeat_seconds,
                                       at_once=at_once)) as updates:
             async for _ in updates:
@@ -280,23 +282,28 @@ class ChatHandlers:
                     # is sent again when it ends: a skip, not this conversation over the new one.)
                     yield gr.skip()
                     return
+                if isinstance(run, RemoteRun) and run.done:
+                    await self.view.settle_remote(conversation, run)
                 yield self.view.chatbot(conversation, lang)
 
-    def _run_of(self, conversation: Conversation) -> ReplyRun | None:
-        """The live run of the answer at the end of the branch shown, if any."""
+    def _run_of(self, conversation: Conversation) -> ReplyRun | RemoteRun | None:
+        """The live run of the answer at the end of the branch shown, if any (this process's, or
+        another's)."""
         last = conversation.turns[-1] if conversation.turns else None
         if not conversation.id or last is None or last.reply_id is None:
             return None
-        return self.chat.runs.of(self.view.run_key(conversation, last.id, last.reply_id))
+        return self.view.run_of(self.view.run_key(conversation, last.id, last.reply_id))
 
     async def stop(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
-        """Stop the reply streaming in this conversation, whichever tab started it: the upstream is
-        closed at once; the partial reply is settled and saved by its run. (``cancels=`` ends a
-        send still fitting its request.)"""
+        """Stop the reply streaming in this conversation, whichever tab (or app process) started it:
+        the upstream is closed at once; the partial reply is settled and saved by its run. (``cancels=``
+        ends a send still fitting its request.)"""
         run = self._run_of(conversation)
         if run is not None:
             run.stop()
             await run.wait()  # settled (counts, cost) and saved: a moment after the upstream closed
+            if isinstance(run, RemoteRun):  # saved by the process that ran it: shown as it saved it
+                await self.view.settle_remote(conversation, run)
         reply = conversation.streaming  # a reply that never became a run (stopped while fitting)
         if reply is not None:
             reply.stop()

@@ -4,14 +4,16 @@ the gr.Error for a sentence. Pure reads of the session and the store."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import gradio as gr
 
 from modules.core.chat import ChatService
+from modules.core.remote import RemoteRun
 from modules.core.streaming import ReplyRun
-from modules.history.conversation import Conversation, Node
+from modules.history.conversation import Conversation, Node, reply_from_record
 from modules.history.store import HistoryStore, StoreProblem
 from modules.providers import ChatModel
 from modules.web import render
@@ -38,13 +40,17 @@ class PageView:
         """A page run's key: whose, which conversation, the question it answers, its answer's id."""
         return (conversation.owner, conversation.id, question_id, answer_id)
 
-    def _live(self, conversation: Conversation) -> list[tuple[tuple[str, str, str, str], ReplyRun]]:
+    def run_of(self, key: tuple[str, str, str, str]) -> ReplyRun | RemoteRun | None:
+        """The live run of ``key``: this process's, or one streaming in another app process."""
+        return self.chat.runs.of(key) or self.chat.remote.of(key)
+
+    def _live(self, conversation: Conversation) -> list[tuple[tuple[str, str, str, str], ReplyRun | RemoteRun]]:
         if not conversation.id:
             return []
-        found = []
-        for key in self.chat.runs.live_keys():
+        found: list[tuple[tuple[str, str, str, str], ReplyRun | RemoteRun]] = []
+        for key in {*self.chat.runs.live_keys(), *self.chat.remote.live_keys()}:
             if isinstance(key, tuple) and len(key) == 4 and key[:2] == (conversation.owner, conversation.id):
-                run = self.chat.runs.of(key)
+                run = self.run_of(key)
                 if run is not None:
                     found.append((key, run))
         return found
@@ -53,23 +59,38 @@ class PageView:
         """The ids of the answers streaming now in this conversation (on any branch)."""
         return {key[3] for key, _ in self._live(conversation)}
 
-    def runs_answering(self, conversation: Conversation, question_id: str) -> list[ReplyRun]:
+    def runs_answering(self, conversation: Conversation, question_id: str) -> list[ReplyRun | RemoteRun]:
         return [run for key, run in self._live(conversation) if key[2] == question_id]
 
     def join_runs(self, conversation: Conversation) -> None:
         """The session shows the live runs of its conversation (started by another tab, or before
         a reload): each streaming answer it knows holds the run's reply; one it does not know yet
-        (not saved before the reload) joins the tree, and the branch if its question ends it."""
+        (not saved before the reload) joins the tree, and the branch if its question ends it. A run
+        of another process starts from the stored checkpoint when that has more text."""
         last = conversation.turns[-1] if conversation.turns else None
         for (_, _, question_id, answer_id), run in self._live(conversation):
             node = conversation.nodes.get(answer_id)
             if node is not None:
+                if isinstance(run, RemoteRun) and node.reply is not run.reply:
+                    run.seed(node.reply)
                 node.reply = run.reply
             elif question_id in conversation.nodes:
                 node = Node(answer_id, question_id, "assistant", reply=run.reply)
                 conversation.nodes[answer_id] = node
             if node is not None and last is not None and last.id == question_id and last.answer is None:
                 last.answer = node
+
+    async def settle_remote(self, conversation: Conversation, run: RemoteRun) -> None:
+        """Once ``run`` (another process's) ended: its answer as the store now has it (done, stopped,
+        or interrupted with the text so far), in place of the reply that grew here."""
+        owner, conversation_id, _, answer_id = run.key
+        record = await asyncio.to_thread(self.store.load, owner, conversation_id)
+        node = conversation.nodes.get(answer_id) if conversation.id == conversation_id else None
+        stored = next((m for m in record.messages if m.id == answer_id), None) if record is not None else None
+        if node is not None and stored is not None and node.reply is run.reply:
+            node.reply = reply_from_record(stored)
+        elif node is not None and node.reply is run.reply and run.reply.active:
+            run.reply.status = "interrupted"  # (nothing stored: it ended before its first checkpoint)
 
     def model(self, name: str | None, lang: str) -> ChatModel:
         model = self.models.get(name or self.default_model)
@@ -94,7 +115,9 @@ class PageView:
         return gr.Radio(choices=choices, value=value)
 
     def streaming_ids(self, owner: str) -> set[str]:
-        return {key[1] for key in self.chat.runs.live_keys() if key[0] == owner}
+        """The owner's conversations where a reply streams, in this process or another."""
+        keys = {*self.chat.runs.live_keys(), *self.chat.remote.live_keys()}
+        return {key[1] for key in keys if isinstance(key, tuple) and key[0] == owner}
 
     def usage(self, conversation: Conversation, model_name: str | None, lang: str) -> str:
         model = self.models.get(model_name or self.default_model)
