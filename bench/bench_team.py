@@ -1,0 +1,383 @@
+"""One app process against two behind nginx: concurrent streams held before time to first token doubles.
+
+    .venv/bin/python bench/bench_team.py [--counts 4,8,16,...] [--path ui|api] [--json FILE]
+
+On this machine, all on 127.0.0.1: the fake upstream (``python -m tests.fakes.openai_server``:
+every request gets ``--tokens`` tokens at ``--rate`` tokens/s, as bench_streaming.py uses it), a
+throwaway PostgreSQL cluster (tests/pg_cluster.py) holding the history of every app process, and
+
+* ``1 proc``: one app process (``ChuanhuStyleChat.py``), asked directly;
+* ``2 procs``: two more app processes behind nginx (deploy/nginx.conf rendered by
+  deploy/nginx_conf.py: cookie-hashed sticky sessions), asked through nginx.
+
+All three app processes run the whole time; one set-up is loaded at a time, alternating at each
+N (1 proc N, 2 procs N, 1 proc next N, ...), so both see the same machine. A round at N: N
+"held" streams start, spread over ``--ramp`` s (each one a browser of its own: its own
+``chuanhu_route`` cookie, its own page session), then, while all N stream, ``--probes`` more
+chats start one by one; the TTFT of those probes (request start to the first reply text; on the
+``ui`` path from the page's add_message POST) is the round's figure. A set-up stops growing once
+its probes' TTFT p50 reaches ``--factor`` (2) times its value at the first N: the streams it
+held is the last N below that. The ratio of the two is the figure (target >= 1.8).
+
+The load generator is bench_streaming.py's (one asyncio process, httpx, Gradio's queue protocol by
+hand); it shares the machine's cores with everything else, as bench_streaming.py's does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.bench_streaming import (  # noqa: E402
+    API_KEY, CHILDREN, Chat, Expected, discover, gradio_chat, load_average, ms, open_session, spawn, wait_ready)
+from bench.procs import child_env, cpu_seconds, free_port, machine_busy, pct, stop_process, tail, terminated  # noqa: E402
+from deploy.nginx_conf import render  # noqa: E402
+from tests.pg_cluster import Cluster, find_bindir  # noqa: E402
+
+HOST = "127.0.0.1"
+
+
+class Browser:
+    """What gradio_chat needs of an httpx client (post, stream), with one browser's route cookie
+    on every request: nginx hashes it to that browser's process."""
+
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+        self.headers = {"Cookie": f"chuanhu_route={secrets.token_hex(16)}"}
+
+    def post(self, url: str, **kwargs: Any):
+        return self.client.post(url, headers=self.headers, **kwargs)
+
+    def stream(self, method: str, url: str, **kwargs: Any):
+        return self.client.stream(method, url, headers=self.headers, **kwargs)
+
+    def get(self, url: str, **kwargs: Any):
+        return self.client.get(url, headers=self.headers, **kwargs)
+
+
+@dataclass
+class Setup:
+    name: str
+    url: str  # where the load generator asks
+    pids: list[int]  # the app processes (their CPU is measured)
+    app: Any = None  # bench_streaming.AppInfo
+    baseline: float = math.nan  # the probes' TTFT p50 at the first N
+    held: int = 0  # the largest N whose probes' TTFT p50 stayed below factor x baseline
+    done: bool = False
+
+
+def no_cookies() -> httpx.Cookies:
+    """A cookie jar that keeps nothing: each Browser sends its own cookie, nginx's Set-Cookie is dropped."""
+    return httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+
+
+async def one_chat(browser: Browser, setup: Setup, path: str, max_events: int, timeout: float) -> Chat:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            session = await open_session(browser, setup.app) if path == "ui" and setup.app.load_fn is not None else None
+            return await gradio_chat(browser, setup.app, path, max_events, session)  # type: ignore[arg-type]
+    except TimeoutError:
+        return Chat(error=f"timeout after {timeout:.0f} s", started=started, ended=time.perf_counter())
+    except httpx.HTTPError as exc:
+        return Chat(error=f"{type(exc).__name__}: {exc}", started=started, ended=time.perf_counter())
+
+
+async def run_round(client: httpx.AsyncClient, setup: Setup, n: int, args: argparse.Namespace,
+                    expected: Expected, ours: Any) -> dict[str, Any]:
+    """``ours()``: our processes (every app, the fake, nginx, PostgreSQL's): what is left of
+    the machine's CPU besides them and this one is someone else's (``foreign_cpu_pct``)."""
+    ideal = args.tokens / args.rate
+    timeout = ideal * 3 + 30
+    max_events = len(expected.tokens) * 4 + 200
+    held_chats: list[asyncio.Task] = []
+    cpu0 = [cpu_seconds(pid) for pid in setup.pids]
+    others = ours()
+    other0 = [_cpu(pid) for pid in others]
+    machine0, client0 = machine_busy(), time.process_time()
+    t0 = time.perf_counter()
+    for i in range(n):  # the held streams, spread over the ramp
+        await asyncio.sleep(max(0.0, t0 + args.ramp * i / n - time.perf_counter()))
+        held_chats.append(asyncio.create_task(one_chat(Browser(client), setup, args.path, max_events, timeout)))
+    await asyncio.sleep(max(0.0, t0 + args.ramp + args.settle - time.perf_counter()))
+    # The probes, one every probe_gap seconds, while every held stream is still streaming (a reply
+    # lasts ideal seconds: main() checks that the last probe starts well before the first ends).
+    probe_tasks: list[asyncio.Task] = []
+    p0 = time.perf_counter()
+    for k in range(args.probes):
+        await asyncio.sleep(max(0.0, p0 + k * args.probe_gap - time.perf_counter()))
+        probe_tasks.append(asyncio.create_task(one_chat(Browser(client), setup, args.path, max_events, timeout)))
+    held = await asyncio.gather(*held_chats)
+    probes = list(await asyncio.gather(*probe_tasks))
+    wall = time.perf_counter() - t0
+    cpu = sum(cpu_seconds(pid) - c for pid, c in zip(setup.pids, cpu0))
+    other = sum(max(0.0, _cpu(pid) - c) for pid, c in zip(others, other0))  # (a backend that ended: 0)
+    machine = machine_busy() - machine0
+    client = time.process_time() - client0
+    for chat in [*held, *probes]:
+        if chat.ok and chat.text != expected.text:
+            chat.ok, chat.error = False, expected.mismatch(chat.text)
+    ttfts = [c.ttft for c in probes if c.ttft is not None]
+    held_ttfts = [c.ttft for c in held if c.ttft is not None]
+    last_probe_start = max((c.started for c in probes), default=t0)
+    still = sum(1 for c in held if c.ended > last_probe_start)
+    durations = [c.duration for c in held if c.ok]
+    return {
+        "setup": setup.name, "n": n, "ok": sum(c.ok for c in held), "probes_ok": sum(c.ok for c in probes),
+        "errors": sorted({c.error for c in [*held, *probes] if not c.ok})[:5],
+        "ttft_p50": pct(ttfts, 50), "ttft_p95": pct(ttfts, 95),
+        "held_ttft_p50": pct(held_ttfts, 50), "held_ttft_p95": pct(held_ttfts, 95),
+        "dur_max": max(durations) if durations else math.nan, "streaming_at_last_probe": still,
+        "wall": wall, "app_cpu_pct": 100 * cpu / wall, "ours_cpu_pct": 100 * other / wall,
+        "client_cpu_pct": 100 * client / wall, "machine_cpu_pct": 100 * machine / wall,
+        "foreign_cpu_pct": max(0.0, 100 * (machine - other - client) / wall),
+    }
+
+
+def postgres_pids(cluster: Cluster) -> list[int]:
+    """The cluster's server processes (its postmaster and backends, as they are now)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(cluster.data) in (entry / "cmdline").read_bytes().decode(errors="replace") or \
+                        _ppid(entry) == _postmaster(cluster):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _cpu(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def nginx_workers(master: int) -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _ppid(e) == str(master)]
+
+
+def _ppid(entry: Path) -> str:
+    try:
+        return entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return ""
+
+
+def _postmaster(cluster: Cluster) -> str:
+    try:
+        return (cluster.data / "postmaster.pid").read_text().split()[0]
+    except (OSError, IndexError):
+        return "-"
+
+
+def start_app(tmp: Path, name: str, port: int, fake_port: int, history_url: str, args: argparse.Namespace
+              ) -> tuple[subprocess.Popen, Path]:
+    config = {
+        "server": {"host": HOST, "port": port, "concurrency": args.concurrency},
+        "ui": {"update_interval_ms": args.interval_ms},
+        "runs": {"max_per_owner": 1000},  # on localhost every page is one owner: let each stream
+        "history": {"mode": "shared", "data_dir": str(tmp / "data"), "url": history_url,
+                    "pool_size": args.pool_size},
+        "models": [{"provider": "openai", "name": "fake", "model": "fake-model",
+                    "base_url": f"http://{HOST}:{fake_port}/v1", "api_key": API_KEY, "max_retries": 0}],
+    }
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    log = tmp / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = spawn([sys.executable, str(ROOT / "ChuanhuStyleChat.py"), "--config", str(tmp / f"{name}.yaml")],
+                     cwd=tmp, env={k: v for k, v in child_env().items()
+                                   if k not in ("CHUANHU_HISTORY_URL", "CHUANHU_DATA_DIR")},
+                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return proc, log
+
+
+async def bench(args: argparse.Namespace, counts: list[int]) -> tuple[list[dict[str, Any]], list[Setup]]:
+    expected = Expected(args.tokens, args.seed)
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL's server programs are not installed (apt-get install postgresql)")
+    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(nginx_bin, os.X_OK):
+        raise SystemExit("nginx is not installed (apt-get install nginx)")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-team-"))
+    tmp.chmod(0o755)  # nginx's workers (nobody, as root) reach their temp folders through it
+    cluster = Cluster(bindir)
+    nginx = None
+    rows: list[dict[str, Any]] = []
+    try:
+        cluster.start()
+        database = cluster.new_database()
+        history_url = cluster.url(database)
+        fake_port = free_port()
+        with open(tmp / "fake.log", "wb") as out:
+            fake = spawn([sys.executable, "-m", "tests.fakes.openai_server", "--port", str(fake_port), "--tokens",
+                          str(args.tokens), "--rate", str(args.rate), "--usage", "--api-key", API_KEY,
+                          "--seed", str(args.seed)], cwd=ROOT, env=child_env(), stdout=out,
+                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        ports = [free_port() for _ in range(3)]
+        apps = [start_app(tmp, name, port, fake_port, history_url, args)
+                for name, port in zip(("solo", "team-a", "team-b"), ports)]
+        nginx_port = free_port()
+        run = tmp / "nginx"
+        conf = run / "nginx.conf"
+        conf_text = render(run, f"{HOST}:{nginx_port}", [f"{HOST}:{p}" for p in ports[1:]])
+        conf.write_text(conf_text.replace("access_log " + str(run.resolve() / "logs" / "access.log") + " chuanhu;",
+                                          "access_log off;"))  # a log line per request would cost the team only
+        limits = httpx.Limits(max_connections=4000, max_keepalive_connections=1000)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, read=120.0), trust_env=False,
+                                     cookies=no_cookies()) as client:
+            await wait_ready(client, f"http://{HOST}:{fake_port}/v1/models", fake, tmp / "fake.log", 30, "the fake server")
+            for (proc, log), port in zip(apps, ports):
+                await wait_ready(client, f"http://{HOST}:{port}/config", proc, log, args.startup_timeout, "an app")
+            nginx = spawn([nginx_bin, "-p", str(run), "-c", str(conf), "-g", "daemon off;"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(run / "stderr.log", "wb"))
+            await wait_ready(client, f"http://{HOST}:{nginx_port}/config", nginx, run / "logs" / "error.log", 30, "nginx")
+            setups = [Setup("1 proc", f"http://{HOST}:{ports[0]}", [apps[0][0].pid]),
+                      Setup("2 procs", f"http://{HOST}:{nginx_port}", [apps[1][0].pid, apps[2][0].pid])]
+            for setup in setups:
+                setup.app = await discover(client, setup.url)
+            def ours() -> list[int]:
+                return [fake.pid, nginx.pid, *(p.pid for p, _ in apps), *nginx_workers(nginx.pid),
+                        *postgres_pids(cluster)]
+
+            print(f"# ready: 1 proc pid {apps[0][0].pid}; 2 procs pids {apps[1][0].pid}, {apps[2][0].pid} behind "
+                  f"nginx pid {nginx.pid}; fake pid {fake.pid}; PostgreSQL {cluster.port}", flush=True)
+            # Warm up each process (first-call imports, pools): a few chats through each set-up.
+            for setup in setups:
+                warm = await run_round(client, setup, 4, argparse.Namespace(**{**vars(args), "probes": 2}),
+                                       expected, ours)
+                if warm["ok"] < 4:
+                    raise SystemExit(f"warm-up of {setup.name} failed: {warm['errors']}\n{tail(apps[0][1])}")
+            for n in counts:
+                for setup in setups:
+                    if setup.done:
+                        continue
+                    await asyncio.sleep(args.pause)
+                    row = await run_round(client, setup, n, args, expected, ours)
+                    rows.append(row)
+                    if math.isnan(setup.baseline):
+                        setup.baseline = row["ttft_p50"]
+                    row["ratio"] = row["ttft_p50"] / setup.baseline
+                    failed = row["ok"] < n or row["probes_ok"] < args.probes
+                    if row["ratio"] >= args.factor or failed:
+                        setup.done = True
+                    else:
+                        setup.held = n
+                    print(f"# {setup.name:<7} N={n:<4} probes TTFT p50 {ms(row['ttft_p50']):>5} ms "
+                          f"(x{row['ratio']:.2f})  p95 {ms(row['ttft_p95']):>5}  held streams ok {row['ok']}/{n}, "
+                          f"{row['streaming_at_last_probe']} still streaming at the last probe  app CPU "
+                          f"{row['app_cpu_pct']:.0f}%  machine {row['machine_cpu_pct']:.0f}% (others' "
+                          f"{row['foreign_cpu_pct']:.0f}%)"
+                          + (f"  errors: {row['errors']}" if row["errors"] else ""), flush=True)
+                    for proc, log in apps:
+                        if proc.poll() is not None:
+                            raise SystemExit(f"an app exited ({proc.returncode}):\n{tail(log)}")
+                if all(s.done for s in setups):
+                    break
+    finally:
+        stop_process(nginx)
+        for proc in list(CHILDREN):
+            stop_process(proc)
+        cluster.stop()
+        if args.keep_logs:
+            print(f"# logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return rows, setups
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", default="2,8,16,24,32,48,64,96,128,192,256",
+                        help="held streams per round, increasing, comma-separated")
+    parser.add_argument("--path", choices=["ui", "api"], default="ui",
+                        help="ui: what the page does (default); api: the /chat endpoint")
+    parser.add_argument("--tokens", type=int, default=600, help="tokens per reply (default 600)")
+    parser.add_argument("--rate", type=float, default=40.0, help="upstream tokens per second (default 40: 15 s)")
+    parser.add_argument("--ramp", type=float, default=3.0, help="seconds over which the held streams start")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds after the ramp before the probes")
+    parser.add_argument("--probes", type=int, default=8, help="probe chats per round (default 8)")
+    parser.add_argument("--probe-gap", type=float, default=0.5, help="seconds between probe starts (default 0.5)")
+    parser.add_argument("--factor", type=float, default=2.0, help="TTFT p50 growth that ends a set-up (default 2)")
+    parser.add_argument("--interval-ms", type=int, default=40, help="the apps' ui.update_interval_ms")
+    parser.add_argument("--concurrency", type=int, default=1000, help="the apps' server.concurrency")
+    parser.add_argument("--pool-size", type=int, default=20, help="each app's history.pool_size")
+    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each round")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args(argv)
+    counts = sorted({int(c) for c in args.counts.split(",") if c.strip()})
+    if args.probes < 1 or not counts or counts[0] < 1:
+        parser.error("--counts and --probes must be positive")
+    ideal = args.tokens / args.rate
+    if args.ramp + args.settle + args.probes * args.probe_gap >= ideal * 0.8:
+        parser.error("the probes must start while the held streams stream: raise --tokens or lower --ramp/--probes")
+    print(f"# ChuanhuStyleChat team benchmark: 1 app process vs 2 behind nginx; {args.tokens} tokens at "
+          f"{args.rate:g}/s ({ideal:.0f} s a reply), path {args.path}, held streams {counts}, {args.probes} probes "
+          f"a round, stop at TTFT p50 x{args.factor:g}")
+    print(f"# Python {platform.python_version()}, gradio {version('gradio')}, httpx {httpx.__version__}, "
+          f"{os.cpu_count()} CPUs, load average {load_average()}", flush=True)
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        rows, setups = asyncio.run(bench(args, counts))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for proc in CHILDREN:
+            stop_process(proc)
+    print()
+    print(f"{'set-up':<7} {'N':>4} | {'probe TTFT p50':>14} {'p95':>6} {'x base':>6} | {'held TTFT p50':>13} "
+          f"{'p95':>6} | {'ok':>9} {'dur max':>7} | {'app CPU':>7} {'machine':>7} {'others':>6}")
+    for row in rows:
+        print(f"{row['setup']:<7} {row['n']:>4} | {ms(row['ttft_p50']):>11} ms {ms(row['ttft_p95']):>6} "
+              f"{row['ratio']:>6.2f} | {ms(row['held_ttft_p50']):>10} ms {ms(row['held_ttft_p95']):>6} | "
+              f"{str(row['ok']) + '/' + str(row['n']):>9} {row['dur_max']:>6.1f}s | {row['app_cpu_pct']:>6.0f}% "
+              f"{row['machine_cpu_pct']:>6.0f}% {row['foreign_cpu_pct']:>5.0f}%")
+    solo, team = setups
+    print()
+    for s in setups:
+        print(f"{s.name}: held {s.held} streams with probes' TTFT p50 under {args.factor:g} x "
+              f"{ms(s.baseline)} ms" + ("" if s.done else f" (not reached at the largest N, {counts[-1]})"))
+    ratio = team.held / solo.held if solo.held else math.nan
+    print("CPU in % of one core: app: the set-up's app processes; machine: all of it; others: what no process "
+          "of this benchmark used (other work on the machine: above ~20% the figures are noisy)")
+    print(f"ratio 2 procs / 1 proc: {ratio:.2f}x (target >= 1.8x), on {os.cpu_count()} cores shared with the load "
+          "generator, the fake upstream, nginx and PostgreSQL")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(args), "rows": rows, "held": {s.name: s.held for s in setups},
+                                   "ratio": ratio}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
