@@ -29,7 +29,8 @@ from modules.core.streaming import Pacer
 from modules.history import attachments
 from modules.history.knowledge import KnowledgeProblem, KnowledgeStore, open_knowledge
 from modules.history.knowledge_index import KnowledgeIndexer
-from modules.history.store import HistoryStore, open_history
+from modules.history.backends import open_history
+from modules.history.store import HistoryStore
 from modules.i18n import Translator
 from modules.providers.text import guard_logs
 from modules.web.page import ChatPage

@@ -368,3 +368,29 @@ def test_a_documents_file_is_not_collected_while_the_document_is_there(setup, tm
         assert not indexer.files.exists(sha)
     finally:
         history.close()
+
+
+def test_an_index_another_process_saved_is_searched_not_the_stale_cached_one(tmp_path: Path) -> None:
+    """Two app processes on one data folder (behind nginx): what one indexes, the other finds."""
+    from modules.history.attachments import AttachmentFiles
+    from modules.history.knowledge import KnowledgeStore
+    from modules.history.knowledge_index import KnowledgeIndexer
+
+    def process() -> KnowledgeIndexer:
+        return KnowledgeIndexer(KnowledgeStore(tmp_path / "knowledge.sqlite3"), AttachmentFiles(tmp_path / "files"),
+                                tmp_path / "indexes", max_chars=100_000, max_pages=10)
+
+    a, b = process(), process()
+    base = a.store.create_base("local", "Shared folder")
+    first = tmp_path / "first.md"
+    first.write_text("# First\n\nThe kettle is in the kitchen.\n", "utf-8")
+    a.add_files("local", base.id, [first])
+    a.index_pending("local", base.id)
+    assert [h.document for h in b.search("local", base.id, "kettle kitchen")] == ["first.md"]  # b caches it
+    second = tmp_path / "second.md"
+    second.write_text("# Second\n\nThe bicycle is in the garage.\n", "utf-8")
+    a.add_files("local", base.id, [second])
+    a.index_pending("local", base.id)
+    assert [h.document for h in b.search("local", base.id, "bicycle garage")] == ["second.md"]
+    a.store.close()
+    b.store.close()

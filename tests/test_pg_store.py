@@ -22,7 +22,8 @@ from modules.config import build_config
 from modules.history import pg_store
 from modules.history.pg_store import PostgresStore, open_postgres, redacted, url_secrets
 from modules.history.records import ConversationRecord
-from modules.history.store import HistoryUnavailable, open_history
+from modules.history.backends import open_history
+from modules.history.store import HistoryUnavailable
 from tests.fakes import store_writer
 from tests.test_store import ALICE, a, full_answer, meta, q, save_all
 

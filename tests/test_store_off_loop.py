@@ -44,7 +44,7 @@ class RecordingStore:
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_every_history_write_runs_off_the_event_loop(fake_openai, tmp_path, backend, request):
     from modules.app import ChatApp
-    from modules.history.store import open_history
+    from modules.history.backends import open_history
 
     history = {"data_dir": str(tmp_path), "mode": "shared"}
     if backend == "postgresql":

@@ -125,6 +125,9 @@ class KnowledgeIndexer:
         self._base_locks: dict[int, threading.Lock] = {}
         self._index_locks: dict[int, threading.Lock] = {}
         self._cache: dict[int, tuple[LexicalIndex, list[int]]] = {}
+        # Which saved index each cached one is (its chunk list's inode and time): a search stats it,
+        # so an index another process saved in the same folder is loaded instead of a stale one.
+        self._stamps: dict[int, tuple[int, int] | None] = {}
         self._dense: dict[int, tuple[VectorIndex, list[int]]] = {}  # per base, dropped when its vectors change
         self._dense_down_until = float("-inf")
         self._dense_logged: set[str] = set()  # failure kinds logged since dense retrieval last worked
@@ -384,6 +387,7 @@ class KnowledgeIndexer:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._cache[base_id] = (index, ids)
+        self._stamps[base_id] = _stamp(final)
         self._dense.pop(base_id, None)
         return index, ids
 
@@ -487,9 +491,11 @@ class KnowledgeIndexer:
     def _loaded(self, base_id: int) -> tuple[LexicalIndex, list[int]]:
         with self._lock(self._index_locks, base_id):
             cached = self._cache.get(base_id)
-            if cached is not None:
-                return cached
             folder = self._folder(base_id)
+            if cached is not None and self._stamps.get(base_id) == _stamp(folder):
+                return cached
+            if cached is not None:  # another app process on the same data folder rebuilt it since
+                self._dense.pop(base_id, None)
             try:
                 loaded = self._load(folder)
             except IndexDamaged as exc:
@@ -499,6 +505,7 @@ class KnowledgeIndexer:
                     log.warning("%s; moved to %s and rebuilt", exc, aside)
                 return self._rebuild_locked(base_id)
             self._cache[base_id] = loaded
+            self._stamps[base_id] = _stamp(folder)
             return loaded
 
     @staticmethod
@@ -597,3 +604,12 @@ def _under(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _stamp(folder: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a saved index's chunk list: a rebuild writes a new one (None: none)."""
+    try:
+        info = os.stat(folder / IDS)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns

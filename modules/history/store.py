@@ -29,7 +29,7 @@ write and when it is closed, so that ``history.sqlite3`` alone is a complete
 copy; :func:`backup` copies it with SQLite's online backup API, safely while the
 app runs.
 
-:func:`open_history` picks the store the config asks for: this one, or PostgreSQL
+``modules/history/backends.py``'s :func:`open_history` picks the store the config asks for: this one, or PostgreSQL
 (``modules/history/pg_store.py``) when ``history.url`` is set.
 """
 
@@ -52,7 +52,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from modules.config import HistoryConfig
 from modules.core.limits import LimitHit, Tally, UsageEvent, UsageRow
 from modules.history import usage
 from modules.history.attachments import is_digest
@@ -886,19 +885,6 @@ class HistoryUnavailable(Exception):
     """The history in PostgreSQL (``history.url``) cannot be used: unreachable, refused, or a schema
     of a newer app. A sentence for the operator naming the config key, never the password; the app
     does not start (a team's server never falls back to a history in memory)."""
-
-
-def open_history(history: HistoryConfig, data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:
-    """The app's history: in PostgreSQL when ``history.url`` is set (``pg_store.open_postgres``, with
-    the pool's bounds from ``history``; raises :class:`HistoryUnavailable`), else the SQLite file in
-    ``data_dir`` (:func:`open_store`, which never raises)."""
-    if history.url is None:
-        return open_store(data_dir)
-    from modules.history.pg_store import open_postgres  # psycopg only for those who use it
-
-    return open_postgres(history.url.get_secret_value(), min_size=history.pool_min_size,
-                         max_size=history.pool_size, timeout=history.pool_timeout_seconds,
-                         connect_timeout=history.connect_timeout_seconds), None
 
 
 def open_store(data_dir: Path) -> tuple[HistoryStore, StoreProblem | None]:

@@ -147,7 +147,7 @@ class ChatHandlers:
             self.keeper.owner(conversation, request)
             turn = conversation.add_user(text, await self.keeper.count_user(text, model_name), taken.attachments)
             await self.keeper.save_question(conversation, turn, lang, model_name, system_prompt)
-            return (_EMPTY_BOX, *self._generating(conversation, lang), self.view.history(conversation, query, lang),
+            return (_EMPTY_BOX, *self._generating(conversation, lang), await self.view.history(conversation, query, lang),
                     conversation.id)
         return (gr.skip(),) * 7
 
@@ -320,7 +320,7 @@ class ChatHandlers:
             status, conversation.notice = conversation.notice, ""
         streaming = conversation.streaming is not None  # (the session came back to another streaming one)
         return (gr.Button(visible=not streaming), gr.Button(visible=streaming), status,
-                self.view.usage(conversation, model_name, lang), self.view.history(conversation, query, lang))
+                await self.view.usage(conversation, model_name, lang), await self.view.history(conversation, query, lang))
 
     async def regenerate(self, conversation: Conversation, model_name: str, system_prompt: str,
                           request: gr.Request):
@@ -342,7 +342,7 @@ class ChatHandlers:
             await asyncio.to_thread(self.store.delete_messages, owner, conversation.id, deleted, conversation.leaf)
             await asyncio.to_thread(attachments.collect, self.store, self.attaching.files)  # files no one has now
         # (chatbot, status, usage): the status line now speaks of the reply that is last again, if any
-        return (*self.view.shown(conversation, model_name, lang), self.view.history(conversation, query, lang))
+        return (*await self.view.shown(conversation, model_name, lang), await self.view.history(conversation, query, lang))
 
     async def edit(self, conversation: Conversation, model_name: str, system_prompt: str, query: str,
                     data: gr.EditData, request: gr.Request):
@@ -388,7 +388,7 @@ class ChatHandlers:
             conversation.edit_answer(index, text)
             await self.keeper.save_answer(conversation, conversation.turns[-1], lang, model_name, system_prompt)
             return self.view.chatbot(conversation, lang), gr.skip(), gr.skip(), gr.skip(), \
-                self.view.history(conversation, query, lang)
+                await self.view.history(conversation, query, lang)
         for run in self.view.runs_answering(conversation, turn.id):  # its answer would answer another question
             run.stop()
             await run.wait()
@@ -397,7 +397,7 @@ class ChatHandlers:
         await self.keeper.save_question(conversation, new, lang, model_name, system_prompt)
         chatbot, send, stop, generating = self._generating(conversation, lang)
         # (A stopped run is said at once, and again when the new reply ends.)
-        return chatbot, send, stop, conversation.notice or generating, self.view.history(conversation, query, lang)
+        return chatbot, send, stop, conversation.notice or generating, await self.view.history(conversation, query, lang)
 
     async def act(self, action: str, conversation: Conversation, model_name: str, query: str,
                    request: gr.Request):
@@ -428,7 +428,7 @@ class ChatHandlers:
         await self.keeper.save_branch(conversation)
         streaming = conversation.streaming is not None
         conversation.following = streaming  # the follow event shows the rest
-        chatbot, status, usage = self.view.shown(conversation, model_name, lang)
+        chatbot, status, usage = await self.view.shown(conversation, model_name, lang)
         return (chatbot, gr.Button(visible=not streaming), gr.Button(visible=streaming), status, usage,
                 gr.skip(), gr.skip(), gr.skip())
 
@@ -457,16 +457,16 @@ class ChatHandlers:
             record.model, record.system_prompt = stored.model, stored.system_prompt
         await asyncio.to_thread(self.store.import_record, record)
         conversation.replace(fork)
-        chatbot, status, usage = self.view.shown(conversation, model_name, lang)
+        chatbot, status, usage = await self.view.shown(conversation, model_name, lang)
         return (chatbot, gr.Button(visible=True), gr.Button(visible=False), status, usage,
-                self.view.history(conversation, query, lang), conversation.id, conversation.title)
+                await self.view.history(conversation, query, lang), conversation.id, conversation.title)
 
     async def new_chat(self, conversation: Conversation, model_name: str, query: str, request: gr.Request):
         """A new, empty conversation; the old one stays in the history (a reply streaming there goes on)."""
         lang = self.t.language_for(request)
         self.keeper.owner(conversation, request)
         conversation.clear()
-        return (*self.view.shown(conversation, model_name, lang), "", self.view.history(conversation, query, lang),
+        return (*await self.view.shown(conversation, model_name, lang), "", await self.view.history(conversation, query, lang),
                 gr.Button(visible=True), gr.Button(visible=False), "")
 
     async def chat_api(self, message: str, model: str = "", system_prompt: str = "",

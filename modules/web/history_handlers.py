@@ -53,11 +53,11 @@ class HistoryHandlers:
         if open_id and not conversation.turns:
             record = await asyncio.to_thread(self.store.load, owner, open_id)
             if record is not None:
-                shown = self._reopen(conversation, record, lang)
-        return (token_out, self.view.history(conversation, "", lang), gr.Markdown(notice, visible=bool(notice)),
+                shown = await self._reopen(conversation, record, lang)
+        return (token_out, await self.view.history(conversation, "", lang), gr.Markdown(notice, visible=bool(notice)),
                 *shown)
 
-    def _reopen(self, conversation: Conversation, record: ConversationRecord, lang: str) -> tuple[Any, ...]:
+    async def _reopen(self, conversation: Conversation, record: ConversationRecord, lang: str) -> tuple[Any, ...]:
         """Make ``record`` the session's conversation, joined to its live run if a reply streams:
         (chatbot, status, usage, model, system prompt, title, send, stop)."""
         conversation.replace(Conversation.from_record(record))
@@ -67,7 +67,8 @@ class HistoryHandlers:
             conversation.following = True  # shown streaming: the follow event shows the rest, or the end
         model = record.model if record.model in self.models else gr.skip()
         streaming = conversation.streaming is not None
-        return (*self.view.shown(conversation, record.model or None, lang), model, record.system_prompt, record.title,
+        shown = await self.view.shown(conversation, record.model or None, lang)
+        return (*shown, model, record.system_prompt, record.title,
                 gr.Button(visible=not streaming), gr.Button(visible=streaming))
 
     async def marks(self, conversation: Conversation):
@@ -77,11 +78,11 @@ class HistoryHandlers:
     async def refresh_marks(self, conversation: Conversation, query: str, request: gr.Request):
         """The list again (a reply that ended loses its mark); the timer stops with the last mark."""
         marked = bool(self.view.streaming_ids(conversation.owner))
-        return self.view.history(conversation, query, self.t.language_for(request)), gr.Timer(active=marked)
+        return await self.view.history(conversation, query, self.t.language_for(request)), gr.Timer(active=marked)
 
     async def search(self, conversation: Conversation, query: str, request: gr.Request):
         self.keeper.owner(conversation, request)
-        return self.view.history(conversation, query, self.t.language_for(request))
+        return await self.view.history(conversation, query, self.t.language_for(request))
 
     async def open(self, conversation_id: str | None, conversation: Conversation, query: str,
                     request: gr.Request):
@@ -91,9 +92,9 @@ class HistoryHandlers:
         owner = self.keeper.owner(conversation, request)
         record = await asyncio.to_thread(self.store.load, owner, conversation_id) if conversation_id else None
         if record is None:
-            return (gr.skip(),) * 8 + (self.view.history(conversation, query, lang), gr.skip())
-        shown = self._reopen(conversation, record, lang)
-        return (*shown, self.view.history(conversation, query, lang), conversation.id)
+            return (gr.skip(),) * 8 + (await self.view.history(conversation, query, lang), gr.skip())
+        shown = await self._reopen(conversation, record, lang)
+        return (*shown, await self.view.history(conversation, query, lang), conversation.id)
 
     async def rename(self, title: str, conversation: Conversation, query: str, request: gr.Request):
         lang = self.t.language_for(request)
@@ -104,7 +105,7 @@ class HistoryHandlers:
             conversation.titled_by_model = True  # the user's name wins over the model's
             if conversation.id:
                 await asyncio.to_thread(self.store.rename, owner, conversation.id, title)
-        return self.view.history(conversation, query, lang)
+        return await self.view.history(conversation, query, lang)
 
     async def ask_delete(self, conversation: Conversation, request: gr.Request):
         lang = self.t.language_for(request)
@@ -123,8 +124,8 @@ class HistoryHandlers:
                 await asyncio.to_thread(self.store.delete, owner, conversation.id)
                 await asyncio.to_thread(attachments.collect, self.store, self.files)  # files no one has now
             conversation.clear()
-        return (gr.Row(visible=False), *self.view.shown(conversation, model_name, lang),
-                self.view.history(conversation, query, lang), conversation.id)
+        return (gr.Row(visible=False), *await self.view.shown(conversation, model_name, lang),
+                await self.view.history(conversation, query, lang), conversation.id)
 
     async def _export(self, fmt: str, conversation: Conversation, request: gr.Request):
         lang = self.t.language_for(request)
@@ -180,8 +181,8 @@ class HistoryHandlers:
         conversation.params = dict(record.params)
         gr.Info(self.t.text(lang, "history.imported", title=record.title))
         model = record.model if record.model in self.models else gr.skip()
-        return (*self.view.shown(conversation, record.model or None, lang), model, record.system_prompt,
-                self.view.history(conversation, query, lang), conversation.id)
+        return (*await self.view.shown(conversation, record.model or None, lang), model, record.system_prompt,
+                await self.view.history(conversation, query, lang), conversation.id)
 
     async def auto_title(self, conversation: Conversation, query: str, request: gr.Request):
         """Let the configured model write the title, once, after the first reply."""
@@ -203,10 +204,10 @@ class HistoryHandlers:
         if title:
             conversation.title = title
             await asyncio.to_thread(self.store.rename, conversation.owner, conversation.id, title)
-        return self.view.history(conversation, query, lang)
+        return await self.view.history(conversation, query, lang)
 
     async def model_changed(self, conversation: Conversation, model_name: str, request: gr.Request):
-        return self.view.usage(conversation, model_name, self.t.language_for(request))
+        return await self.view.usage(conversation, model_name, self.t.language_for(request))
 
     async def pick_collection(self, name: str):
         collection = find(self.templates, name)

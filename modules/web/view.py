@@ -104,10 +104,11 @@ class PageView:
         log.info("refused: %s", message)
         return gr.Error(message, print_exception=False)
 
-    def history(self, conversation: Conversation, query: str, lang: str) -> Any:
-        """The sidebar's list: the owner's conversations, newest first, filtered by ``query``."""
+    async def history(self, conversation: Conversation, query: str, lang: str) -> Any:
+        """The sidebar's list: the owner's conversations, newest first, filtered by ``query`` (read
+        off the event loop: the store may be a database over the network)."""
         owner = conversation.owner
-        summaries = self.store.list(owner, (query or "").strip()) if owner else []
+        summaries = await asyncio.to_thread(self.store.list, owner, (query or "").strip()) if owner else []
         untitled = self.t.text(lang, "history.untitled")
         streaming = self.streaming_ids(owner)  # marked: a reply is in progress there
         choices = [(("⏳ " if s.id in streaming else "") + (s.title or untitled), s.id) for s in summaries]
@@ -119,11 +120,11 @@ class PageView:
         keys = {*self.chat.runs.live_keys(), *self.chat.remote.live_keys()}
         return {key[1] for key in keys if isinstance(key, tuple) and key[0] == owner}
 
-    def usage(self, conversation: Conversation, model_name: str | None, lang: str) -> str:
+    async def usage(self, conversation: Conversation, model_name: str | None, lang: str) -> str:
         model = self.models.get(model_name or self.default_model)
         size = model.context_size if model is not None else 0
         shown = render.conversation_usage(conversation, size, self.t, lang)
-        left = self.left_today(conversation.owner, model.name if model is not None else "")
+        left = await asyncio.to_thread(self.left_today, conversation.owner, model.name if model is not None else "")
         if left is not None:
             shown += render.tokens_left(left[0], left[1], self.t, lang)
         return shown
@@ -139,11 +140,11 @@ class PageView:
             log.warning("could not read the usage of %s", owner, exc_info=True)
             return None
 
-    def shown(self, conversation: Conversation, model_name: str | None, lang: str) -> tuple[Any, ...]:
+    async def shown(self, conversation: Conversation, model_name: str | None, lang: str) -> tuple[Any, ...]:
         """(chatbot, status, usage) for a conversation that was just opened or started."""
         last = conversation.turns[-1].reply if conversation.turns else None
         status = render.status_line(last, self.t, lang) if last is not None else self.t.text(lang, "status.ready")
-        return self.chatbot(conversation, lang), status, self.usage(conversation, model_name, lang)
+        return self.chatbot(conversation, lang), status, await self.usage(conversation, model_name, lang)
 
     def store_notice(self, lang: str) -> str:
         problem = self.store_problem
