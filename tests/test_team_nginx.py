@@ -74,8 +74,9 @@ def tail(path: Path, lines: int = 30) -> str:
 class Team:
     """The fake upstream, two app processes on one PostgreSQL database, nginx in front."""
 
-    def __init__(self, root: Path, nginx: str, history_url: str):
+    def __init__(self, root: Path, nginx: str, history_url: str, **config: Any):
         self.root = root
+        self.config = config  # more of the apps' config (e.g. runs.lease_seconds)
         self.fake = FakeOpenAIServer(api_key=FAKE_KEY, default_script=Script(tokens=TOKENS, delay=DELAY))
         self.apps: list[subprocess.Popen] = []
         self.app_logs: list[Path] = []
@@ -96,7 +97,7 @@ class Team:
             "models": [fake_model_entry(self.fake)],
             # Every page is the one owner of a shared history: what one process saves, the other lists.
             "history": {"mode": "shared", "data_dir": str(self.root / "data"), "url": self.history_url},
-            "runs": {"max_per_owner": 100},
+            "runs": {"max_per_owner": 100, **self.config.get("runs", {})},
         }
         (self.root / "config.yaml").write_text(yaml.safe_dump(config))
         env = {k: v for k, v in os.environ.items()
@@ -317,3 +318,94 @@ def test_many_browsers_are_spread_over_both_processes(team, contexts):
     served = [next(iter(u)) for u in by_route.values()]
     counts = {f"127.0.0.1:{p}": served.count(f"127.0.0.1:{p}") for p in team.ports}
     assert all(count >= 1 for count in counts.values()), counts  # both processes serve (1 - 2^-11)
+
+
+# -- a reply seen from the other process (runs across processes, through PostgreSQL) ----------------
+LONG = [f" s{i}" for i in range(400)]  # ~20 s at LONG_DELAY: far longer than any step below
+LONG_DELAY = 0.05
+
+
+def on_process(team: Team, contexts: Callable[[], BrowserContext], *, other_than: str | None = None,
+               tries: int = 16) -> tuple[BrowserContext, Page, str]:
+    """A browser whose page landed on a process (on another than ``other_than`` if given): its
+    context, page and upstream address (from nginx's log of its first request)."""
+    for _ in range(tries):
+        since = team.offset()
+        context = contexts()
+        page = open_page(context, team.url)
+        route = route_cookie(context)["value"]
+        [upstream] = {e["upstream"] for e in team.requests_of(route, since, wanted=("/",)) if e["uri"] == "/"}
+        if other_than is None or upstream != other_than:
+            return context, page, upstream
+        context.close()
+    pytest.fail(f"{tries} browsers in a row all went to {other_than}")
+
+
+def start_long_reply(team: Team, page: Page, text: str) -> None:
+    team.fake.enqueue(*LONG, delay=LONG_DELAY)
+    box = page.locator("#user-input textarea")
+    box.fill(text)
+    box.press("Enter")
+    expect(page.locator(BOTS).last).to_contain_text("s0 s1 s2 s3")
+
+
+def watch_from(page: Page, title: str) -> None:
+    """Open the conversation ``title`` (marked ⏳ in the sidebar) and see its reply grow."""
+    entry = page.locator(HISTORY).filter(has_text=title).first
+    expect(entry).to_contain_text("⏳")
+    entry.click()
+    expect(page.locator(USERS).last).to_contain_text(title)
+    page.evaluate("() => { window.__lengths = []; }")
+    lengths = page.wait_for_function(RECORD_GROWTH, arg=3, polling="raf", timeout=TIMEOUT_MS).json_value()
+    assert lengths == sorted(lengths), lengths  # it grows here, on the other process
+    expect(page.locator("#stop-btn")).to_be_visible()
+
+
+def test_a_browser_on_the_other_process_sees_the_reply_grow_and_stops_it(team, contexts):
+    writer, page, upstream = on_process(team, contexts)
+    start_long_reply(team, page, "a long story for two browsers")
+    viewer, other, other_upstream = on_process(team, contexts, other_than=upstream)
+    watch_from(other, "a long story for two browsers")
+    other.locator("#stop-btn").click()
+    assert team.fake.disconnected.wait(timeout=10), "the process writing the reply did not close its upstream"
+    for shown in (other, page):  # both browsers: the partial reply, marked stopped
+        expect(shown.locator(BOTS).last).to_contain_text("Stopped.")
+        expect(shown.locator("#send-btn")).to_be_visible()
+    text = other.locator(BOTS).last.inner_text()
+    assert "s3" in text and LONG[-1].strip() not in text
+    writer.close()
+    viewer.close()
+
+
+@pytest.fixture
+def own_team(pg_cluster: Any, tmp_path: Path) -> Iterator[Team]:
+    """A team of its own (one of its processes is killed), with a short lease."""
+    database = pg_cluster.new_database()
+    team = Team(tmp_path, nginx_binary(), pg_cluster.url(database), runs={"lease_seconds": 2})
+    try:
+        team.start()
+        yield team
+    finally:
+        team.stop()
+        pg_cluster.drop_database(database)
+
+
+def test_a_killed_process_leaves_the_others_serving_and_its_reply_interrupted(own_team, contexts):
+    team = own_team
+    writer, page, upstream = on_process(team, contexts)
+    start_long_reply(team, page, "a story whose writer dies")
+    viewer, other, other_upstream = on_process(team, contexts, other_than=upstream)
+    watch_from(other, "a story whose writer dies")
+    victim = team.apps[team.ports.index(int(upstream.rsplit(":", 1)[1]))]
+    victim.kill()  # SIGKILL: no chance to say goodbye
+    victim.wait(timeout=10)
+    # The other process notices the lease expire and marks the reply interrupted, with its text so far.
+    expect(other.locator(BOTS).last).to_contain_text("The app process writing this reply stopped",
+                                                     timeout=TIMEOUT_MS * 2)
+    expect(other.locator(BOTS).last).to_contain_text("s0 s1 s2 s3")
+    expect(other.locator("#send-btn")).to_be_visible()
+    # ... and it keeps serving: a new chat there streams to its end.
+    other.locator("#new-chat-btn").click()
+    chat(other, "still here after the other process died")
+    writer.close()
+    viewer.close()
