@@ -147,6 +147,9 @@ async def run_round(client: httpx.AsyncClient, setup: Setup, n: int, args: argpa
         "setup": setup.name, "n": n, "ok": sum(c.ok for c in held), "probes_ok": sum(c.ok for c in probes),
         "errors": sorted({c.error for c in [*held, *probes] if not c.ok})[:5],
         "ttft_p50": pct(ttfts, 50), "ttft_p95": pct(ttfts, 95),
+        # Where a probe's time to first token goes: the queue's join answer, its process_starts, the first text.
+        "join_p50": pct([c.joined - c.started for c in probes if c.joined], 50),
+        "starts_p50": pct([c.processing - c.started for c in probes if c.processing], 50),
         "held_ttft_p50": pct(held_ttfts, 50), "held_ttft_p95": pct(held_ttfts, 95),
         "dur_max": max(durations) if durations else math.nan, "streaming_at_last_probe": still,
         "wall": wall, "app_cpu_pct": 100 * cpu / wall, "ours_cpu_pct": 100 * other / wall,
@@ -199,8 +202,10 @@ def start_app(tmp: Path, name: str, port: int, fake_port: int, history_url: str,
     config = {
         "server": {"host": HOST, "port": port, "concurrency": args.concurrency},
         "ui": {"update_interval_ms": args.interval_ms},
-        "runs": {"max_per_owner": 1000},  # on localhost every page is one owner: let each stream
-        "history": {"mode": "shared", "data_dir": str(tmp / "data"), "url": history_url,
+        "runs": {"max_per_owner": 1000},  # (with --history-mode shared every page is one owner)
+        # per_browser: each simulated browser is a user of its own, with its own (short) history,
+        # as a team's users are; shared would make every page list every conversation of the run.
+        "history": {"mode": args.history_mode, "data_dir": str(tmp / "data"), "url": history_url,
                     "pool_size": args.pool_size},
         "models": [{"provider": "openai", "name": "fake", "model": "fake-model",
                     "base_url": f"http://{HOST}:{fake_port}/v1", "api_key": API_KEY, "max_retries": 0}],
@@ -327,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=int, default=40, help="the apps' ui.update_interval_ms")
     parser.add_argument("--concurrency", type=int, default=1000, help="the apps' server.concurrency")
     parser.add_argument("--pool-size", type=int, default=20, help="each app's history.pool_size")
+    parser.add_argument("--history-mode", choices=("per_browser", "shared"), default="per_browser",
+                        help="history.mode of the apps (default per_browser: each browser its own user)")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each round")
     parser.add_argument("--seed", type=int, default=0)

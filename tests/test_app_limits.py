@@ -92,8 +92,8 @@ def test_two_apps_on_one_database_count_one_users_replies_and_messages_together(
         other = sessions(two_address)
         other.add("asked on the second app")
         message = refusal(other.respond)
-        assert message.startswith("You have 2 replies streaming, the most allowed at once; send again when one "
-                                  "of them ends."), message
+        assert message.startswith("You already have the most replies streaming at once (2); send again when "
+                                  "one of them ends."), message
         for s in (first, second):
             s.stop()
         for job in jobs:

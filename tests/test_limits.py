@@ -143,8 +143,8 @@ def test_concurrent_replies_count_live_leases_until_they_end_or_expire(stores):
     lim.admit_now(ALICE, "fake")  # never renewed nor ended below: as if its process died
     error = refused(lim)
     assert error.hit.limit == "concurrent_replies" and error.hit.resets_at is None
-    assert sentence(error) == ("You have 2 replies streaming, the most allowed at once; send again when one of "
-                               "them ends.")
+    assert sentence(error) == ("You already have the most replies streaming at once (2); send again when one "
+                               "of them ends.")
     lim.settle_now(one, reply(1, 1))  # one ended
     three = lim.admit_now(ALICE, "fake")
     refused(lim)
