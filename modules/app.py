@@ -107,11 +107,17 @@ class ChatApp:
 
     def close(self) -> None:
         """Stop sharing runs (this process's replies still streaming are marked interrupted for the
-        other processes), close the server, then the history store; a second call does nothing."""
+        other processes), close the server, then the history store and the knowledge bases (unless
+        their upkeep is still indexing: it ends with the process, and resumes at the next start);
+        a second call does nothing."""
         self.chat.remote.close()
         if self.demo is not None:
             self.demo.close()
         self.store.close()
+        if self.knowledge is not None and self.knowledge_ready.is_set():
+            self.knowledge.store.close()
+            if self.knowledge.embeddings is not None:
+                self.knowledge.embeddings.close()
 
     def build(self) -> gr.Blocks:
         self.demo = self.page.build()

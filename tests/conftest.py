@@ -116,7 +116,7 @@ def running_app(data: dict[str, Any], env: dict[str, str] | None = None) -> Iter
     try:
         yield app, url.rstrip("/")
     finally:
-        app.demo.close()
+        app.close()
 
 # -- a throwaway PostgreSQL cluster (Debian's postgresql package) ---------------------------------
 def _postgres_required() -> bool:

@@ -26,8 +26,9 @@ WAIT = 15.0  # upper bound for any condition awaited here
 
 
 # -- helpers ------------------------------------------------------------------------------
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``condition`` until it is truthy; fail with ``what`` after ``timeout`` s."""
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT, *, interval: float = 0.01) -> Any:
+    """Poll ``condition`` (every ``interval`` s) until it is truthy, and return its value; fail with
+    ``what`` after ``timeout`` s."""
     pause = threading.Event()  # never set: wait() is a bounded pause between polls
     deadline = time.monotonic() + timeout
     while True:
@@ -36,7 +37,7 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -
             return value
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        pause.wait(0.01)
+        pause.wait(interval)
 
 
 def wait_outputs(job: Any, count: int, what: str) -> list[Any]:

@@ -17,10 +17,9 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
 from modules.app import ChatApp
-from modules.config import build_config
 from modules.web import render
 from modules.history.knowledge import FILENAME, KnowledgeStore
-from tests.conftest import fake_model_entry, free_port
+from tests.conftest import fake_model_entry, running_app
 from tests.fakes.documents import encrypted, pdf_pages
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests import test_app_history
@@ -130,22 +129,10 @@ def test_a_base_is_created_filled_listed_and_emptied(launch_app, sessions, tmp_p
 
 
 def test_bases_persist_across_a_restart_and_owners_are_apart(sessions, tmp_path) -> None:
-    def launch() -> tuple[ChatApp, str]:
-        data = {"models": [{"provider": "openai", "name": "fake", "model": "m", "base_url": "http://127.0.0.1:9/v1",
-                            "api_key": "k"}],
-                "history": {"mode": "per_browser", "data_dir": str(tmp_path / "data")}, "server": {"port": free_port()}}
-        app = ChatApp(build_config(data, env={}))
-        app.build()
-        _, url, _ = app.launch(prevent_thread_lock=True, quiet=True)
-        return app, url
-
-    def stop(app: ChatApp) -> None:
-        app.demo.close()
-        app.store.close()
-        app.knowledge_store.close()
-
-    app, url = launch()
-    try:
+    data = {"models": [{"provider": "openai", "name": "fake", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+                        "api_key": "k"}],
+            "history": {"mode": "per_browser", "data_dir": str(tmp_path / "data")}}
+    with running_app(data) as (app, url):
         alice, bob = Panel(sessions(url)), Panel(sessions(url))  # two browsers: two owners
         mine = alice.create("Mine")[2]["value"]
         alice.add(mine, documents(tmp_path)["notes.md"])
@@ -163,8 +150,6 @@ def test_bases_persist_across_a_restart_and_owners_are_apart(sessions, tmp_path)
         alice_owner = _owner_of(app, mine)  # her session's owner (a scripted client has no browser token)
         assert alice_owner != _owner_of(app, theirs)
         assert [b.name for b in app.knowledge_store.list_bases(alice_owner)] == ["Mine"]
-    finally:
-        stop(app)
 
     store = KnowledgeStore(tmp_path / "data" / FILENAME)
     try:
@@ -174,12 +159,9 @@ def test_bases_persist_across_a_restart_and_owners_are_apart(sessions, tmp_path)
             ("notes.md", "indexed", 1)]
     finally:
         store.close()
-    app, url = launch()
-    try:
+    with running_app(data) as (app, _):
         assert [b.name for b in app.knowledge_store.list_bases(alice_owner)] == ["Mine"]
         assert app.knowledge.search(alice_owner, mine, "budget euros")[0].document == "notes.md"
-    finally:
-        stop(app)
 
 
 def _owner_of(app: ChatApp, base_id: int) -> str:
@@ -257,22 +239,9 @@ def test_a_session_cannot_pick_another_owners_base(launch_app, sessions, mode) -
 
 def test_the_selection_survives_a_restart(sessions, tmp_path) -> None:
     with FakeOpenAIServer() as fake:
-        def launch() -> ChatApp:
-            data = {"models": [fake_model_entry(fake, "fake")],
-                    "history": {"mode": "shared", "data_dir": str(tmp_path)}, "server": {"port": free_port()}}
-            app = ChatApp(build_config(data, env={}))
-            app.build()
-            app.launch(prevent_thread_lock=True, quiet=True)
-            return app
-
-        def stop(app: ChatApp) -> None:
-            app.demo.close()
-            app.store.close()
-            app.knowledge_store.close()
-
-        app = launch()
-        try:
-            session = sessions(app.demo.local_url)
+        data = {"models": [fake_model_entry(fake, "fake")], "history": {"mode": "shared", "data_dir": str(tmp_path)}}
+        with running_app(data) as (app, url):
+            session = sessions(url)
             panel = Panel(session)
             base = panel.create("Kept")[2]["value"]
             panel.use(base)
@@ -280,18 +249,13 @@ def test_the_selection_survives_a_restart(sessions, tmp_path) -> None:
             session.add("a chat with a base")
             assert panel.keep() == [base]
             session.respond()
-        finally:
-            stop(app)
-        app = launch()
-        try:
-            session = sessions(app.demo.local_url)
+        with running_app(data) as (app, url):
+            session = sessions(url)
             panel = Panel(session)
             assert panel.show()["used"] == []  # a new session, a new chat
             [(_, conversation_id)] = session.search()
             session.open(conversation_id)
             assert panel.show()["used"] == [base]
-        finally:
-            stop(app)
 
 
 def test_a_conversation_answers_from_its_bases_and_cites_them(launch_app, sessions, tmp_path) -> None:
