@@ -14,9 +14,11 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from modules.config import build_config
+from modules.history.ownership import SHARED_OWNER
 from tests.conftest import free_port, running_app
 from tests.test_app_api import LONG, SLOW, wait_until
 from tests.test_app_history import config, sessions, transcript  # noqa: F401,F811  (sessions: a fixture)
+from tests.test_store import refuse_answers, usage_state
 
 
 def start(fake_openai: Any, url: str, data_dir: Any, **sections: Any) -> tuple[Any, str]:
@@ -139,3 +141,56 @@ def test_the_api_answers_429_with_the_sentence_and_retry_after(fake_openai, tmp_
         assert row.owner == "api:" + hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
         assert (row.model, row.replies, row.prompt_tokens, row.completion_tokens) == ("fake", 1, 6, 5)
         assert API_KEY not in row.owner
+
+
+def runs_ended(app: Any) -> bool:
+    """Every run of the app has ended and finished (settled, saved): nothing writes for it any more."""
+    return all(run.done for run in list(app.chat.runs._runs.values()))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_replys_tokens_count_once_and_its_lease_goes_whether_or_not_it_can_be_saved(
+        fake_openai, sessions, tmp_path, backend, request):
+    """A reply saved to the history is counted with it (one transaction); one whose save fails (the
+    database refuses it: a trigger) or is skipped (it cannot be placed) is counted all the same,
+    once, and its lease dropped: the next message of a user allowed one reply at a time is not
+    refused."""
+    history = {"data_dir": str(tmp_path)}
+    if backend == "postgresql":
+        history["url"] = request.getfixturevalue("pg_url")
+    data = config(fake_openai, history=history,
+                  limits={"per_user": {"concurrent_replies": 1, "tokens_per_day": 1000}})
+    with running_app(data) as (app, url):
+        alone: list[Any] = []  # the settlements written on their own, not with a reply
+        settle_usage = app.store.settle_usage
+        app.store.settle_usage = lambda settlement: (alone.append(settlement), settle_usage(settlement))[1]
+        session = sessions(url)
+        fake_openai.enqueue("Saved answer.", usage={"prompt_tokens": 60, "completion_tokens": 39})
+        assert "Saved answer." in session.say("first question")
+        wait_until(lambda: runs_ended(app), "the first reply's run to finish")
+        assert usage_state(app.store) == (0, [(60, 39)])
+        assert alone == []  # written by the transaction that saved the reply
+        [conversation_id] = session.ids()
+        record = app.store.load(SHARED_OWNER, conversation_id)
+        assert record is not None and [m.content for m in record.messages] == ["first question", "Saved answer."]
+
+        refuse_answers(app.store, "Never saved.")
+        fake_openai.enqueue("Never saved.", usage={"prompt_tokens": 7, "completion_tokens": 3})
+        assert "Never saved." in session.say("second question")  # admitted: the first lease is gone
+        wait_until(lambda: runs_ended(app), "the second reply's run to finish")
+        assert usage_state(app.store) == (0, [(60, 39), (7, 3)])  # counted once, its lease gone
+        assert [s.event.prompt_tokens for s in alone] == [7]  # on its own, the save having failed
+        record = app.store.load(SHARED_OWNER, conversation_id)
+        assert record is not None and "Never saved." not in [m.content for m in record.messages]
+
+        # The next question follows that answer, which the history does not have: neither it nor its
+        # answer can be saved (the save is skipped), and the answer is counted on its own, once.
+        fake_openai.enqueue("Third answer.", usage={"prompt_tokens": 1, "completion_tokens": 1})
+        assert "Third answer." in session.say("third question")
+        wait_until(lambda: runs_ended(app), "the third reply's run to finish")
+        assert usage_state(app.store) == (0, [(60, 39), (7, 3), (1, 1)])
+        assert [s.event.prompt_tokens for s in alone] == [7, 1]
+        assert [row.replies for row in app.store.usage_since(0)] == [3]
+        record = app.store.load(SHARED_OWNER, conversation_id)
+        assert record is not None
+        assert [m.content for m in record.messages] == ["first question", "Saved answer.", "second question"]

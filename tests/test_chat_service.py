@@ -821,3 +821,49 @@ async def test_the_first_text_after_a_role_only_chunk_is_not_paced_later_updates
     final = await viewer.next()
     assert (final.status, final.text) == ("done", "Hi there you all") and final.done
     assert final.at - t1 < interval / 3
+
+
+# -- the per-user limits' settlement: with the save, else on its own ---------------------------------
+@pytest.mark.parametrize("saving", ["writes it", "returns False", "raises", "no save"])
+async def test_a_replys_settlement_is_written_once_by_the_save_or_else_on_its_own(saving, tmp_path):
+    """The final save gets the reply's settlement (``run.settlement``) and may write it with the
+    reply (True); otherwise (not saved, failed, no save at all) the limiter writes it alone. Either
+    way the tokens count once and the lease goes; its renewal stops as the reply ends, before the
+    save (the save here waits for that)."""
+    from modules.config import PerUserLimits
+    from modules.core.limits import Limiter, Settlement
+    from modules.history.store import FILENAME, SQLiteStore
+    from tests.test_store import usage_state
+
+    store = SQLiteStore(tmp_path / FILENAME)
+    model = ScriptedModel(MODEL_ID)
+    svc = service(model)
+    svc.use_limits(Limiter(PerUserLimits(concurrent_replies=1), store))
+    seen: list[Any] = []
+
+    async def save(run: ReplyRun) -> bool:
+        seen.append(run.settlement)
+        await wait_until(lambda: not svc._leases, "the lease's renewal to stop")
+        if saving == "raises":
+            raise OSError("the disk is full")
+        if saving == "writes it":
+            await asyncio.to_thread(store.settle_usage, run.settlement)  # as save_reply(..., settle=) does
+        return saving == "writes it"
+
+    try:
+        admission = await svc.admit("alice", model)
+        assert usage_state(store)[0] == 1 and svc._leases == set()  # no run yet, no renewal
+        run = svc.start(model, await fitted(svc, model), OPTIONS, owner="alice", admission=admission,
+                        save=None if saving == "no save" else save)
+        assert len(svc._leases) == 1
+        model.enqueue("Hello there.").end()
+        reply = await ended(run)
+        assert reply.counts is not None
+        assert usage_state(store) == (0, [(reply.counts.prompt, reply.counts.completion)])
+        if saving != "no save":
+            [settlement] = seen
+            assert isinstance(settlement, Settlement) and settlement.lease_id == admission.lease_id
+        assert run.settlement is None  # handed to the save only
+        await svc.admit("alice", model)  # one reply at a time: the lease is gone
+    finally:
+        store.close()

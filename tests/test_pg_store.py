@@ -25,7 +25,7 @@ from modules.history.records import ConversationRecord
 from modules.history.backends import open_history
 from modules.history.store import HistoryUnavailable
 from tests.fakes import store_writer
-from tests.test_store import ALICE, a, full_answer, meta, q, save_all
+from tests.test_store import ALICE, a, full_answer, meta, q, save_all, settled_reply, usage_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,3 +256,28 @@ def test_redacted_and_url_secrets() -> None:
     assert redacted("postgresql://u@h/d?password=hunter22&sslmode=require") == \
         "postgresql://u@h/d?password=***&sslmode=require"
     assert url_secrets("postgresql://u@h/d?password=hunter22") == ["hunter22"]
+
+
+def test_a_reply_whose_connection_is_terminated_mid_save_leaves_neither_it_nor_its_usage(
+        store: PostgresStore, pg_url: str) -> None:
+    """The server ends the save's connection after the usage statements (a trigger on the reply's
+    insert terminates its own backend): neither the reply nor its usage is committed; the pool
+    replaces the connection, and the settlement written on its own counts once."""
+    import psycopg
+
+    lim, settlement = settled_reply(store)
+    m = meta("c1")
+    save_all(store, m, q("q1", None))
+    rows(pg_url, "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                 "IF NEW.content = 'die' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; "
+                 "RETURN NEW; END $$")
+    rows(pg_url, "CREATE TRIGGER die BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION die()")
+    before = store.load(ALICE, "c1")
+    with pytest.raises(psycopg.OperationalError):
+        store.save_reply(m, a("a1", "q1", "die"), settle=settlement)
+    assert store.load(ALICE, "c1") == before
+    assert usage_state(store) == (1, [])  # the lease is still there, no tokens counted
+    lim.write_now(settlement)
+    assert usage_state(store) == (0, [(30, 12)])
+    assert store.save_reply(m, a("a1", "q1", "saved after all"), settle=settlement)
+    assert usage_state(store) == (0, [(30, 12)])

@@ -449,6 +449,86 @@ def test_the_file_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
     s.close()
 
 
+# -- a reply and its usage: one transaction ----------------------------------------------------
+def settled_reply(store: Any) -> tuple[Any, Any]:
+    """(a limiter on ``store`` with a live reply's lease of Alice's counted, the settlement of
+    that reply: 30 tokens in, 12 out)."""
+    from modules.config import PerUserLimits
+    from modules.core.limits import Limiter
+    from modules.core.streaming import Counts, Reply
+
+    lim = Limiter(PerUserLimits(concurrent_replies=1), store, clock=lambda: 5000.0)
+    admission = lim.admit_now(ALICE, "fake")
+    reply = Reply(model="fake")
+    reply.counts, reply.cost = Counts(30, 12, True), 0.5
+    settlement = lim.settlement(admission, reply)
+    assert settlement is not None and settlement.lease_id is not None and settlement.event is not None
+    return lim, settlement
+
+
+def usage_state(store: Any) -> tuple[int, list[tuple[Any, ...]]]:
+    """(the live leases, the replies' usage rows: tokens in, out) in the store's database."""
+    leases = table_rows(store, "SELECT count(*) FROM reply_leases")[0][0]
+    return leases, table_rows(store, "SELECT prompt_tokens, completion_tokens FROM usage_events "
+                                    "WHERE kind = 'reply' ORDER BY at")
+
+
+def refuse_answers(store: Any, content: str) -> None:
+    """A trigger in the store's database that fails the insert of any message of ``content``: a
+    real failure of the save's transaction, after its usage statements."""
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as conn:
+            conn.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.content = '{content}' "
+                         "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END")
+        return
+    with store._pool.connection() as conn:
+        conn.execute(f"CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                     f"IF NEW.content = '{content}' THEN RAISE EXCEPTION 'refused by a trigger'; END IF; "
+                     "RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION refuse()")
+
+
+def test_a_reply_and_its_usage_are_committed_together(store: SQLiteStore) -> None:
+    lim, settlement = settled_reply(store)
+    m = meta("c1")
+    save_all(store, m, q("q1", None))
+    assert usage_state(store) == (1, [])
+    assert store.save_reply(m, a("a1", "q1", "The answer."), settle=settlement)
+    record = store.load(ALICE, "c1")
+    assert record is not None and [msg.id for msg in record.messages] == ["q1", "a1"]
+    assert usage_state(store) == (0, [(30, 12)])
+    [row] = store.usage_since(0)
+    assert (row.owner, row.model, row.messages, row.replies, row.cost) == (ALICE, "fake", 1, 1, 0.5)
+    # written again (a save whose acknowledgement was lost, then the limiter's own write): counted once
+    lim.write_now(settlement)
+    assert store.save_reply(m, a("a1", "q1", "The answer."), settle=settlement)
+    assert usage_state(store) == (0, [(30, 12)])
+
+
+def test_a_reply_whose_save_fails_after_its_usage_leaves_neither(store: SQLiteStore) -> None:
+    lim, settlement = settled_reply(store)
+    m = meta("c1")
+    save_all(store, m, q("q1", None))
+    refuse_answers(store, "refused")
+    before = store.load(ALICE, "c1")
+    with pytest.raises(Exception, match="refused by a trigger"):
+        store.save_reply(dataclasses.replace(m, updated_at=5000.0), a("a1", "q1", "refused"), settle=settlement)
+    assert store.load(ALICE, "c1") == before  # neither the reply nor the details
+    assert usage_state(store) == (1, [])  # nor its usage: the lease is still there, no tokens counted
+    lim.write_now(settlement)  # what the chat service then does: the settlement on its own
+    assert usage_state(store) == (0, [(30, 12)])
+    assert store.save_reply(m, a("a1", "q1", "saved after all"))  # the store is still usable
+
+
+def test_a_reply_that_is_not_saved_leaves_its_usage_unwritten(store: SQLiteStore) -> None:
+    _, settlement = settled_reply(store)
+    m = meta("c1")
+    save_all(store, m, q("q1", None))
+    assert store.delete(ALICE, "c1")  # deleted while its answer streamed
+    assert store.save_reply(m, a("a1", "q1"), settle=settlement) is False
+    assert usage_state(store) == (1, [])  # for the caller to write on its own
+
+
 # -- crash safety ------------------------------------------------------------------------------
 def test_a_killed_writer_loses_no_acknowledged_message_and_leaves_no_half_message(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.store_writer", str(tmp_path)], cwd=ROOT,

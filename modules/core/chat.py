@@ -41,7 +41,10 @@ from modules.providers import ChatModel, GenerationOptions, Message, errors
 
 log = logging.getLogger(__name__)
 
-Save = Callable[[ReplyRun], Awaitable[None]]
+# A front end's save (or checkpoint) of a run's reply. The final save may write ``run.settlement``
+# (the reply's usage: :class:`~modules.core.limits.Settlement`) in the transaction that keeps the
+# reply, and then returns True; whatever else it returns (or raises), the limiter writes it alone.
+Save = Callable[[ReplyRun], Awaitable[Any]]
 
 
 class ChatService:
@@ -139,8 +142,9 @@ class ChatService:
         :meth:`continuation`): the new reply starts with its text, reasoning and outputs and adds
         to its counts and cost (see :meth:`Reply.continue_from`); ``continuing`` is not changed.
 
-        ``admission``: from :meth:`admit`; its live-reply lease is renewed while the run lives, and
-        the reply's tokens and cost are recorded (and the lease dropped) once it is settled; when
+        ``admission``: from :meth:`admit`; its live-reply lease is renewed until the reply ends, and
+        the reply's tokens and cost are recorded (and the lease dropped) once it is settled: by
+        ``save`` with the reply, in one transaction (see :data:`Save`), else on their own; when
         the run does not start after all (RunLimitError), the admission is taken back."""
         reply = Reply(model=model.name, prompt_estimate=(fit.prompt_tokens, fit.exact),
                       dropped_rounds=fit.dropped_rounds, summarized=fit.summarized)
@@ -151,12 +155,28 @@ class ChatService:
             if fit.passages_left_out:
                 reply.outputs[grounding.LEFT_OUT] = fit.passages_left_out
 
+        # Done once the reply has ended (before it is settled): its lease is no longer renewed.
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def end_lease(*_: Any) -> None:
+            if not ended.done():
+                ended.set_result(None)
+
         async def finish(run: ReplyRun) -> None:
-            await self.settle(run.reply, model)
-            if admission is not None:
-                await self.limiter.settle(admission, run.reply)
-            if save is not None:
-                await save(run)
+            end_lease()
+            settlement, written = None, False
+            try:
+                await self.settle(run.reply, model)
+                if admission is not None:
+                    settlement = run.settlement = self.limiter.settlement(admission, run.reply)
+                if save is not None:
+                    written = await save(run) is True and settlement is not None
+            finally:  # whatever happened, the settlement is written (a lease left behind blocks its owner)
+                run.settlement = None
+                if admission is not None and not written:
+                    if settlement is None:
+                        settlement = self.limiter.settlement(admission, run.reply)
+                    await self.limiter.write(settlement, admission.owner)
 
         kept = owner is not None
         try:
@@ -170,8 +190,9 @@ class ChatService:
             if admission is not None:  # not started after all: its message and lease are taken back
                 self.limiter.settle_now(admission, None)
             raise
+        run.task.add_done_callback(end_lease)
         if admission is not None and admission.lease_id is not None:
-            keeper = asyncio.ensure_future(self.limiter.keep_lease(admission, run.task))
+            keeper = asyncio.ensure_future(self.limiter.keep_lease(admission, ended))
             self._leases.add(keeper)
             keeper.add_done_callback(self._leases.discard)
         if kept and isinstance(key, tuple) and len(key) == 4 and all(isinstance(part, str) for part in key):

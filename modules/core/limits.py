@@ -15,6 +15,11 @@ limits hold across processes.
 - **Tokens** (in and out) are added when a reply is settled (``ChatService.settle``); the day starts
   at 00:00 UTC. The check is before a run starts: with ``tokens_per_day`` N, the message that would
   start once N tokens are used is refused; the reply that crossed N was allowed to finish.
+- What settling a reply writes (its usage row, its lease dropped) is a :class:`Settlement`. Where
+  the reply is saved to the history, the store writes it in the transaction that saves the reply
+  (``HistoryStore.save_reply(..., settle=)``): a crash leaves both or neither. Elsewhere (the HTTP
+  API, ``/chat``, a save that failed or was skipped) it is a transaction of its own
+  (:meth:`Limiter.write`). Written twice, it counts once (its event id is chosen once).
 
 The check and the counting of the new message and lease are one atomic step in the store (one
 transaction holding a per-owner lock), so two processes cannot both take the last slot. Time comes
@@ -28,7 +33,7 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol
 
 from modules.config import PerUserLimits
@@ -105,6 +110,19 @@ class UsageRow:
     cost_unknown: int  # replies without a price
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """What settling one admitted reply writes, in one transaction: its lease dropped
+    (``lease_id``), its message taken back (``drop_message``: a run that did not start after all),
+    its usage recorded (``event``, under the id ``event_id``: a second write of the same settlement
+    adds nothing)."""
+
+    lease_id: str | None
+    drop_message: str | None
+    event: UsageEvent | None
+    event_id: str = field(default_factory=lambda: "r" + secrets.token_hex(8))
+
+
 class UsageCounter(Protocol):
     """The store's side: counting, atomically per owner. Times are the caller's (``now`` etc.)."""
 
@@ -118,9 +136,8 @@ class UsageCounter(Protocol):
 
     def renew_lease(self, lease_id: str, expires_at: float) -> None: ...
 
-    def settle_usage(self, *, lease_id: str | None, drop_message: str | None, event: UsageEvent | None) -> None:
-        """In one transaction: the lease gone, a message taken back (a run that did not start after
-        all), the reply's usage recorded."""
+    def settle_usage(self, settlement: Settlement) -> None:
+        """``settlement`` in a transaction of its own (idempotent: see :class:`Settlement`)."""
         ...
 
     def tally(self, owner: str, model: str, *, now: float, window_start: float, day_start: float) -> Tally: ...
@@ -205,23 +222,26 @@ class Limiter:
         if self.counter is not None and admission.lease_id is not None:
             self.counter.renew_lease(admission.lease_id, self.clock() + self.lease_seconds)
 
-    async def keep_lease(self, admission: Admission, task: asyncio.Future) -> None:
-        """Renew the lease every third of ``lease_seconds`` until ``task`` (the run) ends."""
+    async def keep_lease(self, admission: Admission, until: asyncio.Future) -> None:
+        """Renew the lease every third of ``lease_seconds`` until ``until`` is done (the reply has
+        ended: its settlement is about to be written). A renewal still in flight then updates no
+        row: a dropped lease is never brought back."""
         if self.counter is None or admission.lease_id is None:
             return
-        while not task.done():
-            await asyncio.wait({task}, timeout=self.lease_seconds / 3)
-            if not task.done():
+        while not until.done():
+            await asyncio.wait({until}, timeout=self.lease_seconds / 3)
+            if not until.done():
                 try:
                     await asyncio.to_thread(self.renew_now, admission)
                 except Exception:  # the database is away a moment: the next renewal tries again
                     log.warning("could not renew the lease of a reply of %s", admission.owner, exc_info=True)
 
-    def settle_now(self, admission: Admission, reply: Reply | None) -> None:
-        """The reply's usage recorded and its lease dropped (one transaction); ``reply`` None: the run
-        did not start after all (its message is taken back too)."""
+    def settlement(self, admission: Admission, reply: Reply | None) -> Settlement | None:
+        """What settling ``admission`` writes once ``reply`` has ended (its counts settled): its
+        usage, its lease dropped; ``reply`` None: the run did not start after all (its message is
+        taken back too). None when there is nothing to write."""
         if self.counter is None:
-            return
+            return None
         event = None
         if reply is not None and reply.counts is not None:
             prompt, completion, cost = reply.counts.prompt, reply.counts.completion, reply.cost
@@ -230,16 +250,30 @@ class Limiter:
                 prompt, completion = max(0, prompt - earlier.prompt), max(0, completion - earlier.completion)
                 cost = None if cost is None or reply.earlier_cost is None else max(0.0, cost - reply.earlier_cost)
             event = UsageEvent(admission.owner, admission.model, prompt, completion, cost, self.clock())
-        if event is None and admission.lease_id is None and (reply is not None or admission.message_id is None):
-            return
-        self.counter.settle_usage(lease_id=admission.lease_id, event=event,
-                                  drop_message=admission.message_id if reply is None else None)
+        drop_message = admission.message_id if reply is None else None
+        if event is None and admission.lease_id is None and drop_message is None:
+            return None
+        return Settlement(admission.lease_id, drop_message, event)
 
-    async def settle(self, admission: Admission, reply: Reply | None) -> None:
+    def write_now(self, settlement: Settlement | None) -> None:
+        """``settlement`` in a transaction of its own (blocking)."""
+        if self.counter is not None and settlement is not None:
+            self.counter.settle_usage(settlement)
+
+    async def write(self, settlement: Settlement | None, owner: str = "") -> None:
+        """:meth:`write_now` off the event loop; a failure is logged (never lose the reply for its
+        accounting; a lease left behind expires ``lease_seconds`` after its last renewal)."""
+        if self.counter is None or settlement is None:
+            return
         try:
-            await asyncio.to_thread(self.settle_now, admission, reply)
-        except Exception:  # never lose the reply for its accounting
-            log.exception("could not record the usage of a reply of %s", admission.owner)
+            await asyncio.to_thread(self.write_now, settlement)
+        except Exception:
+            log.exception("could not record the usage of a reply of %s", owner or "an owner")
+
+    def settle_now(self, admission: Admission, reply: Reply | None) -> None:
+        """The reply's usage recorded and its lease dropped, in a transaction of its own; ``reply``
+        None: the run did not start after all (its message is taken back too)."""
+        self.write_now(self.settlement(admission, reply))
 
     # -- what is left ----------------------------------------------------------------------------
     def left_today(self, owner: str, model: str) -> tuple[int, int] | None:

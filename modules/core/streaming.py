@@ -249,6 +249,9 @@ class ReplyRun:
         self.viewers = 0
         self.done = False  # the reader ended and ``finish`` returned: the reply is final
         self.timed_out = False
+        # Set by the chat service's finish before the final save: the reply's usage settlement
+        # (``modules.core.limits.Settlement``, or None), which that save may write with the reply.
+        self.settlement: Any = None
         self._finish, self._checkpoint = finish, checkpoint
         self._checkpoint_seconds = checkpoint_seconds
         self._next_checkpoint = time.monotonic() + checkpoint_seconds

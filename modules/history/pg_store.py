@@ -38,7 +38,7 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from modules.core.limits import LimitHit, Tally, UsageEvent, UsageRow
+from modules.core.limits import LimitHit, Settlement, Tally, UsageRow
 from modules.history import usage
 from modules.history.attachments import is_digest
 from modules.history.records import ConversationMeta, ConversationRecord, ConversationSummary, MessageRecord
@@ -290,11 +290,12 @@ class PostgresStore(HistoryStore):
     def save_message(self, meta: ConversationMeta, message: MessageRecord, *, leaf: bool = True) -> bool:
         return self._save(meta, message, _UPSERT_CONVERSATION, _SET_LEAF if leaf else None)
 
-    def save_reply(self, meta: ConversationMeta, message: MessageRecord) -> bool:
-        return self._save(meta, message, _UPDATE_DETAILS, _FOLLOW_ANSWER)
+    def save_reply(self, meta: ConversationMeta, message: MessageRecord, *,
+                   settle: Settlement | None = None) -> bool:
+        return self._save(meta, message, _UPDATE_DETAILS, _FOLLOW_ANSWER, settle)
 
     def _save(self, meta: ConversationMeta, message: MessageRecord, conversation_sql: str,
-              leaf_sql: str | None) -> bool:
+              leaf_sql: str | None, settle: Settlement | None = None) -> bool:
         with self._write(meta.id) as conn:
             def place(message_id: str) -> tuple[str, str | None] | None:
                 return _execute(conn, _PLACE, {"id": meta.id, "owner": meta.owner, "message": message_id}).fetchone()
@@ -305,6 +306,15 @@ class PostgresStore(HistoryStore):
             if problem is not None:
                 log.info("Not saving message %s of conversation %s: %s", message.id, meta.id, problem)
                 return False
+            if settle is not None:
+                # The reply's usage, in this transaction. Not under the owner's usage lock (no
+                # settlement is: settle_usage): it only frees a lease and adds tokens, so an admission
+                # deciding meanwhile decides as before or after it. Locks: this transaction holds the
+                # conversation's, then the lease's row; an admission holds the owner's and may wait for
+                # that row (dropping an expired lease) but never takes a conversation's, and this one
+                # never waits for the owner's: no cycle. (Were the owner's lock taken here, it would
+                # have to be before these statements.)
+                usage.settle(lambda sql, params: _execute(conn, sql, params), settle)
             _execute(conn, _UPSERT_MESSAGE, _message_row(meta.id, message))
             if leaf_sql is not None:
                 _execute(conn, leaf_sql, {"id": meta.id, "owner": meta.owner, "leaf": message.id,
@@ -379,10 +389,9 @@ class PostgresStore(HistoryStore):
         with self._connection() as conn:
             _execute(conn, usage.RENEW, {"id": lease_id, "expires_at": expires_at})
 
-    def settle_usage(self, *, lease_id: str | None, drop_message: str | None, event: UsageEvent | None) -> None:
+    def settle_usage(self, settlement: Settlement) -> None:
         with self._connection() as conn, conn.transaction():
-            usage.settle(lambda sql, params: _execute(conn, sql, params), lease_id=lease_id,
-                         drop_message=drop_message, event=event)
+            usage.settle(lambda sql, params: _execute(conn, sql, params), settlement)
 
     def tally(self, owner: str, model: str, *, now: float, window_start: float, day_start: float) -> Tally:
         with self._connection() as conn:

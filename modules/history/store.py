@@ -52,7 +52,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from modules.core.limits import LimitHit, Tally, UsageEvent, UsageRow
+from modules.core.limits import LimitHit, Settlement, Tally, UsageRow
 from modules.history import usage
 from modules.history.attachments import is_digest
 from modules.history.records import (
@@ -233,12 +233,17 @@ class HistoryStore(Protocol):
         when the id belongs to another owner, or the message's parent is not in the conversation."""
         ...
 
-    def save_reply(self, meta: ConversationMeta, message: MessageRecord) -> bool:
+    def save_reply(self, meta: ConversationMeta, message: MessageRecord, *,
+                   settle: Settlement | None = None) -> bool:
         """A run saving (or checkpointing) its answer: upsert the message, for a conversation that
         exists, keeping its title (a rename made meanwhile stays) and updating the other details
         and ``updated_at``. If the branch viewed ends at the answer's question (the leaf is its
         parent), it now ends at the answer; a branch elsewhere stays. False (nothing written) when
-        the owner has no such conversation (deleted meanwhile) or the parent is gone."""
+        the owner has no such conversation (deleted meanwhile) or the parent is gone.
+
+        ``settle``: the reply's usage settlement (``modules/core/limits.py``), written by the same
+        transaction: True means both are committed; False or an exception, neither (the caller
+        then writes the settlement on its own)."""
         ...
 
     def set_leaf(self, owner: str, conversation_id: str, leaf: str) -> bool:
@@ -590,13 +595,15 @@ class SQLiteStore(HistoryStore):
     def save_message(self, meta: ConversationMeta, message: MessageRecord, *, leaf: bool = True) -> bool:
         return self._save(meta, message, _UPSERT_CONVERSATION, _SET_LEAF if leaf else None)
 
-    def save_reply(self, meta: ConversationMeta, message: MessageRecord) -> bool:
-        return self._save(meta, message, _UPDATE_DETAILS, _FOLLOW_ANSWER)
+    def save_reply(self, meta: ConversationMeta, message: MessageRecord, *,
+                   settle: Settlement | None = None) -> bool:
+        return self._save(meta, message, _UPDATE_DETAILS, _FOLLOW_ANSWER, settle)
 
     def _save(self, meta: ConversationMeta, message: MessageRecord, conversation_sql: str,
-              leaf_sql: str | None) -> bool:
+              leaf_sql: str | None, settle: Settlement | None = None) -> bool:
         """One message and its conversation's row (``conversation_sql``: False when it changes no row),
-        then the leaf (``leaf_sql``), in one transaction; nothing when the message does not fit."""
+        then the leaf (``leaf_sql``), in one transaction, with the reply's usage ``settle``; nothing
+        when the message does not fit."""
         with self._write() as conn:
             problem = _misfit(conn, meta.owner, meta.id, message)
             if problem is None and conn.execute(conversation_sql, _meta_row(meta)).rowcount == 0:
@@ -604,6 +611,8 @@ class SQLiteStore(HistoryStore):
             if problem is not None:
                 log.info("Not saving message %s of conversation %s: %s", message.id, meta.id, problem)
                 return False
+            if settle is not None:
+                usage.settle(self._execute(conn), settle)
             conn.execute(_UPSERT_MESSAGE, _message_row(meta.id, message))
             if leaf_sql is not None:
                 conn.execute(leaf_sql, {"id": meta.id, "owner": meta.owner, "leaf": message.id,
@@ -669,9 +678,9 @@ class SQLiteStore(HistoryStore):
         with self._write() as conn:
             self._execute(conn)(usage.RENEW, {"id": lease_id, "expires_at": expires_at})
 
-    def settle_usage(self, *, lease_id: str | None, drop_message: str | None, event: UsageEvent | None) -> None:
+    def settle_usage(self, settlement: Settlement) -> None:
         with self._write() as conn:
-            usage.settle(self._execute(conn), lease_id=lease_id, drop_message=drop_message, event=event)
+            usage.settle(self._execute(conn), settlement)
 
     def tally(self, owner: str, model: str, *, now: float, window_start: float, day_start: float) -> Tally:
         with self._lock:

@@ -6,17 +6,17 @@ per-user limits count (``modules/core/limits.py``'s :class:`~modules.core.limits
 - ``reply_leases``: one row per live reply, until it ends or its lease expires (a dead process's).
 
 The statements are written in psycopg's style (``%(name)s``); :func:`sqlite` turns them into
-SQLite's (``:name``). A store runs :func:`admit` and the others inside its own transaction, holding
-the owner's lock (SQLite: ``BEGIN IMMEDIATE`` on the one file; PostgreSQL: an advisory lock).
+SQLite's (``:name``). A store runs :func:`admit` inside its own transaction, holding the owner's
+lock (SQLite: ``BEGIN IMMEDIATE`` on the one file; PostgreSQL: an advisory lock); :func:`settle`
+runs in a transaction of its own, or in the one that saves the reply it settles.
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 from typing import Any, Callable
 
-from modules.core.limits import LimitHit, Tally, UsageEvent, UsageRow
+from modules.core.limits import LimitHit, Settlement, Tally, UsageRow
 
 Execute = Callable[[str, dict[str, Any]], Any]  # (sql, params) -> a cursor
 
@@ -61,6 +61,7 @@ _INSERT_EVENT = """
 INSERT INTO usage_events (id, owner, model, kind, prompt_tokens, completion_tokens, cost, at)
 VALUES (%(id)s, %(owner)s, %(model)s, %(kind)s, %(prompt_tokens)s, %(completion_tokens)s, %(cost)s, %(at)s)
 """
+_INSERT_REPLY = _INSERT_EVENT + "ON CONFLICT (id) DO NOTHING"  # a settlement written twice counts once
 _INSERT_LEASE = """
 INSERT INTO reply_leases (id, owner, model, started_at, expires_at)
 VALUES (%(id)s, %(owner)s, %(model)s, %(now)s, %(expires_at)s)
@@ -111,14 +112,16 @@ def admit(execute: Execute, owner: str, model: str, *, now: float, window_start:
     return None
 
 
-def settle(execute: Execute, *, lease_id: str | None, drop_message: str | None, event: UsageEvent | None) -> None:
-    """The body of ``UsageCounter.settle_usage`` (in the caller's transaction)."""
-    if lease_id is not None:
-        execute(_DROP_LEASE, {"id": lease_id})
-    if drop_message is not None:
-        execute(_DROP_MESSAGE, {"id": drop_message})
+def settle(execute: Execute, settlement: Settlement) -> None:
+    """The body of ``UsageCounter.settle_usage``, and of a reply's settlement in the transaction that
+    saves the reply (``save_reply(..., settle=)``): in the caller's transaction. Idempotent."""
+    if settlement.lease_id is not None:
+        execute(_DROP_LEASE, {"id": settlement.lease_id})
+    if settlement.drop_message is not None:
+        execute(_DROP_MESSAGE, {"id": settlement.drop_message})
+    event = settlement.event
     if event is not None:
-        execute(_INSERT_EVENT, {"id": "r" + secrets.token_hex(8), "owner": event.owner, "model": event.model,
+        execute(_INSERT_REPLY, {"id": settlement.event_id, "owner": event.owner, "model": event.model,
                                 "kind": "reply", "prompt_tokens": event.prompt_tokens,
                                 "completion_tokens": event.completion_tokens, "cost": event.cost, "at": event.at})
 

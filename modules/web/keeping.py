@@ -14,6 +14,7 @@ import gradio as gr
 
 from modules.core import tokens
 from modules.core.chat import ChatService
+from modules.core.limits import Settlement
 from modules.core.streaming import ReplyRun
 from modules.history import ownership
 from modules.history.conversation import (
@@ -65,11 +66,11 @@ class SessionKeeper:
             conversation.params = dict(params)
         return meta
 
-    async def _write(self, what: str, conversation_id: str, call: Any, *args: Any) -> Any:
-        """``call(*args)`` on a worker thread (an fsync'd commit must not hold up every other
-        stream). Never raises: a full disk must not break the chat (the session still has it)."""
+    async def _write(self, what: str, conversation_id: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)`` on a worker thread (an fsync'd commit must not hold up every
+        other stream). Never raises: a full disk must not break the chat (the session still has it)."""
         try:
-            return await asyncio.to_thread(call, *args)
+            return await asyncio.to_thread(call, *args, **kwargs)
         except Exception:
             log.exception("could not save %s of conversation %s", what, conversation_id)
             return False
@@ -103,19 +104,22 @@ class SessionKeeper:
                 params: dict[str, Any]) -> tuple[Any, Any]:
         """(save, checkpoint) for the run that makes the answer ``node``: they write a detached copy
         of it (the run outlives this session, and must not touch its state), on a worker thread.
-        ``checkpoint`` keeps the reply as a crash would leave it; ``save`` its final state."""
+        ``checkpoint`` keeps the reply as a crash would leave it; ``save`` its final state, with the
+        reply's usage settlement (``run.settlement``) in the same transaction: True when both were
+        written (else the chat service writes the settlement on its own)."""
         meta = conversation.meta(model, repair(str(system_prompt or "")), params)
         detached = Node(node.id, node.parent, "assistant", edited=node.edited, created_at=node.created_at)
         app_stopped = self.t.text(lang, "error.app_stopped")
 
-        async def write(record: MessageRecord) -> None:
+        async def write(record: MessageRecord, settle: Settlement | None = None) -> bool:
             # Only the answer (and the time): a rename made meanwhile stays, a deletion is not undone.
-            await self._write("an answer", meta.id, self.store.save_reply, replace(meta, updated_at=time.time()),
-                              record)
+            return await self._write("an answer", meta.id, self.store.save_reply,
+                                     replace(meta, updated_at=time.time()), record, settle=settle) is True
 
-        async def save(run: ReplyRun) -> None:
+        async def save(run: ReplyRun) -> bool:
             detached.reply = run.reply
-            await write(answer_record(detached, lambda error: self.chat.sentence(lang, error)))
+            settle = run.settlement if isinstance(run.settlement, Settlement) else None
+            return await write(answer_record(detached, lambda error: self.chat.sentence(lang, error)), settle)
 
         async def checkpoint(run: ReplyRun) -> None:
             detached.reply = run.reply
