@@ -221,8 +221,9 @@ class KnowledgeRecords:
     def _changed(self, tx: Transaction, base_id: int, *, vectors: bool = False) -> None:
         """The base's chunks (or, with ``vectors``, only their vectors) changed in ``tx``."""
 
-    def _reclaim(self) -> None:
-        """Documents left "indexing" by an indexer that is gone are pending again (PostgreSQL)."""
+    def _reclaim(self) -> int:
+        """Documents left "indexing" by an indexer that is gone are pending again (PostgreSQL); how many."""
+        return 0
 
     def revision(self, base_id: int) -> tuple[int, int] | None:
         """(chunks' revision, vectors' revision) of the base, which every change of its chunks (or

@@ -81,6 +81,7 @@ LOCK_SPACE = 0x43484348  # "CHCH": the first key of this app's advisory locks
 # bases' writes on one base take KNOWLEDGE_LOCK (pg_knowledge.py).
 SETUP_LOCK, CONVERSATION_LOCK, USAGE_LOCK, KNOWLEDGE_LOCK = 1, 2, 3, 4
 
+DB_NOW = "extract(epoch FROM clock_timestamp())::double precision"  # the database's clock: one for every machine
 SCHEMA_VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_versions (
     component  text PRIMARY KEY,
@@ -536,6 +537,12 @@ def open_postgres(url: str, *, min_size: int = 1, max_size: int = 10, timeout: f
         return PostgresStore(url, min_size=min_size, max_size=max_size, timeout=timeout,
                              connect_timeout=connect_timeout)
     except (psycopg.Error, PoolTimeout, SchemaError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        sentence = scrub(f"{key}: the history database {redacted(url)} cannot be used: {reason}", url_secrets(url))
-        raise HistoryUnavailable(sentence) from None
+        raise unavailable(key, "history", redacted(url), exc, url_secrets(url)) from None
+
+
+def unavailable(key: str, what: str, where: str, exc: BaseException, secrets: list[str] | None = None
+                ) -> HistoryUnavailable:
+    """The error that stops the start: one sentence naming ``key``, the database (``where``, its
+    password masked) and why, with ``secrets`` scrubbed from it."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return HistoryUnavailable(scrub(f"{key}: the {what} database {where} cannot be used: {reason}", secrets or []))
