@@ -93,17 +93,18 @@ class Engine:
         with database.connection() as conn:
             return [tuple(row) for row in conn.execute(sql).fetchall()]
 
-    def age(self, files: Any, sha256: str, seconds: float) -> None:
-        """Make the file of ``sha256`` look put ``seconds`` ago."""
-        if isinstance(files, AttachmentFiles):
-            then = time.time() - seconds
-            os.utime(files.path(sha256), (then, then))
-            return
-        with files.database.connection() as conn:
-            conn.execute("UPDATE attachment_files SET touched_at = extract(epoch FROM clock_timestamp()) - %s "
-                         "WHERE sha256 = %s", (seconds, sha256))
-
     def close(self) -> None:
         for store in reversed(self._open):
             store.close()
         self._open.clear()
+
+
+def age(files: Any, sha256: str, seconds: float) -> None:
+    """Make the file of ``sha256`` look put ``seconds`` ago (its file's time, or its row's)."""
+    if isinstance(files, AttachmentFiles):
+        then = time.time() - seconds
+        os.utime(files.path(sha256), (then, then))
+        return
+    with files.database.connection() as conn:
+        conn.execute("UPDATE attachment_files SET touched_at = extract(epoch FROM clock_timestamp()) - %s "
+                     "WHERE sha256 = %s", (seconds, sha256))

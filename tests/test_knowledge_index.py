@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from modules.history import knowledge_index
-from modules.history.attachments import AttachmentFiles
 from modules.history.knowledge import SHARED, KnowledgeStore
 from modules.history.knowledge_index import BaseNotFound, KnowledgeIndexer
 from tests.engines import ENGINES, Engine
