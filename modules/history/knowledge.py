@@ -44,7 +44,14 @@ from typing import Any, Literal, Protocol
 
 from modules.history import usage
 from modules.history.attachments import is_digest
-from modules.history.store import CorruptStoreError, StoreProblem, connect_checked, open_sqlite, transaction
+from modules.history.store import (
+    CorruptStoreError,
+    StoreProblem,
+    checked_version,
+    connect_checked,
+    open_sqlite,
+    transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -564,12 +571,7 @@ class KnowledgeStore(KnowledgeRecords):
 
     def _prepare(self) -> None:
         conn = self._conn
-        check = [row[0] for row in conn.execute("PRAGMA quick_check")]
-        if check != ["ok"]:
-            raise CorruptStoreError("integrity check failed: " + "; ".join(map(str, check[:3])))
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        new = version == 0 and not tables
+        version, new = checked_version(conn)
         if not new:
             if version != SCHEMA_VERSION:
                 raise CorruptStoreError(f"schema version {version} is unknown to this app"
