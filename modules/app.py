@@ -26,10 +26,9 @@ from modules.core.chat import ChatService
 from modules.core.limits import Limiter
 from modules.core.retrieval import Embeddings
 from modules.core.streaming import Pacer
-from modules.history import attachments
-from modules.history.knowledge import KnowledgeProblem, KnowledgeStore, open_knowledge
+from modules.history.knowledge import KnowledgeProblem, KnowledgeRecords
 from modules.history.knowledge_index import KnowledgeIndexer
-from modules.history.backends import open_history
+from modules.history.backends import open_attachments, open_history, open_knowledge_bases
 from modules.history.store import HistoryStore
 from modules.i18n import Translator
 from modules.providers.text import guard_logs
@@ -67,14 +66,22 @@ class ChatApp:
         counter = self.store if callable(getattr(self.store, "admit", None)) else None
         self.chat.use_limits(Limiter(config.limits.per_user, counter))
         self._connect_runs()
-        # One attachments folder: messages' files and knowledge bases' documents (by digest).
-        self.files = attachments.open_files(data_dir, temporary=self.store_problem is not None
-                                            and self.store_problem.kind == "unavailable")
-        self.knowledge_store: KnowledgeStore | None = None
+        # One keeper of attached files' bytes: messages' files and knowledge bases' documents (by
+        # digest), in the data folder, or in the history's PostgreSQL database beside it.
+        self.files = open_attachments(config.history, self.store, data_dir, temporary=self.store_problem is not None
+                                      and self.store_problem.kind == "unavailable")
+        self.knowledge_store: KnowledgeRecords | None = None
         self.knowledge_problem: KnowledgeProblem | None = None
         self.knowledge: KnowledgeIndexer | None = None  # None: knowledge bases are off (no panel)
         if config.knowledge.enabled:
-            self.knowledge_store, self.knowledge_problem = open_knowledge(data_dir)
+            # (With PostgreSQL, in its database too; the index folder is then this machine's cache.)
+            try:
+                self.knowledge_store, self.knowledge_problem = open_knowledge_bases(config.history, self.store,
+                                                                                    data_dir)
+            except BaseException:  # (HistoryUnavailable: the app does not start; its pool is closed)
+                self.chat.remote.close()
+                self.store.close()
+                raise
             if self.knowledge_problem is not None:
                 log.warning("%s", self.knowledge_problem)
             self.knowledge = KnowledgeIndexer(self.knowledge_store, self.files, data_dir / "knowledge-index",

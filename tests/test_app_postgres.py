@@ -105,3 +105,38 @@ def test_the_command_line_says_why_it_cannot_start_in_one_line(tmp_path):
     backup = subprocess.run([sys.executable, "ChuanhuStyleChat.py", "backup", str(tmp_path / "copy.sqlite3")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert backup.returncode == 2 and "pg_dump" in backup.stderr and "Hidden-pw" not in backup.stderr
+
+
+def test_a_knowledge_base_made_on_one_machine_answers_on_another(fake_openai, sessions, pg_url, tmp_path):
+    """Two apps on one database, each its own data folder (two machines): a base created and filled
+    on the first answers grounded questions on the second, and its documents' bytes are in the
+    database, not in either folder."""
+    from tests.test_app_knowledge import Panel
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "travel.md").write_text("# Hotels\n\nHotel rooms cost at most 120 euros a night.\n", encoding="utf-8")
+    one, one_address = start(fake_openai, pg_url, tmp_path / "one")
+    two, two_address = start(fake_openai, pg_url, tmp_path / "two")
+    try:
+        panel = Panel(sessions(one_address))
+        base = panel.create("Office")[2]["value"]
+        report = panel.add(base, folder / "travel.md")[0]
+        assert report.startswith("Added 1: travel.md.") and "now holds 1 passage(s)" in report, report
+        assert not (tmp_path / "one" / "attachments").exists() or not any((tmp_path / "one" / "attachments").rglob("*"))
+
+        session = sessions(two_address)
+        other = Panel(session)
+        assert other.show()["bases"] == {"Office": base}  # listed on the other machine
+        other.use(base)
+        fake_openai.enqueue("At most 120 euros [1].")
+        session.add("How much may a hotel room cost?")
+        other.keep()
+        session.respond()
+        question = fake_openai.requests[-1].body["messages"][-1]["content"]
+        assert "[1] travel.md, Hotels\n# Hotels\n\nHotel rooms cost at most 120 euros a night." in question
+        assert (tmp_path / "two" / "knowledge-index" / str(base) / "chunks.json").is_file()  # its own cache
+        assert not (tmp_path / "two" / "knowledge.sqlite3").exists()
+    finally:
+        stop(one)
+        stop(two)

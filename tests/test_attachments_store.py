@@ -1,7 +1,10 @@
 """Attached files: their bytes once each by content hash, whose they are, and when they go.
 
-The files are real files in a temporary folder; the store is a real SQLite file. Times are never
-waited for: a file's age is set with ``os.utime``, or the collector is given its ``now``.
+The files are real files in a temporary folder and the store a real SQLite file, or both in a
+fresh database of a real PostgreSQL cluster (``tests/engines.py``): every test of what the app uses
+runs on both; those of the folder itself (paths, temporary files, fsync) on the folder alone. Times
+are never waited for: a file's age is set (``os.utime``, or its row's time), or the collector is
+given its ``now``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +23,31 @@ from modules.history.attachments import GRACE_SECONDS, AttachmentFiles, collect,
 from modules.history.records import Attachment, ConversationMeta, ConversationRecord, MessageRecord
 from modules.history.store import FILENAME, SQLiteStore
 from modules.history.transfer import import_json, save_import, to_json
+from tests.engines import ENGINES, Engine, age
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 PDF = b"%PDF-1.7\n" + "一份文件".encode() * 100
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    return Engine(request.param, tmp_path, request)
+
+
 @pytest.fixture
-def files(tmp_path: Path) -> AttachmentFiles:
+def store(engine: Engine) -> SQLiteStore:
+    return engine.history()  # type: ignore[return-value]
+
+
+@pytest.fixture
+def files(engine: Engine, store: SQLiteStore) -> AttachmentFiles:
+    """The attachments' bytes beside ``store``: its data folder's, or its database's table."""
+    return engine.files(store)
+
+
+@pytest.fixture
+def folder_files(tmp_path: Path) -> AttachmentFiles:
     return AttachmentFiles(tmp_path / "data" / "attachments")
-
-
-def age(files: AttachmentFiles, sha256: str, seconds: float) -> None:
-    """Make the file of ``sha256`` look written ``seconds`` ago."""
-    then = time.time() - seconds
-    os.utime(files.path(sha256), (then, then))
 
 
 def every_file(folder: Path) -> list[str]:
@@ -42,17 +55,17 @@ def every_file(folder: Path) -> list[str]:
 
 
 # -- the files ---------------------------------------------------------------------------------
-def test_put_keeps_the_bytes_once_under_their_hash(files: AttachmentFiles) -> None:
-    sha = files.put(PNG)
+def test_put_keeps_the_bytes_once_under_their_hash(folder_files: AttachmentFiles) -> None:
+    sha = folder_files.put(PNG)
     assert sha == hashlib.sha256(PNG).hexdigest()
-    assert files.path(sha) == files.folder / sha[:2] / sha
-    assert files.read(sha) == PNG and files.exists(sha)
-    assert files.put(PNG) == sha and files.put(bytearray(PNG)) == sha  # idempotent
-    other = files.put(PDF)
-    assert every_file(files.folder) == sorted([f"{sha[:2]}/{sha}", f"{other[:2]}/{other}"])  # no temporary left
-    assert files.hashes() == {sha, other}
-    empty = files.put(b"")
-    assert files.read(empty) == b"" and empty == hashlib.sha256(b"").hexdigest()
+    assert folder_files.path(sha) == folder_files.folder / sha[:2] / sha
+    assert folder_files.read(sha) == PNG and folder_files.exists(sha)
+    assert folder_files.put(PNG) == sha and folder_files.put(bytearray(PNG)) == sha  # idempotent
+    other = folder_files.put(PDF)
+    assert every_file(folder_files.folder) == sorted([f"{sha[:2]}/{sha}", f"{other[:2]}/{other}"])  # no temporary left
+    assert folder_files.hashes() == {sha, other}
+    empty = folder_files.put(b"")
+    assert folder_files.read(empty) == b"" and empty == hashlib.sha256(b"").hexdigest()
 
 
 def test_a_file_not_kept_is_not_found(files: AttachmentFiles) -> None:
@@ -68,21 +81,21 @@ def test_a_file_not_kept_is_not_found(files: AttachmentFiles) -> None:
     "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08/..", "9f/../../../../../../etc/passwd" + "0" * 34,
     "g" * 64, "９" * 64,
 ])
-def test_a_name_that_is_no_digest_is_never_a_path(files: AttachmentFiles, name: str) -> None:
+def test_a_name_that_is_no_digest_is_never_a_path(folder_files: AttachmentFiles, name: str) -> None:
     with pytest.raises(ValueError, match="not a SHA-256 hex digest"):
-        files.path(name)
+        folder_files.path(name)
     with pytest.raises(ValueError):
-        files.read(name)
-    assert not files.exists(name)
+        folder_files.read(name)
+    assert not folder_files.exists(name)
 
 
-def test_a_damaged_file_is_written_again(files: AttachmentFiles) -> None:
-    sha = files.put(PNG)
-    files.path(sha).write_bytes(PNG[:10])  # cut short (by hand, or a disk)
-    assert files.put(PNG) == sha and files.read(sha) == PNG
+def test_a_damaged_file_is_written_again(folder_files: AttachmentFiles) -> None:
+    sha = folder_files.put(PNG)
+    folder_files.path(sha).write_bytes(PNG[:10])  # cut short (by hand, or a disk)
+    assert folder_files.put(PNG) == sha and folder_files.read(sha) == PNG
 
 
-def test_writers_of_the_same_bytes_at_once_each_leave_a_whole_file(files: AttachmentFiles) -> None:
+def test_writers_of_the_same_bytes_at_once_each_leave_a_whole_file(folder_files: AttachmentFiles) -> None:
     big = os.urandom(4 * 1024 * 1024)
     start = threading.Barrier(16)
     results: list[str] = []
@@ -91,7 +104,7 @@ def test_writers_of_the_same_bytes_at_once_each_leave_a_whole_file(files: Attach
     def write() -> None:
         start.wait()
         try:
-            results.append(files.put(big))
+            results.append(folder_files.put(big))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -102,20 +115,20 @@ def test_writers_of_the_same_bytes_at_once_each_leave_a_whole_file(files: Attach
         thread.join()
     sha = hashlib.sha256(big).hexdigest()
     assert errors == [] and results == [sha] * 16
-    assert files.read(sha) == big
-    assert every_file(files.folder) == [f"{sha[:2]}/{sha}"]
+    assert folder_files.read(sha) == big
+    assert every_file(folder_files.folder) == [f"{sha[:2]}/{sha}"]
 
 
-def test_a_put_cut_short_leaves_no_file_under_the_hash(files: AttachmentFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_put_cut_short_leaves_no_file_under_the_hash(folder_files: AttachmentFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(attachments.os, "fsync", fail)
     with pytest.raises(OSError, match="No space left"):
-        files.put(PNG)
+        folder_files.put(PNG)
     monkeypatch.undo()
-    assert files.hashes() == set() and every_file(files.folder) == []
-    assert files.read(files.put(PNG)) == PNG
+    assert folder_files.hashes() == set() and every_file(folder_files.folder) == []
+    assert folder_files.read(folder_files.put(PNG)) == PNG
 
 
 # -- collection --------------------------------------------------------------------------------
@@ -139,19 +152,19 @@ def test_putting_old_bytes_again_makes_them_fresh(files: AttachmentFiles) -> Non
     assert files.remove_unreferenced(set()) == 0 and files.exists(sha)
 
 
-def test_a_fresh_folder_collects_nothing_it_does_not_own(files: AttachmentFiles) -> None:
-    assert files.remove_unreferenced(set()) == 0  # no folder yet
-    sha = files.put(PNG)
-    age(files, sha, GRACE_SECONDS + 60)
-    strangers = [files.folder / "README.txt", files.folder / sha[:2] / "notes.txt", files.folder / "zz" / ("0" * 64)]
+def test_a_fresh_folder_collects_nothing_it_does_not_own(folder_files: AttachmentFiles) -> None:
+    assert folder_files.remove_unreferenced(set()) == 0  # no folder yet
+    sha = folder_files.put(PNG)
+    age(folder_files, sha, GRACE_SECONDS + 60)
+    strangers = [folder_files.folder / "README.txt", folder_files.folder / sha[:2] / "notes.txt", folder_files.folder / "zz" / ("0" * 64)]
     for path in strangers:
         path.parent.mkdir(exist_ok=True)
         path.write_text("not ours")
         os.utime(path, (0, 0))
-    leftover = files.folder / sha[:2] / f".{sha}.abc123_x.tmp"  # a put() that crashed before its rename
+    leftover = folder_files.folder / sha[:2] / f".{sha}.abc123_x.tmp"  # a put() that crashed before its rename
     leftover.write_bytes(PNG[:5])
     os.utime(leftover, (0, 0))
-    assert files.remove_unreferenced(set()) == 1
+    assert folder_files.remove_unreferenced(set()) == 1
     assert all(path.read_text() == "not ours" for path in strangers) and not leftover.exists()
 
 
@@ -181,14 +194,6 @@ def test_open_files_is_the_data_folders_unless_history_is_in_memory(tmp_path: Pa
 
 # -- whose they are: the store ------------------------------------------------------------------
 ALICE, BOB = "user:alice", "user:bob"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    (tmp_path / "data").mkdir(exist_ok=True)
-    s = SQLiteStore(tmp_path / "data" / FILENAME)
-    yield s
-    s.close()
 
 
 def attached(files: AttachmentFiles, data: bytes, name: str = "cat.png") -> Attachment:
@@ -341,10 +346,8 @@ def test_an_import_that_is_refused_stores_no_record(store: SQLiteStore, files: A
 
 # -- other keepers of files: the knowledge bases --------------------------------------------------
 def test_a_file_only_a_knowledge_document_names_survives_collect_until_the_document_goes(
-        store: SQLiteStore, files: AttachmentFiles, tmp_path: Path) -> None:
-    from modules.history.knowledge import KnowledgeStore
-
-    knowledge = KnowledgeStore(tmp_path / "knowledge.sqlite3")
+        store: SQLiteStore, files: AttachmentFiles, engine: Engine) -> None:
+    knowledge = engine.knowledge(store)
     try:
         files.keep_referenced_by(knowledge)  # once, at wiring time; collect's call sites do not change
         files.keep_referenced_by(knowledge)  # again: nothing changes

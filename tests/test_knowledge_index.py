@@ -1,4 +1,9 @@
-"""The knowledge indexer (issue #14): real files in temp folders, a real store, real indexes."""
+"""The knowledge indexer (issue #14): real files in temp folders, a real store, real indexes.
+
+The tests of the indexer run on both engines (``tests/engines.py``): the store and the files'
+bytes in SQLite and a folder, or in a fresh PostgreSQL database; the index folder is on disk in
+both. Two processes on one data folder is SQLite's case; several machines on one database,
+PostgreSQL's, is in ``test_pg_knowledge.py``."""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from modules.history import knowledge_index
-from modules.history.attachments import AttachmentFiles
 from modules.history.knowledge import SHARED, KnowledgeStore
 from modules.history.knowledge_index import BaseNotFound, KnowledgeIndexer
+from tests.engines import ENGINES, Engine
 from tests.fakes.documents import encrypted, pdf_pages
 
 OWNER = "user:ann"
@@ -32,10 +37,16 @@ def make_folder(root: Path) -> Path:
     return folder
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    return Engine(request.param, tmp_path, request)
+
+
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[KnowledgeIndexer, KnowledgeStore, int, Path]]:
-    store = KnowledgeStore(tmp_path / "knowledge.sqlite3")
-    files = AttachmentFiles(tmp_path / "attachments")
+def setup(engine: Engine, tmp_path: Path) -> Iterator[tuple[KnowledgeIndexer, KnowledgeStore, int, Path]]:
+    history = engine.history() if engine.postgres else None
+    store = engine.knowledge(history)
+    files = engine.files(history, tmp_path / "attachments")
     indexer = KnowledgeIndexer(store, files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
     base = store.create_base(OWNER, "Mine")
     yield indexer, store, base.id, make_folder(tmp_path)
@@ -140,7 +151,7 @@ class Crash(BaseException):
     pass
 
 
-def test_a_crash_mid_index_resumes_after_reopening(setup, tmp_path: Path, monkeypatch) -> None:
+def test_a_crash_mid_index_resumes_after_reopening(setup, engine: Engine, tmp_path: Path, monkeypatch) -> None:
     indexer, store, base_id, folder = setup
     indexer.add_folder(OWNER, base_id, folder)
     real = knowledge_index.chunk_document
@@ -159,7 +170,7 @@ def test_a_crash_mid_index_resumes_after_reopening(setup, tmp_path: Path, monkey
     monkeypatch.setattr(knowledge_index, "chunk_document", real)
     store.close()
 
-    reopened = KnowledgeStore(tmp_path / "knowledge.sqlite3")
+    reopened = engine.knowledge(reopened=True)
     try:
         assert reopened.resumed == 1
         again = KnowledgeIndexer(reopened, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
@@ -188,7 +199,8 @@ def test_another_owner_can_neither_search_nor_add(setup) -> None:
     assert indexer.search(OWNER, base_id, "carburetor")
 
 
-def test_a_crash_while_saving_the_index_leaves_the_previous_one_whole(setup, tmp_path: Path, monkeypatch) -> None:
+def test_a_crash_while_saving_the_index_leaves_the_previous_one_whole(setup, engine: Engine, tmp_path: Path,
+                                                                      monkeypatch) -> None:
     indexer, store, base_id, folder = setup
     indexer.add_files(OWNER, base_id, [folder / "manual.pdf"])
     indexer.index_pending(OWNER, base_id)
@@ -207,7 +219,10 @@ def test_a_crash_while_saving_the_index_leaves_the_previous_one_whole(setup, tmp
     assert sorted(p.name for p in (tmp_path / "indexes").iterdir()) == [str(base_id)]  # no temp folder left
     fresh = KnowledgeIndexer(store, indexer.files, tmp_path / "indexes", max_chars=100_000, max_pages=20)
     assert fresh.search(OWNER, base_id, "carburetor")[0].document == "manual.pdf"
-    assert fresh.search(OWNER, base_id, "tomatoes") == []  # the old index, loaded as it was
+    if engine.postgres:  # the database's revision is newer than the index left: rebuilt from its chunks
+        assert fresh.search(OWNER, base_id, "tomatoes")[0].document == "notes.md"
+    else:
+        assert fresh.search(OWNER, base_id, "tomatoes") == []  # the old index, loaded as it was
     assert sorted(p.name for p in (tmp_path / "indexes").iterdir()) == [str(base_id)]  # nothing moved aside
 
 
@@ -300,7 +315,7 @@ def test_a_name_listed_twice_is_read_once_with_a_sentence(setup, tmp_path: Path)
 
 
 # -- resuming after a restart --------------------------------------------------------------------
-def test_resume_indexes_every_base_left_pending_after_a_restart(setup, tmp_path: Path) -> None:
+def test_resume_indexes_every_base_left_pending_after_a_restart(setup, engine: Engine, tmp_path: Path) -> None:
     indexer, store, base_id, folder = setup
     bobs = store.create_base("user:bob", "Bob's")
     indexer.add_folder(OWNER, base_id, folder)
@@ -311,10 +326,11 @@ def test_resume_indexes_every_base_left_pending_after_a_restart(setup, tmp_path:
     assert store.start_indexing(bobs.id, half.id)  # then the app stops: left "indexing"
     store.close()
 
-    reopened = KnowledgeStore(tmp_path / "knowledge.sqlite3")
+    reopened = engine.knowledge(reopened=True)
     try:
         assert reopened.resumed == 1
-        fresh = KnowledgeIndexer(reopened, AttachmentFiles(tmp_path / "attachments"), tmp_path / "indexes",
+        fresh = KnowledgeIndexer(reopened, engine.files(getattr(reopened, "database", None), tmp_path / "attachments"),
+                                 tmp_path / "indexes",
                                  max_chars=100_000, max_pages=20)
         seen: list[str] = []
         reports = fresh.resume(lambda done, total, name: seen.append(name))
@@ -352,12 +368,11 @@ def test_files_past_max_documents_are_skipped_with_a_sentence(setup, tmp_path: P
 
 
 # -- the files of documents are kept ---------------------------------------------------------------
-def test_a_documents_file_is_not_collected_while_the_document_is_there(setup, tmp_path: Path) -> None:
+def test_a_documents_file_is_not_collected_while_the_document_is_there(setup, engine: Engine) -> None:
     from modules.history.attachments import GRACE_SECONDS, collect
-    from modules.history.store import SQLiteStore
 
     indexer, store, base_id, folder = setup  # the indexer made: its store's files are kept
-    history = SQLiteStore(tmp_path / "history.sqlite3")
+    history = engine.history()
     try:
         indexer.add_files(OWNER, base_id, [folder / "notes.md"])
         [sha] = indexer.files.hashes()

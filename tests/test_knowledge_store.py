@@ -1,5 +1,8 @@
 """The knowledge bases' store (issue #14): who sees what, re-adding files, indexing that survives a
-crash, a damaged file moved aside. Real SQLite files in a temporary folder; no sleeps."""
+crash, a damaged file moved aside. Every test of the store's interface runs on both engines: a
+real SQLite file in a temporary folder, and a fresh database of a real PostgreSQL cluster
+(``tests/engines.py``); the damaged files are SQLite's alone, and what only PostgreSQL has (several
+processes on one database, revisions, documents left by a process gone) is at the end. No sleeps."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from modules.history.knowledge import (
     FILENAME,
     SHARED,
     ChunkRow,
+    KnowledgeRecords,
     KnowledgeStore,
     open_knowledge,
 )
+from tests.engines import ENGINES, Engine
 
 ALICE, BOB = "user:alice", "user:bob"
 
@@ -29,9 +34,14 @@ def rows(*texts: str) -> list[ChunkRow]:
     return [ChunkRow(i, t, page=i + 1, section=f"s{i}", start=i * 10, end=i * 10 + len(t)) for i, t in enumerate(texts)]
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    return Engine(request.param, tmp_path, request)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[KnowledgeStore]:
-    s = KnowledgeStore(tmp_path / FILENAME)
+def store(engine: Engine) -> Iterator[KnowledgeRecords]:
+    s = engine.knowledge()
     yield s
     s.close()
 
@@ -221,9 +231,8 @@ def test_removing_a_document_removes_its_chunks(store: KnowledgeStore) -> None:
 
 
 # -- chunks ------------------------------------------------------------------------------------
-def test_chunks_survive_reopening(tmp_path: Path) -> None:
-    path = tmp_path / FILENAME
-    first = KnowledgeStore(path)
+def test_chunks_survive_reopening(engine: Engine) -> None:
+    first = engine.knowledge()
     base = first.create_base(ALICE, "Docs")
     indexed(first, ALICE, base.id, "a.txt", "第一段", "second")
     chunk_id = first.chunks(base.id)[1].id
@@ -231,7 +240,7 @@ def test_chunks_survive_reopening(tmp_path: Path) -> None:
     assert first.set_vectors(base.id, {chunk_id: [0.5, -1.0, 2.0]}) == 1
     first.close()
 
-    again = KnowledgeStore(path)
+    again = engine.knowledge()
     try:
         got = again.chunks(base.id)
         assert [(c.index, c.text, c.page, c.section, c.start, c.end, c.document) for c in got] == [
@@ -245,7 +254,7 @@ def test_chunks_survive_reopening(tmp_path: Path) -> None:
         again.close()
 
 
-def test_delete_base_cascades_and_frees_its_files(store: KnowledgeStore) -> None:
+def test_delete_base_cascades_and_frees_its_files(store: KnowledgeStore, engine: Engine) -> None:
     kept = store.create_base(ALICE, "Kept")
     gone = store.create_base(ALICE, "Gone")
     indexed(store, ALICE, kept.id, "k.txt", "keep")
@@ -260,23 +269,22 @@ def test_delete_base_cascades_and_frees_its_files(store: KnowledgeStore) -> None
     assert store.pending(None, gone.id) == []
     assert sha_gone not in store.referenced_attachments()
     assert [c.text for c in store.chunks(kept.id)] == ["keep"]
-    with sqlite3.connect(store.path) as raw:  # nothing left behind, in any table
-        assert raw.execute("SELECT count(*) FROM documents WHERE id = ?", (doc_id,)).fetchone() == (0,)
-        assert raw.execute("SELECT count(*) FROM chunks WHERE base_id = ?", (gone.id,)).fetchone() == (0,)
+    # nothing left behind, in any table
+    assert engine.rows(store, f"SELECT count(*) FROM documents WHERE id = {doc_id}") == [(0,)]
+    assert engine.rows(store, f"SELECT count(*) FROM chunks WHERE base_id = {gone.id}") == [(0,)]
 
 
 # -- crashes and damage ------------------------------------------------------------------------
-def test_a_crash_mid_indexing_leaves_the_document_pending_on_reopen(tmp_path: Path) -> None:
-    path = tmp_path / FILENAME
-    first = KnowledgeStore(path)
+def test_a_crash_mid_indexing_leaves_the_document_pending_on_reopen(engine: Engine) -> None:
+    first = engine.knowledge()
     base = first.create_base(ALICE, "Docs")
     done = indexed(first, ALICE, base.id, "done.txt", "ok")
     doc = first.add_document(ALICE, base.id, "half.txt", digest("half"), 4)
     assert doc is not None and first.start_indexing(base.id, doc.id)
     assert first.pending(ALICE, base.id) == []  # being indexed: not pending
-    first._conn.close()  # the process dies: no close(), no checkpoint
+    engine.crash(first)  # the process dies: no close(), no checkpoint
 
-    again = KnowledgeStore(path)
+    again = engine.knowledge(reopened=True)
     try:
         assert again.resumed == 1
         assert [(d.id, d.status) for d in again.pending(ALICE, base.id)] == [(doc.id, "pending")]

@@ -66,7 +66,34 @@ class _References(Protocol):
     def referenced_attachments(self) -> set[str]: ...
 
 
-class AttachmentFiles:
+class Keepers:
+    """The other keepers of files a collector asks (both stores of bytes: this folder, and the
+    table of ``pg_attachments.PostgresFiles``)."""
+
+    def __init__(self) -> None:
+        # (Also orders a put() of bytes already kept against the collector's look at them.)
+        self._lock = threading.Lock()
+        self._referencers: list[_References] = []
+
+    def keep_referenced_by(self, source: _References) -> None:
+        """From now on the collector also keeps every file ``source.referenced_attachments()``
+        names (asked at each collection; an error there stops it, removing nothing). Registered
+        once at wiring time; the same source again changes nothing."""
+        with self._lock:
+            if not any(known is source for known in self._referencers):
+                self._referencers.append(source)
+
+    def _kept(self, referenced: set[str]) -> set[str]:
+        """``referenced`` and every digest a registered source names (asked now)."""
+        keep = set(referenced)
+        with self._lock:
+            sources = list(self._referencers)
+        for source in sources:
+            keep |= source.referenced_attachments()
+        return keep
+
+
+class AttachmentFiles(Keepers):
     """The attachments folder: each file's bytes once, named by their SHA-256. Safe from any thread.
 
     ``folder`` is ``<data_dir>/attachments`` (created at the first ``put``). :meth:`temporary`
@@ -76,13 +103,12 @@ class AttachmentFiles:
     def __init__(self, folder: Path, *, grace_seconds: float = GRACE_SECONDS) -> None:
         if not grace_seconds >= 0:
             raise ValueError(f"grace_seconds must be >= 0, not {grace_seconds}")
+        super().__init__()
         self.folder = Path(folder)
         self.grace_seconds = float(grace_seconds)
-        # Orders a put() of bytes already kept (which makes their file fresh) against the collector's
-        # look at that file and its removal: either the collector sees it fresh, or put() sees it gone.
-        self._lock = threading.Lock()
+        # self._lock orders a put() of bytes already kept (which makes their file fresh) against the
+        # collector's look at that file and its removal: either the collector sees it fresh, or put() sees it gone.
         self._cleanup: weakref.finalize | None = None
-        self._referencers: list[_References] = []
 
     @classmethod
     def temporary(cls, *, grace_seconds: float = GRACE_SECONDS) -> AttachmentFiles:
@@ -169,25 +195,13 @@ class AttachmentFiles:
         return self.path(sha256).read_bytes()
 
     # -- collection ------------------------------------------------------------------------
-    def keep_referenced_by(self, source: _References) -> None:
-        """From now on the collector also keeps every file ``source.referenced_attachments()``
-        names (asked at each collection; an error there stops it, removing nothing). Registered
-        once at wiring time; the same source again changes nothing."""
-        with self._lock:
-            if not any(known is source for known in self._referencers):
-                self._referencers.append(source)
-
     def remove_unreferenced(self, referenced: set[str], *, now: float | None = None) -> int:
         """Remove every kept file whose digest is neither in ``referenced`` nor named by a source
         given to :meth:`keep_referenced_by`, and that was last written (or put again) more than
         ``grace_seconds`` before ``now`` (default: the time); how many went. Temporary files a
         crashed ``put`` left behind, as old, go too (not counted)."""
         limit = (time.time() if now is None else now) - self.grace_seconds
-        keep = set(referenced)
-        with self._lock:
-            sources = list(self._referencers)
-        for source in sources:
-            keep |= source.referenced_attachments()
+        keep = self._kept(referenced)
         removed = 0
         for sha256 in self.hashes() - keep:
             path = self.path(sha256)
@@ -211,7 +225,11 @@ class AttachmentFiles:
         return removed
 
 
-def collect(store: _References, files: AttachmentFiles) -> int:
+class Collectable(Protocol):
+    def remove_unreferenced(self, referenced: set[str], *, now: float | None = None) -> int: ...
+
+
+def collect(store: _References, files: Collectable) -> int:
     """Remove the files no message of any owner references any more (after a conversation or
     messages were deleted), nor any source given to ``files.keep_referenced_by``; how many went. Blocking (a scan of the store and the folder): call it
     off the event loop. A file put in the last ``files.grace_seconds`` stays (its question may be

@@ -9,7 +9,13 @@ renamed into place, so a crash never leaves half an index there.
 
 The index folder is a cache of the store: a damaged or missing one is moved aside (never deleted:
 ``<base_id>.damaged-<time>``) and rebuilt from the store's chunks at the next search. Beside
-bm25s's files it holds ``chunks.json``: the chunk id of each position in the index.
+bm25s's files it holds ``chunks.json``: the chunk id of each position in the index. Which saved
+index a cached one is: on SQLite (app processes of one machine on one data folder) the stamp of
+its ``chunks.json``, so an index another process saved replaces a stale cached one; on PostgreSQL
+(processes on several machines, each its own data folder) the base's revision in the database
+(``store.revision``, bumped by every change of its chunks), written in ``chunks.json`` too: an index
+built from an older revision, in memory or on this machine's disk, is rebuilt from the database's
+chunks, and the vectors of dense retrieval are read again when their revision moved.
 
 With an :class:`Embeddings` endpoint, each batch's chunks are embedded after they are saved and
 their vectors kept in the store; a search then fuses BM25's ranking with cosine similarity's over
@@ -49,7 +55,7 @@ from modules.core.documents import DocumentProblem, kind_of, read_document
 from modules.core.grounding import Passage, Retriever, Retrievers
 from modules.core.retrieval import Embeddings, EmbeddingsError, IndexDamaged, LexicalIndex, VectorIndex, chunk_document, rrf
 from modules.history.attachments import AttachmentFiles
-from modules.history.knowledge import SHARED, Base, ChunkRow, KnowledgeStore
+from modules.history.knowledge import SHARED, Base, ChunkRow, KnowledgeRecords
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +116,7 @@ class KnowledgeIndexer:
     """Adds files to bases, indexes them, searches them. ``embeddings``: dense retrieval beside
     BM25 (None: BM25 alone). ``max_documents``: most documents in one base (None: no limit)."""
 
-    def __init__(self, store: KnowledgeStore, files: AttachmentFiles, index_dir: Path, *,
+    def __init__(self, store: KnowledgeRecords, files: AttachmentFiles, index_dir: Path, *,
                  max_chars: int, max_pages: int, embeddings: Embeddings | None = None,
                  max_documents: int | None = None) -> None:
         self.store = store
@@ -125,10 +131,12 @@ class KnowledgeIndexer:
         self._base_locks: dict[int, threading.Lock] = {}
         self._index_locks: dict[int, threading.Lock] = {}
         self._cache: dict[int, tuple[LexicalIndex, list[int]]] = {}
-        # Which saved index each cached one is (its chunk list's inode and time): a search stats it,
-        # so an index another process saved in the same folder is loaded instead of a stale one.
-        self._stamps: dict[int, tuple[int, int] | None] = {}
+        # Which saved index each cached one is (its chunk list's inode and time, or the base's revision
+        # in the database): a search compares, so an index another process saved is loaded instead of
+        # a stale one (or, on PostgreSQL, a stale one rebuilt).
+        self._stamps: dict[int, object] = {}
         self._dense: dict[int, tuple[VectorIndex, list[int]]] = {}  # per base, dropped when its vectors change
+        self._dense_revisions: dict[int, int] = {}  # the vectors' revision each was read at (PostgreSQL)
         self._dense_down_until = float("-inf")
         self._dense_logged: set[str] = set()  # failure kinds logged since dense retrieval last worked
         files.keep_referenced_by(store)
@@ -364,6 +372,7 @@ class KnowledgeIndexer:
             return len(self._rebuild_locked(base_id)[1])
 
     def _rebuild_locked(self, base_id: int) -> tuple[LexicalIndex, list[int]]:
+        revision = self.store.revision(base_id)  # (read first: chunks changed after it make it stale, not lost)
         rows = self.store.chunks(base_id)
         index = LexicalIndex.build([r.text for r in rows])
         ids = [r.id for r in rows]
@@ -373,7 +382,7 @@ class KnowledgeIndexer:
         try:
             index.save(tmp)
             with open(tmp / IDS, "w", encoding="utf-8") as f:
-                json.dump({"ids": ids}, f)
+                json.dump({"ids": ids} if revision is None else {"ids": ids, "revision": revision[0]}, f)
                 f.flush()
                 os.fsync(f.fileno())
             old = None
@@ -387,7 +396,7 @@ class KnowledgeIndexer:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._cache[base_id] = (index, ids)
-        self._stamps[base_id] = _stamp(final)
+        self._stamps[base_id] = _stamp(final) if revision is None else revision[0]
         self._dense.pop(base_id, None)
         return index, ids
 
@@ -405,10 +414,11 @@ class KnowledgeIndexer:
     def _search(self, base_id: int, query: str, k: int, vector: "_Query") -> list[Hit]:
         if k <= 0:
             return []
-        index, ids = self._loaded(base_id)
+        revision = self.store.revision(base_id)
+        index, ids = self._loaded(base_id, revision)
         n = max(k, CANDIDATES)
         lexical = [(ids[position], score) for position, score in index.search(query, n) if position < len(ids)]
-        dense = self._dense_search(base_id, vector, n)
+        dense = self._dense_search(base_id, vector, n, revision)
         ranked = rrf([lexical, dense]) if dense else lexical
         hits: list[Hit] = []
         for start in range(0, len(ranked), k):  # chunks gone since the index was built are passed over
@@ -423,12 +433,13 @@ class KnowledgeIndexer:
                 break
         return hits[:k]
 
-    def _dense_search(self, base_id: int, query: "_Query", n: int) -> list[tuple[int, float]]:
+    def _dense_search(self, base_id: int, query: "_Query", n: int,
+                      revision: tuple[int, int] | None = None) -> list[tuple[int, float]]:
         """(chunk id, cosine) of the ``n`` nearest chunks with a positive similarity; [] without
         embeddings, vectors, or a query vector."""
         if self.embeddings is None:
             return []
-        dense, ids = self._dense_index(base_id)
+        dense, ids = self._dense_index(base_id, revision)
         if not ids:
             return []
         vector = query.vector()
@@ -442,9 +453,12 @@ class KnowledgeIndexer:
             return []
         return [(ids[position], score) for position, score in found if score > 0]
 
-    def _dense_index(self, base_id: int) -> tuple[VectorIndex, list[int]]:
+    def _dense_index(self, base_id: int, revision: tuple[int, int] | None = None) -> tuple[VectorIndex, list[int]]:
         with self._lock(self._index_locks, base_id):
             cached = self._dense.get(base_id)
+            if revision is not None and self._dense_revisions.get(base_id) != revision[1]:
+                cached = None  # another process changed the base's vectors since they were read
+                self._dense_revisions[base_id] = revision[1]
             if cached is None:
                 vectors = self.store.vectors(base_id)
                 dims = [len(v) for v in vectors.values()]
@@ -488,16 +502,23 @@ class KnowledgeIndexer:
             self._dense_down_until = float("-inf")
             self._dense_logged.clear()
 
-    def _loaded(self, base_id: int) -> tuple[LexicalIndex, list[int]]:
+    def _loaded(self, base_id: int, revision: tuple[int, int] | None = None) -> tuple[LexicalIndex, list[int]]:
+        """The base's index: the one cached, unless another process saved (SQLite) or the database
+        holds (PostgreSQL: ``revision``) a newer one; else the one saved in its folder if it is
+        current; else one rebuilt from the store's chunks."""
         with self._lock(self._index_locks, base_id):
             cached = self._cache.get(base_id)
             folder = self._folder(base_id)
-            if cached is not None and self._stamps.get(base_id) == _stamp(folder):
+            if cached is not None and self._stamps.get(base_id) == (
+                    _stamp(folder) if revision is None else revision[0]):
                 return cached
-            if cached is not None:  # another app process on the same data folder rebuilt it since
+            if cached is not None:  # another app process rebuilt it since
                 self._dense.pop(base_id, None)
             try:
-                loaded = self._load(folder)
+                index, ids, saved = self._load(folder)
+                if revision is not None and saved != revision[0]:
+                    return self._rebuild_locked(base_id)  # this machine's copy of an older revision
+                loaded = index, ids
             except IndexDamaged as exc:
                 if folder.exists():
                     aside = self.index_dir / f"{base_id}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -505,23 +526,28 @@ class KnowledgeIndexer:
                     log.warning("%s; moved to %s and rebuilt", exc, aside)
                 return self._rebuild_locked(base_id)
             self._cache[base_id] = loaded
-            self._stamps[base_id] = _stamp(folder)
+            self._stamps[base_id] = _stamp(folder) if revision is None else revision[0]
             return loaded
 
     @staticmethod
-    def _load(folder: Path) -> tuple[LexicalIndex, list[int]]:
+    def _load(folder: Path) -> tuple[LexicalIndex, list[int], int | None]:
+        """The index saved in ``folder``, its chunk ids and the revision it was built from (None:
+        none written, as on SQLite)."""
         if not folder.is_dir():
             raise IndexDamaged(folder, "it is missing")
         index = LexicalIndex.load(folder)
         try:
-            ids = json.loads((folder / IDS).read_text("utf-8"))["ids"]
+            saved = json.loads((folder / IDS).read_text("utf-8"))
+            ids, revision = saved["ids"], saved.get("revision")
             if not isinstance(ids, list) or not all(type(i) is int for i in ids) or len(ids) != len(index):
+                raise ValueError("inconsistent")
+            if revision is not None and type(revision) is not int:
                 raise ValueError("inconsistent")
         except FileNotFoundError:
             raise IndexDamaged(folder, f"{IDS} is missing") from None
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise IndexDamaged(folder, f"{IDS} cannot be read") from None
-        return index, ids
+        return index, ids, revision
 
 
     # -- retrievers for the chat pipeline ---------------------------------------------------

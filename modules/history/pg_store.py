@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -58,16 +58,30 @@ from modules.providers.text import scrub
 log = logging.getLogger(__name__)
 
 COMPONENT = "history"  # its row in schema_versions
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# The bytes of attached files (and of knowledge bases' documents) by SHA-256: pg_attachments.py.
+ATTACHMENT_FILES = """
+CREATE TABLE attachment_files (
+    sha256     text PRIMARY KEY CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    data       bytea NOT NULL,
+    size       bigint NOT NULL,
+    touched_at double precision NOT NULL  -- last put (the database's clock): spared by the collector a while
+);
+ALTER TABLE attachment_files ALTER COLUMN data SET STORAGE EXTERNAL;  -- images and PDFs are compressed already
+CREATE INDEX attachment_files_touched ON attachment_files (touched_at)
+"""
 # Statements that take a schema of version N to N + 1, run in one transaction: UPGRADES[N]. A new
 # database gets SCHEMA (version 1), then each of them.
 UPGRADES: dict[int, str] = {
     1: usage.POSTGRES_SCHEMA,  # the per-user limits' usage_events and reply_leases
+    2: ATTACHMENT_FILES,
 }
 LOCK_SPACE = 0x43484348  # "CHCH": the first key of this app's advisory locks
-# The second key (with a conversation's hash, or an owner's for the usage, the third).
-SETUP_LOCK, CONVERSATION_LOCK, USAGE_LOCK = 1, 2, 3
+# The second key (with a conversation's hash, or an owner's for the usage, the third); the knowledge
+# bases' writes on one base take KNOWLEDGE_LOCK (pg_knowledge.py).
+SETUP_LOCK, CONVERSATION_LOCK, USAGE_LOCK, KNOWLEDGE_LOCK = 1, 2, 3, 4
 
+DB_NOW = "extract(epoch FROM clock_timestamp())::double precision"  # the database's clock: one for every machine
 SCHEMA_VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_versions (
     component  text PRIMARY KEY,
@@ -235,13 +249,17 @@ class PostgresStore(HistoryStore):
         with self._pool.connection() as conn:
             yield conn
 
+    def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """One of the pool's connections (autocommit), for the other stores on this database (the
+        knowledge bases, the attachments' bytes): one pool per app process, closed with this store."""
+        return self._connection()
+
     @contextmanager
     def _write(self, conversation_id: str | None = None) -> Iterator[psycopg.Connection[Any]]:
         """One transaction; with ``conversation_id``, holding that conversation's write lock."""
         with self._connection() as conn, conn.transaction():
             if conversation_id is not None:
-                _execute(conn, "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
-                         {"space": LOCK_SPACE, "key": f"{CONVERSATION_LOCK}:{conversation_id}"})
+                advisory_lock(conn, CONVERSATION_LOCK, conversation_id)
             yield conn
 
     # -- reads ---------------------------------------------------------------------------
@@ -373,8 +391,7 @@ class PostgresStore(HistoryStore):
         """One transaction holding ``owner``'s usage lock: every process's admissions of one owner
         take turns (``pg_advisory_xact_lock``), so the last slot of a limit goes to one of them."""
         with self._connection() as conn, conn.transaction():
-            _execute(conn, "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
-                     {"space": LOCK_SPACE, "key": f"{USAGE_LOCK}:{owner}"})
+            advisory_lock(conn, USAGE_LOCK, owner)
             yield lambda sql, params: _execute(conn, sql, params)
 
     def admit(self, owner: str, model: str, *, now: float, window_start: float, day_start: float,
@@ -415,32 +432,47 @@ class PostgresStore(HistoryStore):
 
 # -- schema ----------------------------------------------------------------------------------
 def _prepare(conn: psycopg.Connection[Any]) -> None:
-    """Create the schema in a new database, upgrade an older one, refuse a newer one or a database
-    whose ``conversations`` are not this app's (SchemaError); one process at a time."""
+    """The history's schema: see :func:`prepare_schema`."""
+    prepare_schema(conn, COMPONENT, SCHEMA_VERSION, SCHEMA, UPGRADES, "conversations")
+
+
+def prepare_schema(conn: psycopg.Connection[Any], component: str, version: int, schema: str,
+                   upgrades: dict[int, str], own_table: str) -> None:
+    """Create ``component``'s schema (``schema`` is version 1, then each of ``upgrades``) in a new
+    database, upgrade an older one in one transaction, refuse (SchemaError) a newer one or a
+    database whose ``own_table`` is not this app's (it is there, but no version of ``component``
+    is); one process at a time (an advisory lock). Each component has its row in ``schema_versions``."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_SPACE, SETUP_LOCK))
         conn.execute(SCHEMA_VERSIONS)
-        row = conn.execute("SELECT version FROM schema_versions WHERE component = %s", (COMPONENT,)).fetchone()
+        row = conn.execute("SELECT version FROM schema_versions WHERE component = %s", (component,)).fetchone()
         if row is None:
-            if conn.execute("SELECT to_regclass('conversations')").fetchone()[0] is not None:
-                raise SchemaError("the database has a conversations table that is not this app's "
-                                  "(no history schema version): point history.url at a database of its own")
-            _run(conn, SCHEMA)
-            for step in range(1, SCHEMA_VERSION):
-                _run(conn, UPGRADES[step])
-            conn.execute("INSERT INTO schema_versions VALUES (%s, %s, %s)", (COMPONENT, SCHEMA_VERSION, time.time()))
-            log.info("Created the history schema (version %d) in PostgreSQL", SCHEMA_VERSION)
+            if conn.execute("SELECT to_regclass(%s)", (own_table,)).fetchone()[0] is not None:
+                raise SchemaError(f"the database has a {own_table} table that is not this app's "
+                                  f"(no {component} schema version): point history.url at a database of its own")
+            _run(conn, schema)
+            for step in range(1, version):
+                _run(conn, upgrades[step])
+            conn.execute("INSERT INTO schema_versions VALUES (%s, %s, %s)", (component, version, time.time()))
+            log.info("Created the %s schema (version %d) in PostgreSQL", component, version)
             return
-        version = row[0]
-        if version > SCHEMA_VERSION:
-            raise SchemaError(f"its history schema is version {version}, newer than this app knows "
-                              f"({SCHEMA_VERSION}): run the newer app, or point history.url at another database")
-        for step in range(version, SCHEMA_VERSION):
-            _run(conn, UPGRADES[step])
-        if version < SCHEMA_VERSION:
+        found = row[0]
+        if found > version:
+            raise SchemaError(f"its {component} schema is version {found}, newer than this app knows "
+                              f"({version}): run the newer app, or point history.url at another database")
+        for step in range(found, version):
+            _run(conn, upgrades[step])
+        if found < version:
             conn.execute("UPDATE schema_versions SET version = %s, updated_at = %s WHERE component = %s",
-                         (SCHEMA_VERSION, time.time(), COMPONENT))
-            log.info("Upgraded the history schema in PostgreSQL from version %d to %d", version, SCHEMA_VERSION)
+                         (version, time.time(), component))
+            log.info("Upgraded the %s schema in PostgreSQL from version %d to %d", component, found, version)
+
+
+def advisory_lock(conn: psycopg.Connection[Any], kind: int, key: str) -> None:
+    """Hold the lock ``kind`` of ``key`` (a conversation's id, an owner...) until the end of the
+    transaction: every app process's writes under it take turns."""
+    _execute(conn, "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(key)s))",
+             {"space": LOCK_SPACE, "key": f"{kind}:{key}"})
 
 
 def _run(conn: psycopg.Connection[Any], script: str) -> None:
@@ -514,6 +546,12 @@ def open_postgres(url: str, *, min_size: int = 1, max_size: int = 10, timeout: f
         return PostgresStore(url, min_size=min_size, max_size=max_size, timeout=timeout,
                              connect_timeout=connect_timeout)
     except (psycopg.Error, PoolTimeout, SchemaError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        sentence = scrub(f"{key}: the history database {redacted(url)} cannot be used: {reason}", url_secrets(url))
-        raise HistoryUnavailable(sentence) from None
+        raise unavailable(key, "history", redacted(url), exc, url_secrets(url)) from None
+
+
+def unavailable(key: str, what: str, where: str, exc: BaseException, secrets: list[str] | None = None
+                ) -> HistoryUnavailable:
+    """The error that stops the start: one sentence naming ``key``, the database (``where``, its
+    password masked) and why, with ``secrets`` scrubbed from it."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return HistoryUnavailable(scrub(f"{key}: the {what} database {where} cannot be used: {reason}", secrets or []))

@@ -393,12 +393,7 @@ class SQLiteStore(HistoryStore):
         """Check the file, read-only (a damaged file is moved aside as it was), then set it up."""
         conn = self._conn
         conn.create_function("fold", 1, _fold, deterministic=True)
-        check = [row[0] for row in conn.execute("PRAGMA quick_check")]
-        if check != ["ok"]:
-            raise CorruptStoreError("integrity check failed: " + "; ".join(map(str, check[:3])))
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        new = version == 0 and not tables
+        version, new = checked_version(conn)
         if not new and version not in (1, 2, 3, SCHEMA_VERSION):
             raise CorruptStoreError(f"schema version {version} is unknown to this app"
                                     + (" (a newer version?)" if version > SCHEMA_VERSION else ""))
@@ -709,6 +704,17 @@ class SQLiteStore(HistoryStore):
             thread.join(timeout=10)
 
 
+
+
+def checked_version(conn: sqlite3.Connection) -> tuple[int, bool]:
+    """The file's schema version, and whether it is new (no version, no table): after its
+    ``quick_check`` (CorruptStoreError when that fails). For every SQLite store of the app."""
+    check = [row[0] for row in conn.execute("PRAGMA quick_check")]
+    if check != ["ok"]:
+        raise CorruptStoreError("integrity check failed: " + "; ".join(map(str, check[:3])))
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return version, version == 0 and not tables
 
 
 def connect_checked(path: str | Path, prepare: Callable[[sqlite3.Connection], None]) -> sqlite3.Connection:
