@@ -234,7 +234,12 @@ async def open_session(client: httpx.AsyncClient, app: AppInfo) -> str:
 
 
 async def gradio_chat(client: httpx.AsyncClient, app: AppInfo, path: str, max_events: int,
-                      session: str | None = None) -> Chat:
+                      session: str | None = None, *, light: bool = False, first_text_only: bool = False) -> Chat:
+    """One chat by Gradio's queue protocol. ``light``: once the first text has come, the updates
+    after it are counted, not decoded (the completion carries the whole value, which is checked):
+    a load generator holding many streams then costs little CPU of its own. ``first_text_only``:
+    the stream is left at the first text (``ok``, its ``text`` that first text; a page that goes,
+    whose reply the app stops if runs.unwatched says so)."""
     chat = Chat(started=time.perf_counter())
     session = session or secrets.token_hex(6)
     try:
@@ -277,6 +282,8 @@ async def gradio_chat(client: httpx.AsyncClient, app: AppInfo, path: str, max_ev
                         return chat
                     if not event.startswith(b"data:"):
                         continue
+                    if light and chat.updates and b'"process_generating"' in event[:100]:
+                        continue  # (counted, not decoded)
                     msg = orjson.loads(event[5:])
                     kind = msg.get("msg")
                     if kind in ("process_generating", "process_completed"):
@@ -293,6 +300,9 @@ async def gradio_chat(client: httpx.AsyncClient, app: AppInfo, path: str, max_ev
                         if text and text != chat.text:
                             chat.text = text
                             chat.updates.append(now)
+                            if first_text_only:
+                                chat.ok, chat.ended = True, now
+                                return chat
                         if kind == "process_completed":
                             completed = True
                             chat.ended = now

@@ -140,3 +140,31 @@ def test_a_knowledge_base_made_on_one_machine_answers_on_another(fake_openai, se
     finally:
         stop(one)
         stop(two)
+
+
+def test_apps_on_one_database_share_their_keys_and_the_first_folders_keys_are_kept(
+        fake_openai, pg_url, tmp_path):
+    """The key that encrypts a browser's token and the one that signs links to attached files are
+    the database's, so that a browser or a link is known on every machine; a data folder that kept
+    keys before the history moved to PostgreSQL gives them (its browsers stay known)."""
+    before = tmp_path / "before"
+    before.mkdir()
+    (before / ".browser-secret").write_text("ab" * 16)
+    (before / ".app-key").write_text("cd" * 32)
+    apps = []
+    try:
+        for folder in (before, tmp_path / "other-machine"):
+            data = {**config(fake_openai, history={"data_dir": str(folder), "url": pg_url, "mode": "per_browser"}),
+                    "server": {"port": free_port()}}
+            from modules.app import ChatApp
+
+            app = ChatApp(build_config(data, env={}))
+            apps.append(app)
+            app.build()
+        first, second = apps
+        assert first.page.browser_secret == second.page.browser_secret == "ab" * 16
+        assert first.page.links.key == second.page.links.key == bytes.fromhex("cd" * 32)
+        assert not (tmp_path / "other-machine" / ".browser-secret").exists()  # (the folder keeps none)
+    finally:
+        for app in apps:
+            app.close()

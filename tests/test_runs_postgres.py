@@ -19,7 +19,7 @@ import yaml
 
 from modules.config import build_config
 from modules.core.remote import RunEvent
-from modules.history.pg_runs import MAX_PAYLOAD, event_of, payload
+from modules.history.pg_runs import MAX_PAYLOAD, RUNS_CHANNEL, event_of, payload
 from tests.conftest import fake_model_entry, free_port
 from tests.test_app_api import LONG, SLOW, wait_until
 from tests.test_app_history import Session, config, message_text, sessions  # noqa: F401,F811  (sessions: a fixture)
@@ -173,6 +173,51 @@ def test_a_killed_process_leaves_its_reply_interrupted_with_its_text_and_the_oth
             proc.kill()
             proc.wait()
         b.close()
+
+
+def notes(conn: psycopg.Connection[Any], seconds: float = 0.3) -> list[RunEvent]:
+    """The run events ``conn`` (LISTENing) received, read for ``seconds`` at most."""
+    return [event for note in conn.notifies(timeout=seconds)
+            if (event := event_of(note.channel, note.payload)) is not None]
+
+
+def test_a_run_nobody_watches_elsewhere_sends_no_text_and_a_viewer_asks_for_it_all(
+        fake_openai, sessions, pg_url, tmp_path):
+    """Each process's work grows with its own streams: a reply streaming on A costs the other
+    processes its begun and ended, not a notification per update, until a viewer on B opens it:
+    B asks (watch), A sends the whole text so far (from character 0) then its growth."""
+    a, a_address = start(fake_openai, pg_url, tmp_path / "a")
+    b, b_address = start(fake_openai, pg_url, tmp_path / "b")
+    with psycopg.connect(pg_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {RUNS_CHANNEL}")
+        try:
+            streaming_on(fake_openai, sessions(a_address))
+            [run] = a.chat.runs.live()
+            shown = len(run.reply.text)
+            seen: list[RunEvent] = []
+            wait_until(lambda: seen.extend(notes(listener)) or len(run.reply.text) > shown + 40,
+                       "A's reply to grow by several words")
+            seen.extend(notes(listener))
+            assert [e.kind for e in seen] == ["begun"], seen  # no grew: nobody watches it elsewhere
+            viewer = sessions(b_address)
+            chatbot = viewer.open(viewer.ids()[0])[0]
+            assert "word0 word1 word2 word3" in message_text(chatbot[-1])  # the text so far, at once
+            grown = len(run.reply.text)
+            wait_until(lambda: seen.extend(notes(listener)) or len(run.reply.text) > grown + 40,
+                       "A's reply to grow on")
+            seen.extend(notes(listener))
+            kinds = [e.kind for e in seen]
+            assert kinds[:2] == ["begun", "watch"] and kinds.count("watch") == 1, kinds
+            grew = [e for e in seen if e.kind == "grew"]
+            assert len(grew) >= 2 and grew[0].at == 0, grew  # the whole text first, then the tail
+            text = ""
+            for event in grew:
+                assert event.at == len(text), (event.at, len(text))  # no gap, no overlap
+                text += event.text or ""
+            assert run.reply.text.startswith(text), (text, run.reply.text)
+        finally:
+            a.close()
+            b.close()
 
 
 def test_a_process_that_closes_ends_its_runs_for_the_others(fake_openai, sessions, pg_url, tmp_path):

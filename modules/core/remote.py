@@ -5,12 +5,16 @@ several processes share one history database, a second device of the same owner 
 another process; :class:`RemoteRuns` lets it see the run grow and stop it, through a
 :class:`RunBus`:
 
-- the owning process *publishes* its keyed runs: ``begun``, then ``grew`` (paced: at most one per
-  ``pace`` seconds, carrying the text added since the last one and where it starts), then
-  ``ended`` once the reply's final state is saved;
+- the owning process *publishes* its keyed runs: ``begun``, then ``ended`` once the reply's
+  final state is saved; and, from the moment a viewer in another process asks (``watch``), ``grew``
+  (paced: at most one per ``pace`` seconds, carrying the text added since the last one and where
+  it starts; the first one the whole text so far). A run nobody watches elsewhere costs the other
+  processes two events, not one per update: each process's work grows with its own streams, not
+  with the team's;
 - every process *mirrors* the runs of the others as :class:`RemoteRun` objects (the text so far,
-  watched like a local run); a gap in the text (a notification lost, or one too large to carry
-  text) is filled from the store (``RunBus.read``: the last checkpoint);
+  watched like a local run; the first viewer sends ``watch``, and starts from the stored
+  checkpoint until the whole text comes); a gap in the text (a notification lost, or one too
+  large to carry text) is filled from the store (``RunBus.read``: the last checkpoint);
 - Stop on a remote run publishes ``stop``; the owning process stops its local run, which is then
   saved as stopped as usual, and its ``ended`` ends the remote one;
 - a process that dies ends its runs through the bus too (``ended``, after the bus has marked its
@@ -37,7 +41,10 @@ from modules.core.streaming import Pacer, Reply, ReplyRun
 log = logging.getLogger(__name__)
 
 RunKey = tuple[str, str, str, str]  # (owner, conversation id, question id, answer id): a page run's key
-Kind = Literal["begun", "grew", "ended", "stop", "live"]
+# Characters of text in one ``grew`` at most: a notification carries up to 8000 bytes (PostgreSQL's),
+# and 1000 characters take 6000 at worst in JSON.
+PIECE = 1000
+Kind = Literal["begun", "grew", "ended", "stop", "live", "watch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +52,8 @@ class RunEvent:
     """What a bus carries. ``begun``/``grew``/``ended``: a run of ``process``; ``grew`` adds ``text``
     at character ``at`` (``text`` None: it grew, read the store). ``stop``: stop the run of ``key``,
     wherever it is. ``live``: the runs live in other processes now (``keys``; sent by the bus when
-    it (re)connects: a run not listed has ended)."""
+    it (re)connects: a run not listed has ended). ``watch``: ``process`` has a viewer of the run
+    of ``key``: its owner sends ``grew`` from now on, starting with the whole text."""
 
     kind: Kind
     key: RunKey = ("", "", "", "")
@@ -83,8 +91,12 @@ class RemoteRun:
 
     remote = True
 
-    def __init__(self, key: RunKey, process: str, stop: Callable[[], None]):
+    def __init__(self, key: RunKey, process: str, stop: Callable[[], None],
+                 follow: Callable[[], None] = lambda: None):
         self.key, self.process, self.id = key, process, "remote:" + key[3]
+        self._follow = follow  # (asks the owner for the text as it grows: the first viewer's)
+        self._asked = False  # watch sent (the owner then sends grew until the run ends)
+        self._synced = asyncio.Event()  # the whole text came (a grew from character 0), or the end
         self.reply = Reply(status="streaming")
         self.reply.first_token_at = self.reply.started_at
         self.done = False
@@ -107,6 +119,8 @@ class RemoteRun:
     def grow(self, at: int, text: str) -> bool:
         """Add ``text`` at character ``at``; False when it leaves a gap (the store fills it)."""
         have = len(self.reply.text)
+        if at == 0:
+            self._synced.set()
         if at > have:
             return False
         if at + len(text) > have:
@@ -118,11 +132,26 @@ class RemoteRun:
         if not self.done:
             self.done = True
             self._ended.set()
+            self._synced.set()
             self.wake()
 
     def wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def follow(self) -> None:
+        """Ask the process that runs it for the text as it grows (once; the first time, the whole
+        text so far)."""
+        if not self._asked and not self.done:
+            self._asked = True
+            self._follow()
+
+    async def sync(self, timeout: float = 1.0) -> None:
+        """:meth:`follow`, then wait (``timeout`` seconds at most) for the whole text so far."""
+        self.follow()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._synced.wait()
 
     def stop(self) -> None:
         """Ask the process that runs it to stop it (its reply is saved there as stopped)."""
@@ -142,6 +171,7 @@ class RemoteRun:
         grew (at most once per ``pacer.interval()``), the last time once it ended; ``None`` after
         ``heartbeat`` seconds without a change."""
         self.viewers += 1
+        self.follow()
         pacer = pacer if pacer is not None else Pacer(0.0)
         try:
             with pacer.streaming():
@@ -155,6 +185,8 @@ class RemoteRun:
                         async with asyncio.timeout(heartbeat):
                             await changed.wait()
                     except TimeoutError:
+                        if not self.done:
+                            self._follow()  # (again: a watch lost on the way is asked for anew)
                         yield None
                         continue
                     changed = self._changed
@@ -181,6 +213,7 @@ class RemoteRuns:
         self.runs, self.bus = runs, bus or RunBus()
         self.pace, self.read_seconds, self.keep_seconds = pace, read_seconds, keep_seconds
         self._remote: dict[RunKey, RemoteRun] = {}
+        self._shared: dict[RunKey, Callable[[], None]] = {}  # this process's runs: start sending grew
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
@@ -228,6 +261,11 @@ class RemoteRuns:
                 if process != self.bus.process_id:
                     self._mirror(key, process, None)
             return
+        if event.kind == "watch":  # (a viewer elsewhere of one of this process's runs, if it is one)
+            follow = self._shared.get(event.key)
+            if follow is not None:
+                follow()
+            return
         if event.process == self.bus.process_id:
             return  # (its own, echoed)
         if event.kind == "ended":
@@ -242,7 +280,8 @@ class RemoteRuns:
     def _mirror(self, key: RunKey, process: str, event: RunEvent | None) -> RemoteRun:
         remote = self._remote.get(key)
         if remote is None or remote.done:
-            remote = RemoteRun(key, process, lambda: self.bus.publish(RunEvent("stop", key)))
+            remote = RemoteRun(key, process, lambda: self.bus.publish(RunEvent("stop", key)),
+                               lambda: self.bus.publish(RunEvent("watch", key, self.bus.process_id)))
             self._remote[key] = remote
         return remote
 
@@ -282,35 +321,50 @@ class RemoteRuns:
 
     # -- this process's runs ----------------------------------------------------------------------
     def share(self, run: ReplyRun, key: RunKey) -> None:
-        """Publish ``run`` (a page run, of ``key``): begun now, grew as it grows (paced), ended once
-        it is finished (its final state saved)."""
+        """Publish ``run`` (a page run, of ``key``): begun now, ended once it is finished (its final
+        state saved); once another process watches it, grew as it grows (paced), the first time
+        with the whole text (and again at each new ``watch``)."""
         self.bind()
         if type(self.bus) is RunBus:  # one process: nobody to tell
             return
         loop = asyncio.get_running_loop()
         self.bus.publish(RunEvent("begun", key, self.bus.process_id))
         sent = 0
+        watched = False
         pending: asyncio.TimerHandle | None = None
 
         def flush() -> None:
             nonlocal sent, pending
             pending = None
             text = run.reply.text
-            if not run.done and len(text) != sent:
+            if watched and not run.done and len(text) != sent:
                 at = min(sent, len(text))
-                self.bus.publish(RunEvent("grew", key, self.bus.process_id, at=at, text=text[at:]))
+                for start in range(at, len(text), PIECE):  # (the whole text, after a watch: in pieces)
+                    self.bus.publish(RunEvent("grew", key, self.bus.process_id, at=start,
+                                              text=text[start:start + PIECE]))
                 sent = len(text)
 
         def changed() -> None:
             nonlocal pending
-            if pending is None and not run.done:
+            if watched and pending is None and not run.done:
                 pending = loop.call_later(self.pace, flush)
+
+        def follow() -> None:  # (on the loop: a viewer in another process)
+            nonlocal watched, sent, pending
+            watched, sent = True, 0  # the whole text next: that viewer has the checkpoint at most
+            if pending is not None:
+                pending.cancel()
+            pending = None
+            flush()
 
         def ended(_: object) -> None:
             if pending is not None:
                 pending.cancel()
+            if self._shared.get(key) is follow:
+                del self._shared[key]
             self.bus.publish(RunEvent("ended", key, self.bus.process_id))
 
+        self._shared[key] = follow
         run.on_change(changed)
         run.task.add_done_callback(ended)
 

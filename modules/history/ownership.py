@@ -17,6 +17,7 @@ import ipaddress
 import os
 import secrets
 from pathlib import Path
+from typing import Callable
 
 from modules.config import AppConfig
 
@@ -59,19 +60,37 @@ def session_owner() -> str:
     return "session:" + secrets.token_hex(16)
 
 
-def browser_secret(data_dir: Path) -> str:
+# The keeper of secrets every process shares, when there is one (PostgresStore.app_secret: name,
+# this process's proposal -> the one kept); None: each is kept in the data folder.
+SharedSecrets = Callable[[str, str], str]
+
+
+def browser_secret(data_dir: Path, shared: SharedSecrets | None = None) -> str:
     """The key that encrypts the browser token in localStorage, stable across restarts.
 
-    Kept in the data directory (created once, readable by the owner only);
-    a random one per start when the directory cannot be written.
+    Kept in the data directory (created once, readable by the owner only); a random one per
+    start when the directory cannot be written. With ``shared`` (a history on PostgreSQL, several
+    processes on several machines), the one kept there: the data folder's, if it had one, becomes
+    it the first time (a browser known before the move stays known).
     """
+    if shared is not None:
+        return shared("browser-secret", _kept(data_dir / ".browser-secret") or secrets.token_hex(16))
     return _secret(data_dir / ".browser-secret")
 
 
-def app_key(data_dir: Path) -> bytes:
+def app_key(data_dir: Path, shared: SharedSecrets | None = None) -> bytes:
     """The key that signs the page's links to attached files (``modules/web/files.py``); kept like
     :func:`browser_secret`, in a file of its own."""
+    if shared is not None:
+        return bytes.fromhex(shared("app-key", _kept(data_dir / ".app-key") or secrets.token_hex(32)))
     return bytes.fromhex(_secret(data_dir / ".app-key", 32))
+
+
+def _kept(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _secret(path: Path, size: int = 16) -> str:

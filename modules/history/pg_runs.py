@@ -3,10 +3,11 @@
 The :class:`~modules.core.remote.RunBus` of a team's deployment (several processes behind nginx,
 one ``history.url``), on PostgreSQL's own channel, LISTEN/NOTIFY:
 
-- ``chuanhu_runs`` carries a process's run events as JSON (``{"k": "begun" | "grew" | "ended",
-  "key": [owner, conversation, question, answer], "p": process, "at": n, "t": text}``; ``t`` is
-  the text added at character ``at``, left out when the payload would pass PostgreSQL's 8000
-  bytes: a viewer then reads the stored checkpoint). ``chuanhu_stop`` carries ``{"key": [...]}``:
+- ``chuanhu_runs`` carries a process's run events as JSON (``{"k": "begun" | "grew" | "ended" |
+  "watch", "key": [owner, conversation, question, answer], "p": process, "at": n, "t": text}``;
+  ``t`` is the text added at character ``at``, left out when the payload would pass PostgreSQL's
+  8000 bytes: a viewer then reads the stored checkpoint; ``grew`` only for a run some other
+  process has asked to ``watch``). ``chuanhu_stop`` carries ``{"key": [...]}``:
   the process that runs it stops it.
 - Each process has a row in ``app_processes`` (its lease), refreshed every ``lease_seconds / 3``;
   its live page runs are rows of ``live_runs``. A process whose lease expired (killed, or its
@@ -138,7 +139,7 @@ def event_of(channel: str, text: str) -> RunEvent | None:
     if channel == STOP_CHANNEL:
         return RunEvent("stop", key)
     kind, process = body.get("k"), body.get("p")
-    if kind not in ("begun", "grew", "ended") or not isinstance(process, str):
+    if kind not in ("begun", "grew", "ended", "watch") or not isinstance(process, str):
         return None
     at, added = body.get("at", 0), body.get("t")
     return RunEvent(kind, key, process, at=at if isinstance(at, int) and at >= 0 else 0,

@@ -58,7 +58,7 @@ from modules.providers.text import scrub
 log = logging.getLogger(__name__)
 
 COMPONENT = "history"  # its row in schema_versions
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The bytes of attached files (and of knowledge bases' documents) by SHA-256: pg_attachments.py.
 ATTACHMENT_FILES = """
 CREATE TABLE attachment_files (
@@ -70,11 +70,21 @@ CREATE TABLE attachment_files (
 ALTER TABLE attachment_files ALTER COLUMN data SET STORAGE EXTERNAL;  -- images and PDFs are compressed already
 CREATE INDEX attachment_files_touched ON attachment_files (touched_at)
 """
+# The keys every process on this database must share (ownership.py: the one that encrypts a
+# browser's token, the one that signs links to attached files), made once by the first process.
+APP_SECRETS = """
+CREATE TABLE app_secrets (
+    name       text PRIMARY KEY,
+    value      text NOT NULL,
+    created_at double precision NOT NULL
+)
+"""
 # Statements that take a schema of version N to N + 1, run in one transaction: UPGRADES[N]. A new
 # database gets SCHEMA (version 1), then each of them.
 UPGRADES: dict[int, str] = {
     1: usage.POSTGRES_SCHEMA,  # the per-user limits' usage_events and reply_leases
     2: ATTACHMENT_FILES,
+    3: APP_SECRETS,
 }
 LOCK_SPACE = 0x43484348  # "CHCH": the first key of this app's advisory locks
 # The second key (with a conversation's hash, or an owner's for the usage, the third); the knowledge
@@ -418,6 +428,15 @@ class PostgresStore(HistoryStore):
     def usage_since(self, since: float) -> list[UsageRow]:
         with self._connection() as conn:
             return usage.since(lambda sql, params: _execute(conn, sql, params), since)
+
+    def app_secret(self, name: str, proposed: str) -> str:
+        """The secret ``name`` every app process on this database shares: the one kept, or
+        ``proposed`` (this process's: made now, or the one its data folder kept before the history
+        moved here) kept now if none is; two processes proposing at once get the same one."""
+        with self._connection() as conn:
+            conn.execute("INSERT INTO app_secrets (name, value, created_at) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (name) DO NOTHING", (name, proposed, time.time()))
+            return conn.execute("SELECT value FROM app_secrets WHERE name = %s", (name,)).fetchone()[0]
 
     def close(self) -> None:
         """Close the pool and its connections; a second call does nothing."""

@@ -424,7 +424,7 @@ class ChatHandlers:
             moved = False
         if not moved:
             return (gr.skip(),) * 8
-        self.view.join_runs(conversation)
+        await self.view.join_runs(conversation)
         await self.keeper.save_branch(conversation)
         streaming = conversation.streaming is not None
         conversation.following = streaming  # the follow event shows the rest

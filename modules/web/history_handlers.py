@@ -62,7 +62,7 @@ class HistoryHandlers:
         (chatbot, status, usage, model, system prompt, title, send, stop)."""
         conversation.replace(Conversation.from_record(record))
         conversation.params = dict(record.params)
-        self.view.join_runs(conversation)
+        await self.view.join_runs(conversation)
         if conversation.streaming is not None:
             conversation.following = True  # shown streaming: the follow event shows the rest, or the end
         model = record.model if record.model in self.models else gr.skip()

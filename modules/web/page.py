@@ -125,14 +125,16 @@ class ChatPage:
         self.config, self.t, self.models = config, chat.t, chat.models
         self.default_model = default_model(config, self.models)
         self.mode = ownership.storage_mode(config)
-        self.browser_secret = ownership.browser_secret(data_dir) if self.mode == "per_browser" else ""
+        # (Kept in the history's database when it is PostgreSQL: every process on every machine the same.)
+        shared = getattr(store, "app_secret", None)
+        self.browser_secret = ownership.browser_secret(data_dir, shared) if self.mode == "per_browser" else ""
         self.exports_dir = data_dir / "exports"
         self.templates, problems = load_templates(_app_folder(config.templates_dir))
         for problem in problems:
             log.warning("template skipped: %s", problem)
         self.files = files if files is not None else attachments.open_files(
             data_dir, temporary=store_problem is not None and store_problem.kind == "unavailable")
-        self.links = FileLinks(ownership.app_key(data_dir), store, self.files)
+        self.links = FileLinks(ownership.app_key(data_dir, shared), store, self.files)
         view = PageView(chat, store, store_problem, self.default_model, self.links)
         keeper = SessionKeeper(self.mode, chat, store, self.default_model)
         self.chats = ChatHandlers(config, chat, view, keeper, Attaching(config.attachments, self.files, chat.t),

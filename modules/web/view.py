@@ -62,13 +62,18 @@ class PageView:
     def runs_answering(self, conversation: Conversation, question_id: str) -> list[ReplyRun | RemoteRun]:
         return [run for key, run in self._live(conversation) if key[2] == question_id]
 
-    def join_runs(self, conversation: Conversation) -> None:
+    async def join_runs(self, conversation: Conversation) -> None:
         """The session shows the live runs of its conversation (started by another tab, or before
         a reload): each streaming answer it knows holds the run's reply; one it does not know yet
         (not saved before the reload) joins the tree, and the branch if its question ends it. A run
-        of another process starts from the stored checkpoint when that has more text."""
+        of another process starts from the stored checkpoint when that has more text, and is asked
+        for its whole text so far (waited for a moment: :meth:`RemoteRun.sync`)."""
         last = conversation.turns[-1] if conversation.turns else None
-        for (_, _, question_id, answer_id), run in self._live(conversation):
+        live = self._live(conversation)
+        remote = [run for _, run in live if isinstance(run, RemoteRun)]
+        if remote:
+            await asyncio.gather(*(run.sync() for run in remote))
+        for (_, _, question_id, answer_id), run in live:
             node = conversation.nodes.get(answer_id)
             if node is not None:
                 if isinstance(run, RemoteRun) and node.reply is not run.reply:

@@ -361,13 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one; printed)")
     parser.add_argument("--tokens", type=int, default=500, help="content tokens per reply")
     parser.add_argument("--rate", type=float, default=50.0, help="tokens per second (0: as fast as possible)")
+    parser.add_argument("--first-token-ms", type=float, default=0.0,
+                        help="milliseconds before the first token (a hosted model's time to first token)")
     parser.add_argument("--usage", action="store_true", help="send a usage chunk when the client asks")
     parser.add_argument("--api-key", default=None, help="required Bearer key (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated text")
     args = parser.parse_args(argv)
 
     script = Script(tokens=words(args.tokens, args.seed), delay=1.0 / args.rate if args.rate > 0 else 0.0,
-                    pace=True, usage={"prompt_tokens": 24, "completion_tokens": args.tokens} if args.usage else None)
+                    pace=True, first_delay=args.first_token_ms / 1000,
+                    usage={"prompt_tokens": 24, "completion_tokens": args.tokens} if args.usage else None)
     server = FakeOpenAIServer(api_key=args.api_key, default_script=script)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
