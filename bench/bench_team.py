@@ -70,9 +70,9 @@ class Browser:
     """What gradio_chat needs of an httpx client (post, stream), with one browser's route cookie
     on every request: nginx hashes it to that browser's process."""
 
-    def __init__(self, client: httpx.AsyncClient):
+    def __init__(self, client: httpx.AsyncClient, route: str | None = None):
         self.client = client
-        self.headers = {"Cookie": f"chuanhu_route={secrets.token_hex(16)}"}
+        self.headers = {"Cookie": f"chuanhu_route={route or secrets.token_hex(16)}"}
 
     def post(self, url: str, **kwargs: Any):
         return self.client.post(url, headers=self.headers, **kwargs)
@@ -95,6 +95,15 @@ class Setup:
     crossing: float = math.nan  # the N where the p50 reaches factor x baseline (interpolated)
     done: bool = False
     last: tuple[int, float] | None = None  # (N, p50) of the previous round
+    routes: list[list[str]] | None = None  # --spread even: route cookies by the process nginx sends them to
+
+    def route(self, i: int, offset: int = 0) -> str | None:
+        """The route cookie of the i-th browser of a round (None: a random one). With ``routes``,
+        browsers take the processes in turn: i = 0, 1, 2, ... on process 0, 1, 0, ..."""
+        if not self.routes:
+            return None
+        pool = self.routes[i % len(self.routes)]
+        return pool[(offset + i // len(self.routes)) % len(pool)]
 
     def reset(self) -> None:
         self.baseline, self.held, self.crossing, self.done, self.last = math.nan, 0, math.nan, False, None
@@ -159,7 +168,8 @@ async def run_round(client: httpx.AsyncClient, setup: Setup, n: int, args: argpa
     t0 = time.perf_counter()
     for i in range(n):  # the held streams, spread over the ramp
         await asyncio.sleep(max(0.0, t0 + args.ramp * i / n - time.perf_counter()))
-        held_chats.append(asyncio.create_task(one_chat(Browser(client), setup, args.path, max_events, timeout)))
+        held_chats.append(asyncio.create_task(one_chat(Browser(client, setup.route(i)), setup, args.path,
+                                                       max_events, timeout)))
     await asyncio.sleep(max(0.0, t0 + args.ramp + args.settle - time.perf_counter()))
     # The probes, one every probe_gap seconds, while every held stream is still streaming (a reply
     # lasts ideal seconds: main() checks that the last probe starts well before the first ends).
@@ -167,8 +177,9 @@ async def run_round(client: httpx.AsyncClient, setup: Setup, n: int, args: argpa
     p0 = time.perf_counter()
     for k in range(args.probes):
         await asyncio.sleep(max(0.0, p0 + k * args.probe_gap - time.perf_counter()))
-        probe_tasks.append(asyncio.create_task(one_chat(Browser(client), setup, args.path, max_events, timeout,
-                                                        probe=True)))
+        route = setup.route(k, offset=(n + 1) // 2)  # (after the held streams' cookies)
+        probe_tasks.append(asyncio.create_task(one_chat(Browser(client, route), setup, args.path, max_events,
+                                                        timeout, probe=True)))
     held = await asyncio.gather(*held_chats)
     probes = list(await asyncio.gather(*probe_tasks))
     wall = time.perf_counter() - t0
@@ -243,6 +254,24 @@ class CpuQuota:
                         (self.root / "cgroup.procs").write_text(pid)
                 group.rmdir()
         self.groups.clear()
+
+
+async def routes_by_process(client: httpx.AsyncClient, url: str, ports: list[int], each: int) -> list[list[str]]:
+    """Route cookies sorted by the process nginx sends them to (asked once each: the response's
+    X-Bench-Upstream), ``each`` for every process: browsers that spread over the processes evenly,
+    as a team's many users do (with a few dozen, hashing alone leaves one process a few more)."""
+    pools: dict[str, list[str]] = {f"{HOST}:{port}": [] for port in ports}
+    for _ in range(each * len(ports) * 20):
+        if all(len(pool) >= each for pool in pools.values()):
+            break
+        route = secrets.token_hex(16)
+        r = await client.get(f"{url}/chuanhu-bench-route", headers={"Cookie": f"chuanhu_route={route}"})
+        upstream = r.headers.get("X-Bench-Upstream", "")
+        if upstream in pools and len(pools[upstream]) < each:
+            pools[upstream].append(route)
+    if not all(len(pool) >= each for pool in pools.values()):
+        raise SystemExit(f"could not find {each} route cookies for each process: {[len(p) for p in pools.values()]}")
+    return list(pools.values())
 
 
 def pause_others(setups: list[Setup], loaded: Setup) -> None:
@@ -369,8 +398,11 @@ async def bench(args: argparse.Namespace, counts: list[int]
         run = tmp / "nginx"
         conf = run / "nginx.conf"
         conf_text = render(run, f"{HOST}:{nginx_port}", [f"{HOST}:{p}" for p in ports[1:]])
-        conf.write_text(conf_text.replace("access_log " + str(run.resolve() / "logs" / "access.log") + " chuanhu;",
-                                          "access_log off;"))  # a log line per request would cost the team only
+        conf_text = conf_text.replace(  # (a log line per request would cost the team only)
+            "access_log " + str(run.resolve() / "logs" / "access.log") + " chuanhu;", "access_log off;")
+        conf.write_text(conf_text.replace(  # (which process answered: routes_by_process reads it)
+            "add_header X-Accel-Buffering no always;",
+            "add_header X-Accel-Buffering no always; add_header X-Bench-Upstream $upstream_addr always;"))
         limits = httpx.Limits(max_connections=4000, max_keepalive_connections=1000)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, read=120.0), trust_env=False,
                                      cookies=no_cookies()) as client:
@@ -384,6 +416,9 @@ async def bench(args: argparse.Namespace, counts: list[int]
                       Setup("2 procs", f"http://{HOST}:{nginx_port}", [apps[1][0].pid, apps[2][0].pid])]
             for setup in setups:
                 setup.app = await discover(client, setup.url)
+            if args.spread == "even":
+                setups[1].routes = await routes_by_process(client, setups[1].url, ports[1:],
+                                                           (max(counts) + args.probes) // 2 + 1)
             def ours() -> dict[str, list[int]]:
                 return {"fake": [fake.pid], "nginx": [nginx.pid, *nginx_workers(nginx.pid)],
                         "postgres": postgres_pids(cluster), "apps": [p.pid for p, _ in apps]}
@@ -448,7 +483,7 @@ async def bench(args: argparse.Namespace, counts: list[int]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--counts", default="2,8,16,24,32,48,64,96,128,192,256",
+    parser.add_argument("--counts", default="2,8,12,14,16,18,20,22,24,26,28,30,32,34,36,40,44,48,56,64,80,96,128",
                         help="held streams per round, increasing, comma-separated")
     parser.add_argument("--path", choices=["ui", "api"], default="ui",
                         help="ui: what the page does (default); api: the /chat endpoint")
@@ -459,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                              "once the app adds as much, near a process's saturation")
     parser.add_argument("--ramp", type=float, default=3.0, help="seconds over which the held streams start")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds after the ramp before the probes")
-    parser.add_argument("--probes", type=int, default=20, help="probe chats per round (default 20)")
-    parser.add_argument("--probe-gap", type=float, default=0.2, help="seconds between probe starts (default 0.2)")
+    parser.add_argument("--probes", type=int, default=16, help="probe chats per round (default 16)")
+    parser.add_argument("--probe-gap", type=float, default=0.4,
+                        help="seconds between probe starts (default 0.4: the probes' own load stays small)")
     parser.add_argument("--repeat", type=int, default=3, help="sweeps over the counts (default 3): the median ratio")
     parser.add_argument("--factor", type=float, default=2.0, help="TTFT p50 growth that ends a set-up (default 2)")
     parser.add_argument("--interval-ms", type=int, default=40, help="the apps' ui.update_interval_ms")
@@ -468,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=20, help="each app's history.pool_size")
     parser.add_argument("--history-mode", choices=("per_browser", "shared"), default="per_browser",
                         help="history.mode of the apps (default per_browser: each browser its own user)")
+    parser.add_argument("--spread", choices=("even", "hash"), default="even",
+                        help="even (default): the browsers of a round take the two processes in turn (their "
+                             "cookies picked by where nginx sends them), as a large team's users spread; hash: "
+                             "random cookies, as nginx's hash spreads a few dozen browsers (unevenly)")
     parser.add_argument("--cpus-per-app", type=float, default=0.0, metavar="CPUS",
                         help="hold each app process to CPUS of a core (a cgroup quota, root only; 0: no limit, "
                              "the default): on a 2-core machine 0.5 leaves a core to the load generator, the "

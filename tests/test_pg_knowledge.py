@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from modules.history import pg_knowledge
+from modules.history import pg_knowledge, pg_store
 from modules.history.attachments import GRACE_SECONDS, collect
 from modules.history.knowledge import SHARED, ChunkRow
 from modules.history.knowledge_index import KnowledgeIndexer
@@ -188,7 +188,7 @@ def test_a_newer_knowledge_schema_stops_the_start_naming_history_url(engine: Eng
     history = engine.history()
     engine.knowledge(history)
     rows = engine.rows(history, "SELECT component, version FROM schema_versions ORDER BY component")
-    assert rows == [("history", 3), ("knowledge", pg_knowledge.SCHEMA_VERSION)]
+    assert rows == [("history", pg_store.SCHEMA_VERSION), ("knowledge", pg_knowledge.SCHEMA_VERSION)]
     with history.connection() as conn:
         conn.execute("UPDATE schema_versions SET version = 99 WHERE component = 'knowledge'")
     with pytest.raises(HistoryUnavailable) as caught:

@@ -391,6 +391,7 @@ def test_a_killed_process_leaves_the_others_serving_and_its_reply_interrupted(ow
     expect(other.locator("#send-btn")).to_be_visible()
     # ... and it keeps serving: a new chat there streams to its end.
     other.locator("#new-chat-btn").click()
+    expect(other.locator(USERS)).to_have_count(0)  # (the new chat shown before chat() counts)
     chat(other, "still here after the other process died")
     writer.close()
     viewer.close()
