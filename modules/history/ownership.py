@@ -73,20 +73,26 @@ def browser_secret(data_dir: Path, shared: SharedSecrets | None = None) -> str:
     processes on several machines), the one kept there: the data folder's, if it had one, becomes
     it the first time (a browser known before the move stays known).
     """
-    if shared is not None:
-        return shared("browser-secret", _kept(data_dir / ".browser-secret") or secrets.token_hex(16))
-    return _secret(data_dir / ".browser-secret")
+    return _key(data_dir, "browser-secret", 16, shared)
 
 
 def app_key(data_dir: Path, shared: SharedSecrets | None = None) -> bytes:
     """The key that signs the page's links to attached files (``modules/web/files.py``); kept like
     :func:`browser_secret`, in a file of its own."""
+    return bytes.fromhex(_key(data_dir, "app-key", 32, shared))
+
+
+def _key(data_dir: Path, name: str, size: int, shared: SharedSecrets | None) -> str:
+    """The secret ``name``: ``shared``'s (proposing the data folder's ``.<name>``, else a new one),
+    or the one kept in the data folder."""
+    path = data_dir / f".{name}"
     if shared is not None:
-        return bytes.fromhex(shared("app-key", _kept(data_dir / ".app-key") or secrets.token_hex(32)))
-    return bytes.fromhex(_secret(data_dir / ".app-key", 32))
+        return shared(name, _kept(path) or secrets.token_hex(size))
+    return _secret(path, size)
 
 
 def _kept(path: Path) -> str | None:
+    """The secret kept in ``path``, if there is one."""
     try:
         return path.read_text(encoding="ascii").strip() or None
     except (OSError, UnicodeDecodeError):
@@ -96,10 +102,9 @@ def _kept(path: Path) -> str | None:
 def _secret(path: Path, size: int = 16) -> str:
     """A random hex secret kept in ``path`` (made once, mode 0600); a new one per start when the
     folder cannot be written."""
-    try:
-        return path.read_text(encoding="ascii").strip()
-    except OSError:
-        pass
+    kept = _kept(path)
+    if kept is not None:
+        return kept
     value = secrets.token_hex(size)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
