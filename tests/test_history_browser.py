@@ -55,6 +55,21 @@ def search_box(page: Page):
     return page.locator("#history-search textarea, #history-search input").first
 
 
+def rename(page: Page, shown: str, to: str) -> None:
+    """Open "Manage", rename the open conversation ``to``, with Rename.
+
+    The rename box is only put in the page once its accordion opens, and takes the title the
+    server last gave it (``shown``) as it does: typing is done once it shows that, and Rename is
+    clicked once it shows the new name, so the click cannot carry the old one.
+    """
+    page.locator("#history-manage").get_by_text(LOCALE["history.manage"]).click()
+    box = page.locator("#rename-box textarea, #rename-box input").first
+    expect(box).to_have_value(shown)
+    box.fill(to)
+    expect(box).to_have_value(to)
+    page.locator("#rename-btn").click()
+
+
 def title_requests(fake: FakeOpenAIServer) -> list[Any]:
     return [r for r in fake.requests if r.body["messages"][0]["content"].startswith(TITLE_INSTRUCTION)]
 
@@ -117,10 +132,7 @@ def test_sidebar_lists_opens_searches_renames_and_deletes(fake_openai, launch_ap
     expect(history(page)).to_have_text(["where is Paris", "tell me about animals"])
 
     # rename the open conversation
-    page.locator("#history-manage").get_by_text(LOCALE["history.manage"]).click()
-    rename = page.locator("#rename-box textarea, #rename-box input").first
-    rename.fill("Animal facts")
-    page.locator("#rename-btn").click()
+    rename(page, shown="tell me about animals", to="Animal facts")
     expect(history(page)).to_have_text(["where is Paris", "Animal facts"])
 
     # delete asks first; Cancel keeps it
@@ -201,9 +213,7 @@ def test_a_renamed_conversation_keeps_its_name_when_continued(fake_openai, launc
     send(page, "why do cats sleep so much", "Cats sleep a lot.")
     expect(history(page)).to_have_text(["Sleepy Cats"])
 
-    page.locator("#history-manage").get_by_text(LOCALE["history.manage"]).click()
-    page.locator("#rename-box textarea, #rename-box input").first.fill("My cat notes")
-    page.locator("#rename-btn").click()
+    rename(page, shown="", to="My cat notes")
     expect(history(page)).to_have_text(["My cat notes"])
 
     # later: open it from the list and go on

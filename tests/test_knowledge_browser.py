@@ -60,7 +60,10 @@ def test_create_a_base_upload_files_see_progress_and_the_report(held_app, contex
     page.goto(url)
     expect(page.locator("#user-input textarea")).to_be_editable()
     page.locator("#knowledge-panel").get_by_text("📚 Knowledge bases").click()
-    page.locator("#knowledge-new-name input, #knowledge-new-name textarea").fill("Project")
+    name = page.locator("#knowledge-new-name input, #knowledge-new-name textarea").first
+    expect(name).to_have_value("")  # put in the page as the accordion opens: typed into once it is there
+    name.fill("Project")
+    expect(name).to_have_value("Project")
     page.locator("#knowledge-create").click()
     status = page.locator("#knowledge-status")
     expect(status).to_contain_text("Created the knowledge base “Project”")
